@@ -1,0 +1,41 @@
+# deepmetric: `make test` and `make demo` work on a fresh clone (Python 3.11, pip).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BACKENDS ?= jax tensorflow torch
+PYTEST_ARGS ?=
+
+.PHONY: install test lint demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[all,test,app]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check src benchmarks conftest.py
+	$(BIN)/ruff format --check src benchmarks conftest.py
+	$(BIN)/mypy src/deepmetric
+
+# The whole suite once per backend; each run stops the build if it fails.
+test: install lint
+	@for backend in $(BACKENDS); do \
+		echo "=== KERAS_BACKEND=$$backend ==="; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -n 2 --doctest-modules src $(PYTEST_ARGS) || exit 1; \
+	done
+
+demo: install
+	$(BIN)/deepmetric train
+
+bench: install
+	@for backend in jax torch tensorflow; do \
+		KERAS_BACKEND=$$backend $(BIN)/python benchmarks/losses.py; \
+	done
+
+clean:
+	rm -rf $(VENV) runs

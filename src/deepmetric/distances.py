@@ -1,0 +1,275 @@
+"""Pairwise distances and similarities between embeddings.
+
+Two functions keep TensorFlow Addons' exact semantics (`pairwise_distance`,
+`angular_distance`); small serializable `Distance` objects serve the losses,
+mining and evaluation, each knowing whether a larger value means closer.
+Everything is computed in float32 (float64 stays float64), and the square root
+has a zero, finite gradient where two embeddings coincide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+from keras import ops
+
+from deepmetric._api import export
+from deepmetric._labels import check_embeddings
+
+
+def _safe_sqrt(squared):
+    """sqrt with a finite (zero) gradient where `squared` is 0, as TFA computes it."""
+    squared = ops.maximum(squared, 0.0)
+    error_mask = ops.cast(ops.less_equal(squared, 0.0), squared.dtype)
+    return ops.sqrt(squared + error_mask * 1e-16) * (1.0 - error_mask)
+
+
+def _squared_norms(x):
+    return ops.sum(ops.square(x), axis=1)
+
+
+def _squared_euclidean(query, reference):
+    sq = ops.expand_dims(_squared_norms(query), 1) + ops.expand_dims(
+        _squared_norms(reference), 0
+    )
+    sq = sq - 2.0 * ops.matmul(query, ops.transpose(reference))
+    return ops.maximum(sq, 0.0)
+
+
+def _zero_diagonal(matrix):
+    n = ops.shape(matrix)[0]
+    return matrix * (1.0 - ops.eye(n, dtype=matrix.dtype))
+
+
+def _l2_normalize(x, epsilon=1e-12):
+    """x / max(||x||, sqrt(epsilon)), as `tf.math.l2_normalize`."""
+    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
+
+
+def pairwise_distance(embeddings, squared=False):
+    """B x B Euclidean distances between the rows of `embeddings`, TFA semantics.
+
+    `output[i, j] = ||embeddings[i] - embeddings[j]||_2` (squared if `squared`),
+    computed as `|x|^2 + |y|^2 - 2 x.y`, clamped at 0, with an exactly zero
+    diagonal and a zero gradient wherever a distance is 0.
+
+    Args:
+      embeddings: float tensor of shape (B, D).
+      squared: return squared distances.
+
+    Returns:
+      float32 tensor of shape (B, B) (float64 for float64 input).
+
+    >>> import numpy as np
+    >>> d = pairwise_distance(np.array([[0.0, 0.0], [3.0, 4.0]]))
+    >>> np.round(keras.ops.convert_to_numpy(d), 4).tolist()
+    [[0.0, 5.0], [5.0, 0.0]]
+    """
+    x = check_embeddings(embeddings, "embeddings")
+    sq = _squared_euclidean(x, x)
+    if squared:
+        return _zero_diagonal(sq)
+    return _zero_diagonal(_safe_sqrt(sq))
+
+
+def angular_distance(embeddings):
+    """B x B angular distances `1 - cos(x_i, x_j)`, clamped at 0, TFA semantics.
+
+    >>> import numpy as np
+    >>> d = angular_distance(np.array([[1.0, 0.0], [0.0, 2.0]]))
+    >>> np.round(keras.ops.convert_to_numpy(d), 4).tolist()
+    [[0.0, 1.0], [1.0, 0.0]]
+    """
+    x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
+    return ops.maximum(1.0 - ops.matmul(x, ops.transpose(x)), 0.0)
+
+
+class Distance:
+    """Base class: a distance or similarity between query and reference rows.
+
+    `distance(query, reference=None)` returns the (Q, R) matrix; with no
+    reference, the query is compared with itself. `distance.paired(x, y)`
+    returns the row-wise values (x[i] against y[i]). `larger_is_closer` is True
+    for similarities, so that a loss or miner is written once for both kinds.
+    """
+
+    larger_is_closer = False
+
+    def __call__(self, query, reference=None):
+        query = check_embeddings(query, "query")
+        reference = query if reference is None else check_embeddings(reference, "reference")
+        return self.matrix(query, reference, same=reference is query)
+
+    def matrix(self, query, reference, same):
+        raise NotImplementedError
+
+    def paired(self, x, y):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+@export
+class EuclideanDistance(Distance):
+    """Euclidean (L2) distance; with `squared=True` the squared distance."""
+
+    def __init__(self, squared=False):
+        self.squared = bool(squared)
+
+    def matrix(self, query, reference, same):
+        sq = _squared_euclidean(query, reference)
+        if same:
+            sq = _zero_diagonal(sq)
+        return sq if self.squared else _safe_sqrt(sq)
+
+    def paired(self, x, y):
+        sq = ops.sum(ops.square(x - y), axis=-1)
+        return sq if self.squared else _safe_sqrt(sq)
+
+    def get_config(self):
+        return {"squared": self.squared}
+
+    def __repr__(self):
+        return f"EuclideanDistance(squared={self.squared})"
+
+
+@export
+class AngularDistance(Distance):
+    """`1 - cos(x, y)` clamped at 0 (TFA's "angular" distance)."""
+
+    def matrix(self, query, reference, same):
+        q, r = _l2_normalize(query), _l2_normalize(reference)
+        return ops.maximum(1.0 - ops.matmul(q, ops.transpose(r)), 0.0)
+
+    def paired(self, x, y):
+        return ops.maximum(1.0 - ops.sum(_l2_normalize(x) * _l2_normalize(y), axis=-1), 0.0)
+
+
+@export
+class CosineSimilarity(Distance):
+    """Cosine similarity of the L2-normalised rows (larger is closer)."""
+
+    larger_is_closer = True
+
+    def matrix(self, query, reference, same):
+        return ops.matmul(_l2_normalize(query), ops.transpose(_l2_normalize(reference)))
+
+    def paired(self, x, y):
+        return ops.sum(_l2_normalize(x) * _l2_normalize(y), axis=-1)
+
+
+@export
+class DotProductSimilarity(Distance):
+    """Plain inner product (larger is closer)."""
+
+    larger_is_closer = True
+
+    def matrix(self, query, reference, same):
+        return ops.matmul(query, ops.transpose(reference))
+
+    def paired(self, x, y):
+        return ops.sum(x * y, axis=-1)
+
+
+class _CallableDistance(Distance):
+    """Wraps a user callable `f(embeddings) -> (B, B)` distances (TFA's `distance_metric`)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, query, reference=None):
+        if reference is not None:
+            raise ValueError(
+                "A callable `distance_metric` takes one batch of embeddings and cannot "
+                "compare against reference embeddings; pass a `deepmetric.distances.Distance`."
+            )
+        return ops.cast(self.fn(check_embeddings(query, "query")), "float32")
+
+    def __repr__(self):
+        return f"_CallableDistance({self.fn!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, _CallableDistance) and other.fn is self.fn
+
+    def __hash__(self):
+        return hash(self.fn)
+
+
+_NAMES = {
+    "l2": lambda: EuclideanDistance(),
+    "euclidean": lambda: EuclideanDistance(),
+    "squared-l2": lambda: EuclideanDistance(squared=True),
+    "squared_l2": lambda: EuclideanDistance(squared=True),
+    "squared_euclidean": lambda: EuclideanDistance(squared=True),
+    "angular": lambda: AngularDistance(),
+    "cosine": lambda: CosineSimilarity(),
+    "cosine_similarity": lambda: CosineSimilarity(),
+    "dot": lambda: DotProductSimilarity(),
+    "dot_product": lambda: DotProductSimilarity(),
+}
+
+
+def get(identifier, name: str = "distance") -> Distance:
+    """Resolves a name, a config dict, a `Distance` or a callable into a `Distance`.
+
+    Names (case-insensitive): "L2" / "euclidean", "squared-L2" /
+    "squared_euclidean", "angular", "cosine" / "cosine_similarity",
+    "dot" / "dot_product". A plain callable is taken as TFA's `distance_metric`:
+    it receives the (B, D) embeddings and returns the (B, B) distance matrix.
+
+    >>> get("L2")
+    EuclideanDistance(squared=False)
+    """
+    if isinstance(identifier, Distance):
+        return identifier
+    if isinstance(identifier, str):
+        factory = _NAMES.get(identifier.lower())
+        if factory is None:
+            raise ValueError(
+                f"Unknown `{name}`: {identifier!r}. Allowed names: "
+                f"{', '.join(repr(k) for k in sorted(_NAMES))}, a "
+                "`deepmetric.distances.Distance` or a callable."
+            )
+        return factory()
+    if isinstance(identifier, dict):
+        obj = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(obj, Distance):
+            return obj
+        raise ValueError(f"`{name}` config does not describe a Distance: {identifier!r}")
+    if callable(identifier):
+        return _CallableDistance(identifier)
+    raise TypeError(
+        f"`{name}` must be a name, a `deepmetric.distances.Distance` or a callable. "
+        f"Received: {identifier!r} of type {type(identifier).__name__}"
+    )
+
+
+def serialize(distance):
+    """Config for a `distance` argument: names stay names, objects become dicts."""
+    if isinstance(distance, str) or distance is None:
+        return distance
+    if isinstance(distance, _CallableDistance):
+        distance = distance.fn
+    return keras.saving.serialize_keras_object(distance)
+
+
+def deserialize(config):
+    """Inverse of `serialize`."""
+    if config is None or isinstance(config, str):
+        return config
+    return keras.saving.deserialize_keras_object(config)

@@ -1,0 +1,162 @@
+"""Triplet margin loss on explicit (anchor, positive, negative) triplets, torch semantics."""
+
+from __future__ import annotations
+
+from keras import ops
+
+from deepmetric import distances as distances_lib
+from deepmetric._api import export
+from deepmetric.losses._base import reduce_losses
+from deepmetric.losses.triplet import _check_margin
+
+import keras
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _torch_pairwise_distance(x1, x2, eps=1e-6):
+    """`torch.nn.functional.pairwise_distance(x1, x2, p=2, eps=1e-6)`: ||x1 - x2 + eps||."""
+    return ops.sqrt(ops.sum(ops.square(x1 - x2 + eps), axis=-1))
+
+
+def _resolve_distance(distance_function):
+    if distance_function is None:
+        return _torch_pairwise_distance
+    if isinstance(distance_function, (str, dict, distances_lib.Distance)):
+        distance = distances_lib.get(distance_function, "distance_function")
+        if distance.larger_is_closer:
+            return lambda x, y: -distance.paired(x, y)
+        return distance.paired
+    if callable(distance_function):
+        return distance_function
+    raise TypeError(
+        "`distance_function` must be None, a callable (x1, x2) -> distances, a "
+        f"`deepmetric.distances.Distance` or its name. Received: {distance_function!r}"
+    )
+
+
+def _check_reduction(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"`reduction` must be one of {', '.join(repr(r) for r in _REDUCTIONS)}. "
+            f"Received: reduction={reduction!r}"
+        )
+
+
+def triplet_margin_with_distance_loss(
+    anchor, positive, negative, *, distance_function=None, margin=1.0, swap=False, reduction="mean"
+):
+    r"""Triplet margin loss of given triplets, as `torch.nn.functional.triplet_margin_with_distance_loss`.
+
+    Per triplet $\ell = \max(d(a, p) - d(a, n) + m, 0)$; with `swap` (Balntas et
+    al., 2016) $d(a, n)$ is replaced by $\min(d(a, n), d(p, n))$. The default
+    distance is torch's `pairwise_distance`, $\|x_1 - x_2 + 10^{-6}\|_2$ along
+    the last axis.
+
+    Args:
+      anchor, positive, negative: float tensors of the same rank, shape (..., D).
+      distance_function: None (torch's default), a callable `(x1, x2)` returning
+        row-wise distances, or a `deepmetric.distances.Distance` or name
+        ("L2", "squared-L2", "angular", "cosine", "dot"; similarities are negated).
+      margin: the margin m; must be > 0, as in torch.
+      swap: use the distance swap.
+      reduction: "none", "mean" or "sum".
+
+    Returns:
+      The reduced loss, or per-triplet losses for "none".
+
+    >>> import numpy as np
+    >>> a, p, n = np.zeros((1, 2)), np.array([[0.0, 1.0]]), np.array([[0.0, 3.0]])
+    >>> round(float(triplet_margin_with_distance_loss(a, p, n)), 4)
+    0.0
+    """
+    _check_reduction(reduction)
+    margin = _check_margin(margin)
+    if margin <= 0:
+        raise ValueError(f"`margin` must be greater than 0. Received: margin={margin}")
+    tensors = [ops.convert_to_tensor(t) for t in (anchor, positive, negative)]
+    ranks = [len(t.shape) for t in tensors]
+    if len(set(ranks)) != 1:
+        raise ValueError(
+            "`anchor`, `positive` and `negative` must have the same number of dimensions. "
+            f"Received: anchor.shape={tuple(tensors[0].shape)}, "
+            f"positive.shape={tuple(tensors[1].shape)}, negative.shape={tuple(tensors[2].shape)}"
+        )
+    a, p, n = (
+        t if "float64" in str(t.dtype) else ops.cast(t, "float32") for t in tensors
+    )
+    distance = _resolve_distance(distance_function)
+    d_ap = distance(a, p)
+    d_an = distance(a, n)
+    if swap:
+        d_an = ops.minimum(d_an, distance(p, n))
+    losses = ops.relu(margin + d_ap - d_an)
+    if reduction == "none":
+        return losses
+    return ops.sum(losses) if reduction == "sum" else ops.mean(losses)
+
+
+@export
+class TripletMarginLoss(keras.losses.Loss):
+    """Triplet margin loss for models that output (anchor, positive, negative).
+
+    `y_pred` stacks the three embeddings as shape (B, 3, D); `y_true` is
+    ignored (pass any array of length B, for example zeros). Each triplet's
+    loss is `triplet_margin_with_distance_loss`'s; Keras' `reduction` reduces
+    them (the default is the mean, as torch's).
+
+    ```python
+    model.compile(optimizer="adam", loss=deepmetric.losses.TripletMarginLoss(margin=0.5))
+    ```
+    """
+
+    def __init__(
+        self,
+        margin=1.0,
+        distance_function=None,
+        swap=False,
+        name="triplet_margin_loss",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.margin = _check_margin(margin)
+        if self.margin <= 0:
+            raise ValueError(f"`margin` must be greater than 0. Received: margin={margin}")
+        _resolve_distance(distance_function)
+        self.distance_function = distance_function
+        self.swap = bool(swap)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        with keras.name_scope(self.name):
+            return reduce_losses(self.call(y_true, y_pred), sample_weight, self.reduction)
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.convert_to_tensor(y_pred)
+        if len(y_pred.shape) != 3 or (y_pred.shape[1] is not None and y_pred.shape[1] != 3):
+            raise ValueError(
+                "`y_pred` must stack (anchor, positive, negative) embeddings with shape "
+                f"(batch_size, 3, embedding_dim). Received: y_pred.shape={tuple(y_pred.shape)}"
+            )
+        return triplet_margin_with_distance_loss(
+            y_pred[:, 0],
+            y_pred[:, 1],
+            y_pred[:, 2],
+            distance_function=self.distance_function,
+            margin=self.margin,
+            swap=self.swap,
+            reduction="none",
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "distance_function": distances_lib.serialize(self.distance_function),
+            "swap": self.swap,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["distance_function"] = distances_lib.deserialize(config.get("distance_function"))
+        return cls(**config)

@@ -1,0 +1,271 @@
+"""Triplet losses with online mining inside the batch: semi-hard, hard, batch-all.
+
+All three build one B x B distance matrix and mine it with fixed-shape
+operations (`deepmetric.mining`); none materialises a B x B x B tensor, so memory
+grows as B^2 where TensorFlow Addons' semi-hard loss tiles a B^2 x B tensor.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+from deepmetric import distances as distances_lib
+from deepmetric import mining
+from deepmetric._api import export
+from deepmetric._labels import check_embeddings, check_labels
+from deepmetric.losses._base import MetricLoss, per_anchor_share
+
+
+def _check_margin(margin):
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise TypeError(f"`margin` must be a number. Received: margin={margin!r}")
+    return float(margin)
+
+
+def _distance_matrix(embeddings, distance_metric):
+    """The (B, B) matrix in which larger means farther (similarities are negated)."""
+    distance = distances_lib.get(distance_metric, "distance_metric")
+    matrix = distance(embeddings)
+    return -matrix if distance.larger_is_closer else matrix
+
+
+def _inputs(y_true, y_pred):
+    embeddings = check_embeddings(y_pred, "y_pred")
+    return check_labels(y_true, embeddings.shape[0], "y_true"), embeddings
+
+
+def _has_pairs(positive_mask, negative_mask):
+    """Scalar: the batch has at least one positive pair and one negative pair."""
+    return ops.logical_and(ops.any(positive_mask), ops.any(negative_mask))
+
+
+def _semihard_terms(labels, embeddings, margin, distance_metric):
+    d = _distance_matrix(embeddings, distance_metric)
+    positives, negatives = mining.label_masks(labels)
+    index, outside = mining.semihard_negatives(d, positives, negatives)
+    farthest_negative = mining.masked_maximum(d, negatives)
+    semihard = ops.where(outside, ops.take_along_axis(d, index, axis=1), farthest_negative)
+    per_pair = ops.where(positives, ops.relu(margin + d - semihard), 0.0)
+    per_anchor = ops.where(_has_pairs(positives, negatives), ops.sum(per_pair, axis=1), 0.0)
+    return per_anchor, ops.sum(ops.cast(positives, d.dtype))
+
+
+def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
+    r"""Triplet loss with FaceNet's semi-hard negative mining (TFA semantics).
+
+    For every anchor-positive pair (a, p) of the batch, the negative is the
+    closest one farther than the positive,
+    $n^* = \arg\min \{ d_{an} : y_n \ne y_a, d_{an} > d_{ap} \}$, or, if there is
+    none, the farthest negative. The loss is the mean over all positive pairs of
+    $\max(d_{ap} - d_{an^*} + m, 0)$ (Schroff et al., 2015, arXiv:1503.03832).
+
+    Same value and gradient as `tfa.losses.triplet_semihard_loss`, with two
+    differences: where TFA returns NaN (no positive pair in the batch), this
+    returns 0 with zero gradients; where the batch has a single class (no
+    negative), this returns 0 where TFA returns the mean of `margin + d_ap`.
+    With several negatives at exactly the same distance, the gradient goes to
+    one of them instead of being split among them.
+
+    Memory is O(B^2): the mining loops over the k-th positive of each anchor.
+
+    Args:
+      y_true: integer labels, shape (B,) or (B, 1).
+      y_pred: embeddings, shape (B, D); usually L2-normalised.
+      margin: the margin m.
+      distance_metric: "L2", "squared-L2", "angular", a
+        `deepmetric.distances.Distance` (similarities are negated) or a callable
+        returning the (B, B) distance matrix.
+
+    Returns:
+      Scalar loss (float32).
+
+    >>> import numpy as np
+    >>> loss = triplet_semihard_loss(np.array([0, 0]), np.array([[0.0, 1.0], [1.0, 0.0]]))
+    >>> round(float(loss), 4)
+    0.0
+    """
+    labels, embeddings = _inputs(y_true, y_pred)
+    per_anchor, num_positives = _semihard_terms(
+        labels, embeddings, _check_margin(margin), distance_metric
+    )
+    return ops.divide_no_nan(ops.sum(per_anchor), num_positives)
+
+
+def _hard_terms(labels, embeddings, margin, soft, distance_metric):
+    d = _distance_matrix(embeddings, distance_metric)
+    positives, negatives = mining.label_masks(labels)
+    hardest_positive = mining.hardest_positive(d, positives)
+    hardest_negative = mining.hardest_negative(d, negatives)
+    gap = ops.squeeze(hardest_positive - hardest_negative, axis=1)
+    loss = ops.softplus(gap) if soft else ops.relu(gap + margin)
+    return ops.where(_has_pairs(positives, negatives), loss, 0.0)
+
+
+def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L2"):
+    r"""Triplet loss with batch-hard mining (Hermans et al., 2017, TFA semantics).
+
+    For every anchor a, the farthest positive and the closest negative:
+    $\max(\max_p d_{ap} - \min_n d_{an} + m, 0)$, or with `soft=True`
+    $\log(1 + \exp(\max_p d_{ap} - \min_n d_{an}))$; the mean over all anchors.
+
+    Same value and gradient as `tfa.losses.triplet_hard_loss`, including TFA's
+    handling of an anchor without positive in a batch that has positive pairs
+    (its hardest positive distance is the row minimum, 0 for "L2"). Differences:
+    a batch without any positive pair or without any negative gives 0 (TFA
+    gives `mean(max(margin - min_n d_an, 0))` or the hardest positive distance);
+    the soft margin uses a stable softplus, finite where TFA's `log1p(exp(x))`
+    overflows to inf (x > 88).
+
+    Args:
+      y_true: integer labels, shape (B,) or (B, 1).
+      y_pred: embeddings, shape (B, D).
+      margin: the margin m (unused when `soft`).
+      soft: use the soft margin.
+      distance_metric: as in `triplet_semihard_loss`.
+
+    Returns:
+      Scalar loss (float32).
+
+    >>> import numpy as np
+    >>> loss = triplet_hard_loss(np.array([0, 0, 1]), np.array([[0.0, 0.0], [0.0, 1.0], [2.0, 0.0]]))
+    >>> round(float(loss), 4)
+    0.0
+    """
+    labels, embeddings = _inputs(y_true, y_pred)
+    return ops.mean(
+        _hard_terms(labels, embeddings, _check_margin(margin), bool(soft), distance_metric)
+    )
+
+
+def _batch_all_terms(labels, embeddings, margin, squared):
+    d = distances_lib.EuclideanDistance(squared=squared)(embeddings)
+    positives, negatives = mining.label_masks(labels)
+    per_positive, per_negative = mining.batch_all_counts(d, positives, negatives, margin)
+    contributions = ops.sum(per_positive * (d + margin), axis=1) - ops.sum(per_negative * d, axis=1)
+    num_active = ops.sum(per_positive)
+    pos_f, neg_f = ops.cast(positives, d.dtype), ops.cast(negatives, d.dtype)
+    num_valid = ops.sum(ops.sum(pos_f, axis=1) * ops.sum(neg_f, axis=1))
+    return contributions, num_active, num_valid
+
+
+def triplet_batch_all_loss(y_true, y_pred, margin=1.0, squared=False, return_fraction=False):
+    r"""Batch-all triplet loss (Moindrot's "triplet loss and online triplet mining").
+
+    Over all valid triplets (a, p, n) of the batch (a != p share a label, n has
+    another), $\ell = \max(d_{ap} - d_{an} + m, 0)$; the loss is the sum of
+    $\ell$ divided by the number of triplets with $\ell > 0$ (0 if there is none),
+    on Euclidean (or, with `squared`, squared Euclidean) distances. Computed
+    without enumerating triplets: per (anchor, positive) pair the number of
+    active negatives, and per (anchor, negative) pair the number of active
+    positives, so memory is O(B^2).
+
+    Args:
+      y_true: integer labels, shape (B,) or (B, 1).
+      y_pred: embeddings, shape (B, D).
+      margin: the margin m.
+      squared: use squared Euclidean distances.
+      return_fraction: also return the fraction of valid triplets with a
+        positive loss (Moindrot's `fraction_positive_triplets`).
+
+    Returns:
+      Scalar loss, or `(loss, fraction)`.
+    """
+    labels, embeddings = _inputs(y_true, y_pred)
+    contributions, num_active, num_valid = _batch_all_terms(
+        labels, embeddings, _check_margin(margin), bool(squared)
+    )
+    loss = ops.divide_no_nan(ops.sum(contributions), num_active)
+    if return_fraction:
+        return loss, ops.divide_no_nan(num_active, num_valid)
+    return loss
+
+
+class _TripletBase(MetricLoss):
+    def __init__(self, margin=1.0, distance_metric="L2", name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.margin = _check_margin(margin)
+        distances_lib.get(distance_metric, "distance_metric")  # fails early on a bad name
+        self.distance_metric = distance_metric
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            margin=self.margin, distance_metric=distances_lib.serialize(self.distance_metric)
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["distance_metric"] = distances_lib.deserialize(config.get("distance_metric", "L2"))
+        return cls(**config)
+
+
+@export
+class TripletSemiHardLoss(_TripletBase):
+    """Triplet loss with semi-hard negative mining; see `triplet_semihard_loss`.
+
+    A drop-in replacement for `tfa.losses.TripletSemiHardLoss`:
+
+    ```python
+    model.compile(optimizer="adam", loss=deepmetric.losses.TripletSemiHardLoss(margin=1.0))
+    ```
+
+    `call` returns per-anchor shares of the batch loss (scaled so that Keras'
+    default mean reduction gives exactly the TFA value); a `sample_weight`
+    scales the share of that anchor's triplets.
+    """
+
+    def __init__(self, margin=1.0, distance_metric="L2", name="triplet_semihard_loss", **kwargs):
+        super().__init__(margin=margin, distance_metric=distance_metric, name=name, **kwargs)
+
+    def call(self, labels, embeddings):
+        per_anchor, num_positives = _semihard_terms(
+            labels, embeddings, self.margin, self.distance_metric
+        )
+        return per_anchor_share(per_anchor, num_positives)
+
+
+@export
+class TripletHardLoss(_TripletBase):
+    """Triplet loss with batch-hard mining; see `triplet_hard_loss`.
+
+    A drop-in replacement for `tfa.losses.TripletHardLoss`; `call` returns the
+    loss of each anchor and Keras averages them.
+    """
+
+    def __init__(
+        self, margin=1.0, soft=False, distance_metric="L2", name="triplet_hard_loss", **kwargs
+    ):
+        super().__init__(margin=margin, distance_metric=distance_metric, name=name, **kwargs)
+        self.soft = bool(soft)
+
+    def call(self, labels, embeddings):
+        return _hard_terms(labels, embeddings, self.margin, self.soft, self.distance_metric)
+
+    def get_config(self):
+        return {**super().get_config(), "soft": self.soft}
+
+
+@export
+class TripletBatchAllLoss(MetricLoss):
+    """Batch-all triplet loss; see `triplet_batch_all_loss`.
+
+    To watch the fraction of valid triplets whose loss is positive during
+    `fit`, add `deepmetric.metrics.FractionPositiveTriplets` with the same
+    margin to `compile(metrics=[...])`.
+    """
+
+    def __init__(self, margin=1.0, squared=False, name="triplet_batch_all_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.margin = _check_margin(margin)
+        self.squared = bool(squared)
+
+    def call(self, labels, embeddings):
+        contributions, num_active, _ = _batch_all_terms(
+            labels, embeddings, self.margin, self.squared
+        )
+        return per_anchor_share(contributions, num_active)
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin, "squared": self.squared}

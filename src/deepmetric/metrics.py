@@ -1,0 +1,39 @@
+"""Keras metrics that watch metric-learning training."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from deepmetric._api import export
+from deepmetric._labels import check_embeddings, check_labels
+from deepmetric.losses.triplet import _batch_all_terms, _check_margin
+
+
+@export
+class FractionPositiveTriplets(keras.metrics.Mean):
+    """Fraction of the batch's valid triplets whose batch-all loss is positive.
+
+    Moindrot's `fraction_positive_triplets`: how many (anchor, positive,
+    negative) triplets still violate the margin. Averaged over the batches of
+    an epoch; use the margin and `squared` of the `TripletBatchAllLoss`.
+
+    ```python
+    model.compile(loss=TripletBatchAllLoss(margin=0.5),
+                  metrics=[FractionPositiveTriplets(margin=0.5)])
+    ```
+    """
+
+    def __init__(self, margin=1.0, squared=False, name="fraction_positive_triplets", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.margin = _check_margin(margin)
+        self.squared = bool(squared)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        embeddings = check_embeddings(y_pred, "y_pred")
+        labels = check_labels(y_true, embeddings.shape[0], "y_true")
+        _, num_active, num_valid = _batch_all_terms(labels, embeddings, self.margin, self.squared)
+        return super().update_state(ops.divide_no_nan(num_active, num_valid))
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin, "squared": self.squared}
