@@ -85,10 +85,8 @@ def lifted(labels, x, margin=1.0):
         return 0.0
     total = 0.0
     for i, j in unordered:
-        s = sum(np.exp(margin - d[i, k]) for k in neg[i]) + sum(
-            np.exp(margin - d[j, k]) for k in neg[j]
-        )
-        total += max(np.log(s) + d[i, j], 0.0) ** 2
+        exponents = [margin - d[i, k] for k in neg[i]] + [margin - d[j, k] for k in neg[j]]
+        total += max(np.logaddexp.reduce(exponents) + d[i, j], 0.0) ** 2
     return total / (2 * len(unordered))
 
 

@@ -1,0 +1,89 @@
+"""The explicit-triplet loss against torch's definition, written in numpy."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+from deepmetric import _backend
+from deepmetric import _reference as ref
+from deepmetric import distances, losses
+
+
+def triplets(seed, b=8, d=5):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(b, d)).astype("float32") for _ in range(3)]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("margin", [0.5, 2.0])
+def test_default_distance_value_and_grad(reduction, swap, margin):
+    a, p, n = triplets(int(margin * 10) + swap)
+    got = ops.convert_to_numpy(
+        losses.triplet_margin_with_distance_loss(a, p, n, margin=margin, swap=swap,
+                                                 reduction=reduction)
+    )
+    np.testing.assert_allclose(got, ref.torch_triplet(a, p, n, margin, swap, reduction),
+                               rtol=1e-5, atol=1e-6)
+
+    def fn(anchor, positive, negative):
+        return losses.triplet_margin_with_distance_loss(
+            anchor, positive, negative, margin=margin, swap=swap, reduction="sum"
+        )
+
+    value, grad = _backend.value_and_grad(fn, a, p, n)
+    numeric = ref.numeric_grad(lambda v: ref.torch_triplet(v, p, n, margin, swap, "sum"), a)
+    np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-4)
+
+
+def test_custom_callable_and_named_distances():
+    a, p, n = triplets(3)
+
+    def cosine_distance(x, y):
+        x = x / ops.norm(x, axis=-1, keepdims=True)
+        y = y / ops.norm(y, axis=-1, keepdims=True)
+        return 1.0 - ops.sum(x * y, axis=-1)
+
+    def np_cos(x, y):
+        return 1 - np.sum(x * y, -1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
+
+    expected = np.maximum(1.0 + np_cos(a, p) - np_cos(a, n), 0).mean()
+    got = losses.triplet_margin_with_distance_loss(a, p, n, distance_function=cosine_distance)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    got = losses.triplet_margin_with_distance_loss(a, p, n, distance_function="angular")
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    # A similarity is negated: margin + s_an - s_ap.
+    got = losses.triplet_margin_with_distance_loss(
+        a, p, n, distance_function=distances.CosineSimilarity()
+    )
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_unbatched_inputs():
+    a, p, n = (t[0] for t in triplets(4))
+    got = losses.triplet_margin_with_distance_loss(a, p, n, reduction="none")
+    assert float(got) == pytest.approx(float(ref.torch_triplet(a, p, n, reduction="none")),
+                                       rel=1e-5)
+
+
+def test_class_on_stacked_triplets():
+    a, p, n = triplets(5)
+    stacked = np.stack([a, p, n], axis=1)
+    loss = losses.TripletMarginLoss(margin=0.5, swap=True)
+    assert float(loss(np.zeros(8), stacked)) == pytest.approx(
+        ref.torch_triplet(a, p, n, 0.5, True), rel=1e-5
+    )
+    with pytest.raises(ValueError, match=r"\(batch_size, 3, embedding_dim\)"):
+        loss(np.zeros(8), np.stack([a, p], axis=1))
+
+
+def test_errors_name_the_argument():
+    a, p, n = triplets(6)
+    with pytest.raises(ValueError, match=r"`reduction` must be one of 'none', 'mean', 'sum'"):
+        losses.triplet_margin_with_distance_loss(a, p, n, reduction="max")
+    with pytest.raises(ValueError, match="same number of dimensions"):
+        losses.triplet_margin_with_distance_loss(a, p, n[0])
+    with pytest.raises(ValueError, match="greater than 0"):
+        losses.triplet_margin_with_distance_loss(a, p, n, margin=0.0)
+    with pytest.raises(ValueError, match="Unknown `distance_function`: 'manhattan'"):
+        losses.triplet_margin_with_distance_loss(a, p, n, distance_function="manhattan")
