@@ -105,6 +105,13 @@ class Distance:
         raise NotImplementedError
 
     def paired(self, x, y):
+        """Row-wise values between `x[i]` and `y[i]` (any leading shape, last axis D)."""
+        x, y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
+        if "float64" not in str(x.dtype):
+            x, y = ops.cast(x, "float32"), ops.cast(y, "float32")
+        return self._paired(x, y)
+
+    def _paired(self, x, y):
         raise NotImplementedError
 
     def get_config(self):
@@ -137,7 +144,7 @@ class EuclideanDistance(Distance):
             sq = _zero_diagonal(sq)
         return sq if self.squared else _safe_sqrt(sq)
 
-    def paired(self, x, y):
+    def _paired(self, x, y):
         sq = ops.sum(ops.square(x - y), axis=-1)
         return sq if self.squared else _safe_sqrt(sq)
 
@@ -156,7 +163,7 @@ class AngularDistance(Distance):
         q, r = _l2_normalize(query), _l2_normalize(reference)
         return ops.maximum(1.0 - ops.matmul(q, ops.transpose(r)), 0.0)
 
-    def paired(self, x, y):
+    def _paired(self, x, y):
         return ops.maximum(1.0 - ops.sum(_l2_normalize(x) * _l2_normalize(y), axis=-1), 0.0)
 
 
@@ -169,7 +176,7 @@ class CosineSimilarity(Distance):
     def matrix(self, query, reference, same):
         return ops.matmul(_l2_normalize(query), ops.transpose(_l2_normalize(reference)))
 
-    def paired(self, x, y):
+    def _paired(self, x, y):
         return ops.sum(_l2_normalize(x) * _l2_normalize(y), axis=-1)
 
 
@@ -182,7 +189,7 @@ class DotProductSimilarity(Distance):
     def matrix(self, query, reference, same):
         return ops.matmul(query, ops.transpose(reference))
 
-    def paired(self, x, y):
+    def _paired(self, x, y):
         return ops.sum(x * y, axis=-1)
 
 

@@ -1,0 +1,91 @@
+"""Distances: TFA semantics, safe gradients at zero, the Distance objects and get()."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from deepmetric import _backend
+from deepmetric import _reference as ref
+from deepmetric import distances
+
+
+def _x(seed=0, b=6, d=3):
+    return np.random.default_rng(seed).normal(size=(b, d)).astype("float32")
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_pairwise_distance_matches_definition(squared):
+    x = _x()
+    got = ops.convert_to_numpy(distances.pairwise_distance(x, squared=squared))
+    expected = ref.distance_matrix(x, "squared-L2" if squared else "L2")
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.all(np.diag(got) == 0.0)
+
+
+def test_angular_distance_matches_definition():
+    x = _x(1)
+    got = ops.convert_to_numpy(distances.angular_distance(x))
+    np.testing.assert_allclose(got, ref.distance_matrix(x, "angular"), atol=1e-6)
+
+
+def test_zero_distance_has_finite_zero_gradient():
+    """Two identical rows: d = 0, and sqrt's gradient there would be infinite."""
+    x = _x(2, b=3)
+    x[1] = x[0]
+    _, grad = _backend.value_and_grad(lambda v: ops.sum(distances.pairwise_distance(v)), x)
+    assert np.all(np.isfinite(grad))
+    numeric_rows = ref.numeric_grad(lambda v: ref.distance_matrix(v).sum(), x[[0, 2]][None, 1])
+    assert numeric_rows.shape == (1, 3)
+    _, grad_e = _backend.value_and_grad(
+        lambda v: ops.sum(distances.EuclideanDistance()(v, ops.zeros_like(v))), np.zeros((2, 3))
+    )
+    assert np.all(grad_e == 0.0)
+
+
+def test_half_precision_inputs_compute_in_float32():
+    x = _x(3).astype("float16")
+    d = distances.pairwise_distance(x)
+    assert keras.backend.standardize_dtype(d.dtype) == "float32"
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("L2", lambda q, r: np.linalg.norm(q[:, None] - r[None], axis=-1)),
+        ("squared-L2", lambda q, r: np.sum((q[:, None] - r[None]) ** 2, axis=-1)),
+        ("cosine", lambda q, r: (q / np.linalg.norm(q, axis=1, keepdims=True))
+         @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T),
+        ("dot", lambda q, r: q @ r.T),
+        ("angular", lambda q, r: 1 - (q / np.linalg.norm(q, axis=1, keepdims=True))
+         @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T),
+    ],
+)
+def test_distance_objects_query_reference_and_paired(name, expected):
+    q, r = _x(4, b=5), _x(5, b=7)
+    distance = distances.get(name)
+    got = ops.convert_to_numpy(distance(q, r))
+    np.testing.assert_allclose(got, expected(q.astype(np.float64), r), rtol=1e-4, atol=1e-5)
+    paired = ops.convert_to_numpy(distance.paired(q, r[:5]))
+    np.testing.assert_allclose(paired, np.diag(expected(q.astype(np.float64), r[:5])),
+                               rtol=1e-4, atol=1e-5)
+    assert distance.larger_is_closer == (name in ("cosine", "dot"))
+
+
+def test_distance_serialization_round_trip():
+    for distance in (distances.EuclideanDistance(squared=True), distances.CosineSimilarity()):
+        config = keras.saving.serialize_keras_object(distance)
+        assert keras.saving.deserialize_keras_object(config) == distance
+        assert distances.get(config) == distance
+
+
+def test_get_lists_valid_names():
+    with pytest.raises(ValueError, match=r"Unknown `distance`: 'manhattan'. Allowed names: .*'l2'"):
+        distances.get("manhattan")
+    with pytest.raises(TypeError, match="must be a name"):
+        distances.get(3)
+
+
+def test_embeddings_must_be_rank_two():
+    with pytest.raises(ValueError, match=r"rank-2.*embeddings.shape=\(2, 3, 4\)"):
+        distances.pairwise_distance(np.zeros((2, 3, 4), "float32"))
