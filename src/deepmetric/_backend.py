@@ -66,8 +66,8 @@ def value_and_grad(fn: Callable, x, *args, compiled: bool = False):
 def compiled(fn: Callable, *example_args):
     """`fn` compiled as `fit` would compile it, for calls on numpy inputs.
 
-    jax: `jax.jit`; tensorflow: `tf.function` with every argument's first
-    dimension unknown; torch: the function itself.
+    jax: `jax.jit`; tensorflow: `tf.function` with every dimension of every
+    argument unknown; torch: the function itself.
     """
     backend = name()
     if backend == "jax":
@@ -78,7 +78,7 @@ def compiled(fn: Callable, *example_args):
         import tensorflow as tf
 
         signature = [
-            tf.TensorSpec([None, *np.shape(a)[1:]], tf.as_dtype(np.asarray(a).dtype))
+            tf.TensorSpec([None] * np.ndim(a), tf.as_dtype(np.asarray(a).dtype))
             for a in example_args
         ]
         return tf.function(fn, input_signature=signature)

@@ -22,7 +22,8 @@ def label_masks(labels, reference_labels=None):
     Without `reference_labels` the batch is compared with itself and the
     diagonal (an example with itself) is neither positive nor negative.
     """
-    ref = labels if reference_labels is None else reference_labels
+    labels = ops.convert_to_tensor(labels)
+    ref = labels if reference_labels is None else ops.convert_to_tensor(reference_labels)
     same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(ref, 0))
     if reference_labels is None:
         n = ops.shape(labels)[0]
@@ -33,6 +34,7 @@ def label_masks(labels, reference_labels=None):
 
 def masked_maximum(data, mask, axis=1):
     """Row-wise maximum over `mask`, TFA's formulation (row minimum if the mask is empty)."""
+    data = ops.convert_to_tensor(data)
     mask = ops.cast(mask, data.dtype)
     lowest = ops.min(data, axis=axis, keepdims=True)
     return ops.max((data - lowest) * mask, axis=axis, keepdims=True) + lowest
@@ -40,6 +42,7 @@ def masked_maximum(data, mask, axis=1):
 
 def masked_minimum(data, mask, axis=1):
     """Row-wise minimum over `mask`, TFA's formulation (row maximum if the mask is empty)."""
+    data = ops.convert_to_tensor(data)
     mask = ops.cast(mask, data.dtype)
     highest = ops.max(data, axis=axis, keepdims=True)
     return ops.min((data - highest) * mask, axis=axis, keepdims=True) + highest
@@ -93,7 +96,9 @@ def semihard_negatives(distances, positive_mask, negative_mask):
       positive pair, and a boolean (B, R) that is True where a negative farther
       than the positive exists. Entries for non-positive pairs are 0 / False.
     """
-    d = ops.stop_gradient(distances)
+    d = ops.stop_gradient(ops.convert_to_tensor(distances))
+    positive_mask = ops.convert_to_tensor(positive_mask)
+    negative_mask = ops.convert_to_tensor(negative_mask)
     n_cols = ops.shape(d)[1]
     big = ops.max(d) + 1.0
     shape = ops.shape(d)
@@ -127,7 +132,9 @@ def batch_all_counts(distances, positive_mask, negative_mask, margin):
       `per_positive[a, p]` = number of negatives n of a with an active (a, p, n),
       `per_negative[a, n]` = number of positives p of a with an active (a, p, n).
     """
-    d = ops.stop_gradient(distances)
+    d = ops.stop_gradient(ops.convert_to_tensor(distances))
+    positive_mask = ops.convert_to_tensor(positive_mask)
+    negative_mask = ops.convert_to_tensor(negative_mask)
     n_cols = ops.shape(d)[1]
     shape = ops.shape(d)
     negatives = ops.cast(negative_mask, d.dtype)

@@ -1,0 +1,96 @@
+"""Fixed-shape mining against per-pair loops, including ties and rectangular matrices."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+from deepmetric import _backend, mining
+
+
+def _np(x):
+    return ops.convert_to_numpy(x)
+
+
+def problem(seed, rows=9, cols=9, classes=3, ties=False):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, rows)
+    ref_labels = labels if rows == cols else rng.integers(0, classes, cols)
+    d = rng.uniform(0, 2, (rows, cols)).astype("float32")
+    if ties:
+        d = np.round(d * 4) / 4  # many equal distances
+    return labels, ref_labels, d
+
+
+def reference_semihard(d, pos, neg):
+    value = np.zeros_like(d)
+    for a, p in zip(*np.nonzero(pos)):
+        negatives = d[a][neg[a]]
+        if negatives.size == 0:
+            continue
+        farther = negatives[negatives > d[a, p]]
+        value[a, p] = farther.min() if farther.size else negatives.max()
+    return value
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_semihard_negatives_pick_the_rule(ties, seed):
+    labels, _, d = problem(seed, ties=ties)
+    pos, neg = (_np(m) for m in mining.label_masks(labels))
+    index, outside = (_np(t) for t in mining.semihard_negatives(d, pos, neg))
+    chosen = np.where(outside, np.take_along_axis(d, index, axis=1),
+                      _np(mining.masked_maximum(d, neg)))
+    expected = reference_semihard(d, pos, neg)
+    np.testing.assert_array_equal(np.where(pos, chosen, 0.0), expected)
+    # The chosen column is a negative of the anchor wherever one farther exists.
+    assert np.all(neg[np.nonzero(outside)[0], index[outside]])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_semihard_against_a_reference_set(seed):
+    labels, ref_labels, d = problem(seed, rows=5, cols=11)
+    pos, neg = (_np(m) for m in mining.label_masks(labels, ref_labels))
+    index, outside = (_np(t) for t in mining.semihard_negatives(d, pos, neg))
+    chosen = np.where(outside, np.take_along_axis(d, index, axis=1),
+                      _np(mining.masked_maximum(d, neg)))
+    np.testing.assert_array_equal(np.where(pos, chosen, 0.0), reference_semihard(d, pos, neg))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_all_counts(ties, seed):
+    labels, _, d = problem(seed, ties=ties)
+    pos, neg = (_np(m) for m in mining.label_masks(labels))
+    per_positive, per_negative = (_np(t) for t in mining.batch_all_counts(d, pos, neg, 0.25))
+    active = pos[:, :, None] & neg[:, None, :] & (d[:, :, None] - d[:, None, :] + 0.25 > 0)
+    np.testing.assert_array_equal(per_positive, active.sum(axis=2))
+    np.testing.assert_array_equal(per_negative, active.sum(axis=1))
+
+
+def test_label_masks_exclude_self_only_without_reference():
+    pos, neg = (_np(m) for m in mining.label_masks(np.array([0, 0, 1])))
+    np.testing.assert_array_equal(pos, [[0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(neg, [[0, 0, 1], [0, 0, 1], [1, 1, 0]])
+    pos, _ = (_np(m) for m in mining.label_masks(np.array([0, 1]), np.array([0, 1])))
+    np.testing.assert_array_equal(pos, np.eye(2))
+
+
+def test_masked_extrema_follow_tfa_on_empty_rows():
+    data = np.array([[1.0, 5.0, 3.0], [2.0, 4.0, 6.0]], "float32")
+    mask = np.array([[0, 1, 1], [0, 0, 0]], bool)
+    np.testing.assert_allclose(_np(mining.masked_maximum(data, mask)), [[5.0], [2.0]])
+    np.testing.assert_allclose(_np(mining.masked_minimum(data, mask)), [[3.0], [6.0]])
+
+
+def test_mining_traces_with_unknown_batch():
+    labels, _, d = problem(4)
+
+    def semihard_values(dist, lab):
+        pos, neg = mining.label_masks(lab)
+        index, outside = mining.semihard_negatives(dist, pos, neg)
+        return ops.where(outside, ops.take_along_axis(dist, index, axis=1), 0.0)
+
+    fn = _backend.compiled(semihard_values, d, labels)
+    np.testing.assert_array_equal(_np(fn(d, labels)), _np(semihard_values(d, labels)))
+    np.testing.assert_array_equal(_np(fn(d[:5, :5], labels[:5])),
+                                  _np(semihard_values(d[:5, :5], labels[:5])))
