@@ -26,7 +26,7 @@ lint: install
 test: install lint
 	@for backend in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$backend ==="; \
-		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -n 2 --doctest-modules src $(PYTEST_ARGS) || exit 1; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -n 2 --doctest-modules src tests $(PYTEST_ARGS) || exit 1; \
 	done
 
 demo: install

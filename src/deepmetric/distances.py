@@ -30,9 +30,7 @@ def _squared_norms(x):
 
 
 def _squared_euclidean(query, reference):
-    sq = ops.expand_dims(_squared_norms(query), 1) + ops.expand_dims(
-        _squared_norms(reference), 0
-    )
+    sq = ops.expand_dims(_squared_norms(query), 1) + ops.expand_dims(_squared_norms(reference), 0)
     sq = sq - 2.0 * ops.matmul(query, ops.transpose(reference))
     return ops.maximum(sq, 0.0)
 

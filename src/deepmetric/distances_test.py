@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from deepmetric import _backend
+from deepmetric import _backend, distances
 from deepmetric import _reference as ref
-from deepmetric import distances
 
 
 def _x(seed=0, b=6, d=3):
@@ -54,11 +53,22 @@ def test_half_precision_inputs_compute_in_float32():
     [
         ("L2", lambda q, r: np.linalg.norm(q[:, None] - r[None], axis=-1)),
         ("squared-L2", lambda q, r: np.sum((q[:, None] - r[None]) ** 2, axis=-1)),
-        ("cosine", lambda q, r: (q / np.linalg.norm(q, axis=1, keepdims=True))
-         @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T),
+        (
+            "cosine",
+            lambda q, r: (
+                (q / np.linalg.norm(q, axis=1, keepdims=True))
+                @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T
+            ),
+        ),
         ("dot", lambda q, r: q @ r.T),
-        ("angular", lambda q, r: 1 - (q / np.linalg.norm(q, axis=1, keepdims=True))
-         @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T),
+        (
+            "angular",
+            lambda q, r: (
+                1
+                - (q / np.linalg.norm(q, axis=1, keepdims=True))
+                @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T
+            ),
+        ),
     ],
 )
 def test_distance_objects_query_reference_and_paired(name, expected):
@@ -67,8 +77,9 @@ def test_distance_objects_query_reference_and_paired(name, expected):
     got = ops.convert_to_numpy(distance(q, r))
     np.testing.assert_allclose(got, expected(q.astype(np.float64), r), rtol=1e-4, atol=1e-5)
     paired = ops.convert_to_numpy(distance.paired(q, r[:5]))
-    np.testing.assert_allclose(paired, np.diag(expected(q.astype(np.float64), r[:5])),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        paired, np.diag(expected(q.astype(np.float64), r[:5])), rtol=1e-4, atol=1e-5
+    )
     assert distance.larger_is_closer == (name in ("cosine", "dot"))
 
 

@@ -23,7 +23,7 @@ def problem(seed, rows=9, cols=9, classes=3, ties=False):
 
 def reference_semihard(d, pos, neg):
     value = np.zeros_like(d)
-    for a, p in zip(*np.nonzero(pos)):
+    for a, p in zip(*np.nonzero(pos), strict=True):
         negatives = d[a][neg[a]]
         if negatives.size == 0:
             continue
@@ -38,8 +38,9 @@ def test_semihard_negatives_pick_the_rule(ties, seed):
     labels, _, d = problem(seed, ties=ties)
     pos, neg = (_np(m) for m in mining.label_masks(labels))
     index, outside = (_np(t) for t in mining.semihard_negatives(d, pos, neg))
-    chosen = np.where(outside, np.take_along_axis(d, index, axis=1),
-                      _np(mining.masked_maximum(d, neg)))
+    chosen = np.where(
+        outside, np.take_along_axis(d, index, axis=1), _np(mining.masked_maximum(d, neg))
+    )
     expected = reference_semihard(d, pos, neg)
     np.testing.assert_array_equal(np.where(pos, chosen, 0.0), expected)
     # The chosen column is a negative of the anchor wherever one farther exists.
@@ -51,8 +52,9 @@ def test_semihard_against_a_reference_set(seed):
     labels, ref_labels, d = problem(seed, rows=5, cols=11)
     pos, neg = (_np(m) for m in mining.label_masks(labels, ref_labels))
     index, outside = (_np(t) for t in mining.semihard_negatives(d, pos, neg))
-    chosen = np.where(outside, np.take_along_axis(d, index, axis=1),
-                      _np(mining.masked_maximum(d, neg)))
+    chosen = np.where(
+        outside, np.take_along_axis(d, index, axis=1), _np(mining.masked_maximum(d, neg))
+    )
     np.testing.assert_array_equal(np.where(pos, chosen, 0.0), reference_semihard(d, pos, neg))
 
 
@@ -92,5 +94,6 @@ def test_mining_traces_with_unknown_batch():
 
     fn = _backend.compiled(semihard_values, d, labels)
     np.testing.assert_array_equal(_np(fn(d, labels)), _np(semihard_values(d, labels)))
-    np.testing.assert_array_equal(_np(fn(d[:5, :5], labels[:5])),
-                                  _np(semihard_values(d[:5, :5], labels[:5])))
+    np.testing.assert_array_equal(
+        _np(fn(d[:5, :5], labels[:5])), _np(semihard_values(d[:5, :5], labels[:5]))
+    )

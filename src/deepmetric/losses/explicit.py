@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 from keras import ops
 
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
 from deepmetric.losses._base import reduce_losses
 from deepmetric.losses.triplet import _check_margin
-
-import keras
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -46,7 +45,9 @@ def _check_reduction(reduction):
 def triplet_margin_with_distance_loss(
     anchor, positive, negative, *, distance_function=None, margin=1.0, swap=False, reduction="mean"
 ):
-    r"""Triplet margin loss of given triplets, as `torch.nn.functional.triplet_margin_with_distance_loss`.
+    r"""Triplet margin loss of explicit triplets, torch semantics.
+
+    Same value and gradients as `torch.nn.functional.triplet_margin_with_distance_loss`.
 
     Per triplet $\ell = \max(d(a, p) - d(a, n) + m, 0)$; with `swap` (Balntas et
     al., 2016) $d(a, n)$ is replaced by $\min(d(a, n), d(p, n))$. The default
@@ -82,9 +83,7 @@ def triplet_margin_with_distance_loss(
             f"Received: anchor.shape={tuple(tensors[0].shape)}, "
             f"positive.shape={tuple(tensors[1].shape)}, negative.shape={tuple(tensors[2].shape)}"
         )
-    a, p, n = (
-        t if "float64" in str(t.dtype) else ops.cast(t, "float32") for t in tensors
-    )
+    a, p, n = (t if "float64" in str(t.dtype) else ops.cast(t, "float32") for t in tensors)
     distance = _resolve_distance(distance_function)
     d_ap = distance(a, p)
     d_an = distance(a, n)

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from deepmetric import _backend
+from deepmetric import _backend, distances, losses
 from deepmetric import _reference as ref
-from deepmetric import distances, losses
 
 
 def triplets(seed, b=8, d=5):
@@ -20,11 +19,13 @@ def triplets(seed, b=8, d=5):
 def test_default_distance_value_and_grad(reduction, swap, margin):
     a, p, n = triplets(int(margin * 10) + swap)
     got = ops.convert_to_numpy(
-        losses.triplet_margin_with_distance_loss(a, p, n, margin=margin, swap=swap,
-                                                 reduction=reduction)
+        losses.triplet_margin_with_distance_loss(
+            a, p, n, margin=margin, swap=swap, reduction=reduction
+        )
     )
-    np.testing.assert_allclose(got, ref.torch_triplet(a, p, n, margin, swap, reduction),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        got, ref.torch_triplet(a, p, n, margin, swap, reduction), rtol=1e-5, atol=1e-6
+    )
 
     def fn(anchor, positive, negative):
         return losses.triplet_margin_with_distance_loss(
@@ -62,8 +63,9 @@ def test_custom_callable_and_named_distances():
 def test_unbatched_inputs():
     a, p, n = (t[0] for t in triplets(4))
     got = losses.triplet_margin_with_distance_loss(a, p, n, reduction="none")
-    assert float(got) == pytest.approx(float(ref.torch_triplet(a, p, n, reduction="none")),
-                                       rel=1e-5)
+    assert float(got) == pytest.approx(
+        float(ref.torch_triplet(a, p, n, reduction="none")), rel=1e-5
+    )
 
 
 def test_class_on_stacked_triplets():

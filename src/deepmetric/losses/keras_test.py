@@ -49,8 +49,9 @@ def test_fit_lowers_the_loss_and_the_model_reloads(name, tmp_path):
     loaded = keras.saving.load_model(path)  # safe mode, no custom_objects
     assert type(loaded.loss) is type(loss)
     assert loaded.loss.get_config() == loss.get_config()
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BATCH_LOSSES))
@@ -88,8 +89,9 @@ def test_triplet_margin_loss_fits_and_reloads(tmp_path):
     triplets = np.stack(triplets)
     inputs = keras.Input((3, 8))
     model = keras.Model(inputs, keras.layers.Dense(4)(inputs))
-    model.compile(optimizer=keras.optimizers.Adam(0.05),
-                  loss=losses.TripletMarginLoss(margin=1.0, swap=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.05), loss=losses.TripletMarginLoss(margin=1.0, swap=True)
+    )
     history = model.fit(triplets, np.zeros(60), epochs=5, batch_size=16, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
     model.save(tmp_path / "m.keras")
@@ -113,8 +115,11 @@ def test_fraction_positive_triplets_metric_in_fit():
     keras.utils.set_random_seed(0)
     x, y = clusters()
     model = embedding_model()
-    model.compile(optimizer=keras.optimizers.Adam(0.05), loss=losses.TripletBatchAllLoss(0.5),
-                  metrics=[metrics.FractionPositiveTriplets(margin=0.5)])
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.05),
+        loss=losses.TripletBatchAllLoss(0.5),
+        metrics=[metrics.FractionPositiveTriplets(margin=0.5)],
+    )
     history = model.fit(x, y, batch_size=50, epochs=3, verbose=0)
     fractions = history.history["fraction_positive_triplets"]
     assert all(0.0 < f <= 1.0 for f in fractions)
@@ -123,8 +128,11 @@ def test_fraction_positive_triplets_metric_in_fit():
 
 @pytest.mark.parametrize(
     "policy, labels",
-    [("float32", (16777216, 16777217)), ("mixed_bfloat16", (1000, 1001)),
-     ("mixed_float16", (4097, 4098))],
+    [
+        ("float32", (16777216, 16777217)),
+        ("mixed_bfloat16", (1000, 1001)),
+        ("mixed_float16", (4097, 4098)),
+    ],
 )
 def test_labels_are_never_cast_to_float(policy, labels):
     """Keras' Loss.__call__ casts y_true to the loss dtype, which would merge these labels."""
@@ -154,8 +162,9 @@ def test_compiled_with_unknown_batch_dimension():
     y = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 3])
     fn = _backend.compiled(lambda lab, emb: loss(lab, emb), y, x)
     np.testing.assert_allclose(ops.convert_to_numpy(fn(y, x)), float(loss(y, x)), rtol=1e-6)
-    np.testing.assert_allclose(ops.convert_to_numpy(fn(y[:6], x[:6])),
-                               float(loss(y[:6], x[:6])), rtol=1e-6)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(fn(y[:6], x[:6])), float(loss(y[:6], x[:6])), rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize(

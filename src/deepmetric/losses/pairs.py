@@ -67,8 +67,9 @@ class ContrastiveLoss(keras.losses.Loss):
     the distance of each pair, `y_true` says whether the pair is similar.
     """
 
-    def __init__(self, margin=1.0, reduction="sum_over_batch_size", name="contrastive_loss",
-                 **kwargs):
+    def __init__(
+        self, margin=1.0, reduction="sum_over_batch_size", name="contrastive_loss", **kwargs
+    ):
         super().__init__(name=name, reduction=reduction, **kwargs)
         self.margin = _check_margin(margin)
 
@@ -103,7 +104,8 @@ def lifted_struct_loss(labels, embeddings, margin=1.0):
     r"""Lifted structured loss (Oh Song et al., 2016, arXiv:1511.06452; TFA semantics).
 
     For each positive pair (i, j):
-    $J_{ij} = \log\big(\sum_{k \in N(i)} e^{m - d_{ik}} + \sum_{l \in N(j)} e^{m - d_{jl}}\big) + d_{ij}$,
+    $J_{ij} = \log\big(\sum_{k \in N(i)} e^{m - d_{ik}}
+    + \sum_{l \in N(j)} e^{m - d_{jl}}\big) + d_{ij}$,
     and the loss is $\frac{1}{2|P|} \sum_{(i,j) \in P} \max(J_{ij}, 0)^2$ over the
     unordered positive pairs P. Computed with TFA's max-shift for stability in
     O(B^2) memory (TFA tiles a B^2 x B tensor).

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from deepmetric import _backend
+from deepmetric import _backend, losses
 from deepmetric import _reference as ref
-from deepmetric import losses
 
 
 def _np(x):

@@ -127,8 +127,8 @@ def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L
       Scalar loss (float32).
 
     >>> import numpy as np
-    >>> loss = triplet_hard_loss(np.array([0, 0, 1]), np.array([[0.0, 0.0], [0.0, 1.0], [2.0, 0.0]]))
-    >>> round(float(loss), 4)
+    >>> x = np.array([[0.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    >>> round(float(triplet_hard_loss(np.array([0, 0, 1]), x)), 4)
     0.0
     """
     labels, embeddings = _inputs(y_true, y_pred)

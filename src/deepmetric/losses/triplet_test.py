@@ -6,9 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from keras import ops
 
-from deepmetric import _backend
+from deepmetric import _backend, losses
 from deepmetric import _reference as ref
-from deepmetric import losses
 
 RNG_SEEDS = [0, 1, 2]
 
@@ -171,8 +170,11 @@ def test_duplicates_have_finite_gradients():
     x = np.random.default_rng(3).normal(size=(6, 3)).astype("float32")
     x[1] = x[0]
     x[3] = x[2]
-    for fn in (losses.triplet_semihard_loss, losses.triplet_hard_loss,
-               losses.triplet_batch_all_loss):
+    for fn in (
+        losses.triplet_semihard_loss,
+        losses.triplet_hard_loss,
+        losses.triplet_batch_all_loss,
+    ):
         value, grad = _backend.value_and_grad(lambda v, lab, f=fn: f(lab, v), x, labels)
         assert np.isfinite(value) and np.all(np.isfinite(grad))
     value = _value(losses.triplet_semihard_loss, labels, x)
@@ -209,8 +211,12 @@ def test_permutation_and_relabeling_invariance(seed, offset):
     rng = np.random.default_rng(seed + 1)
     perm = rng.permutation(len(labels))
     mapping = rng.permutation(3) * 7 + offset
-    for fn in (losses.triplet_semihard_loss, losses.triplet_hard_loss,
-               losses.triplet_batch_all_loss, losses.lifted_struct_loss):
+    for fn in (
+        losses.triplet_semihard_loss,
+        losses.triplet_hard_loss,
+        losses.triplet_batch_all_loss,
+        losses.lifted_struct_loss,
+    ):
         base = _value(fn, labels, x)
         assert _value(fn, labels[perm], x[perm]) == pytest.approx(base, rel=1e-5, abs=1e-6)
         assert _value(fn, mapping[labels], x) == pytest.approx(base, rel=1e-5, abs=1e-6)
