@@ -162,3 +162,97 @@ def hardest_positive(distances, positive_mask):
 def hardest_negative(distances, negative_mask):
     """(B, 1) smallest negative distance of each row, TFA's masked minimum."""
     return masked_minimum(distances, negative_mask)
+
+
+def masked_argmax(data, mask):
+    """Column of the largest entry of each row within `mask`, and whether the row has any.
+
+    Returns:
+      (index, nonempty): int32 (B,) and bool (B,); `index` is 0 for an empty row. No gradient.
+    """
+    d = ops.stop_gradient(ops.convert_to_tensor(data))
+    mask = ops.convert_to_tensor(mask)
+    lowest = ops.min(d) - 1.0
+    index = ops.cast(ops.argmax(ops.where(mask, d, lowest), axis=1), "int32")
+    return index, ops.any(mask, axis=1)
+
+
+def masked_argmin(data, mask):
+    """Column of the smallest entry of each row within `mask`, and whether the row has any.
+
+    Returns:
+      (index, nonempty): int32 (B,) and bool (B,); `index` is 0 for an empty row. No gradient.
+    """
+    d = ops.stop_gradient(ops.convert_to_tensor(data))
+    mask = ops.convert_to_tensor(mask)
+    highest = ops.max(d) + 1.0
+    index = ops.cast(ops.argmin(ops.where(mask, d, highest), axis=1), "int32")
+    return index, ops.any(mask, axis=1)
+
+
+def semihard_negative_per_row(distances, threshold, negative_mask):
+    """Semi-hard negative of each row for one threshold per row (one positive per anchor).
+
+    The TFA rule of `semihard_negatives` with the positive distance given per row: the
+    negative with the smallest distance above `threshold[a]`, else the farthest negative.
+
+    Args:
+      distances: (B, R) float distances (larger is farther).
+      threshold: (B,) or (B, 1) distance of each anchor's positive.
+      negative_mask: (B, R) booleans.
+
+    Returns:
+      int32 (B,) column of the chosen negative (0 for a row without negatives). No gradient.
+    """
+    d = ops.stop_gradient(ops.convert_to_tensor(distances))
+    negative_mask = ops.convert_to_tensor(negative_mask)
+    threshold = ops.reshape(ops.stop_gradient(ops.convert_to_tensor(threshold)), (-1, 1))
+    farther = ops.logical_and(negative_mask, ops.greater(d, threshold))
+    closest_farther, exists = masked_argmin(d, farther)
+    farthest, _ = masked_argmax(d, negative_mask)
+    return ops.where(exists, closest_farther, farthest)
+
+
+def batch_all_soft_terms(distances, positive_mask, negative_mask):
+    """Soft-margin batch-all sums over all triplets, without enumerating them.
+
+    For the triplets (a, p, n) with `z = d(a, p) - d(a, n)`: per anchor the sum of
+    `softplus(z)`, the derivative weights of the distances, and the number of triplets with a
+    positive loss. A loss rebuilds value and gradient from them as
+    `value + sum(weight_p * (d - stop_gradient(d))) - sum(weight_n * (d - stop_gradient(d)))`.
+
+    Returns:
+      (values, positive_weights, negative_weights, count): float (B,), (B, R), (B, R) and a
+      scalar; `positive_weights[a, p]` = sum_n sigmoid(z), `negative_weights[a, n]` =
+      sum_p sigmoid(z). No gradient.
+    """
+    d = ops.stop_gradient(ops.convert_to_tensor(distances))
+    positive_mask = ops.convert_to_tensor(positive_mask)
+    n_cols = ops.shape(d)[1]
+    shape = ops.shape(d)
+    negatives = ops.cast(negative_mask, d.dtype)
+
+    def body(p_index, valid, state):
+        values, positive_weights, negative_weights, count = state
+        positive = ops.take_along_axis(d, ops.expand_dims(p_index, 1), axis=1)
+        use = negatives * ops.cast(ops.expand_dims(valid, 1), d.dtype)
+        gap = positive - d
+        loss = ops.softplus(gap) * use
+        weight = ops.sigmoid(gap) * use
+        write = ops.logical_and(_column_of(p_index, n_cols), ops.expand_dims(valid, 1))
+        positive_weights = ops.where(
+            write, ops.sum(weight, axis=1, keepdims=True), positive_weights
+        )
+        count = count + ops.sum(ops.cast(ops.greater(loss, 0.0), d.dtype))
+        return values + ops.sum(loss, axis=1), positive_weights, negative_weights + weight, count
+
+    return _kth_positive_loop(
+        positive_mask,
+        body,
+        (
+            ops.zeros(shape[:1], d.dtype),
+            ops.zeros(shape, d.dtype),
+            ops.zeros(shape, d.dtype),
+            ops.convert_to_tensor(0.0, d.dtype),
+        ),
+    )

@@ -1,0 +1,267 @@
+"""Classification heads with one trainable proxy per class: ArcFace, CosFace, Proxy-Anchor.
+
+A head sits on top of an embedding model during training only. It holds a (num_classes, D)
+matrix of proxies (trainable, saved with the model) and compares the L2-normalised embeddings
+with the L2-normalised proxies by cosine similarity. The margin of ArcFace and CosFace, and the
+Proxy-Anchor loss, need the labels in the forward pass; the one pattern for all heads is to feed
+them as a second model input:
+
+```python
+images = keras.Input((28, 28, 1))
+labels = keras.Input((), dtype="int32")
+embeddings = embedder(images)                       # the model kept after training
+logits = deepmetric.heads.ArcFace(num_classes=10)([embeddings, labels])
+trainer = keras.Model([images, labels], logits)
+trainer.compile(
+    optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+)
+trainer.fit((x, y), y)
+```
+
+`ProxyAnchor` adds its loss with `add_loss` and returns the cosine similarities: compile the
+trainer with `loss=None` and fit it on `(x, y)` alone. Called on embeddings only (no labels),
+each head returns the scaled cosine similarities without margin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from deepmetric._api import export
+from deepmetric._labels import check_embeddings, check_labels
+from deepmetric.distances import _l2_normalize
+from deepmetric.losses.modern import check_number, masked_logsumexp
+
+
+def _split(inputs):
+    if isinstance(inputs, (list, tuple)):
+        if len(inputs) != 2:
+            raise ValueError(
+                "A head takes `embeddings` or `[embeddings, labels]`. "
+                f"Received a list of {len(inputs)} inputs."
+            )
+        return inputs[0], inputs[1]
+    return inputs, None
+
+
+class _ProxyHead(keras.layers.Layer):
+    """Base: a (num_classes, D) trainable proxy matrix and the cosine similarities to it."""
+
+    def __init__(self, num_classes, proxy_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(
+                f"`num_classes` must be a positive integer. Received: num_classes={num_classes!r}"
+            )
+        self.num_classes = num_classes
+        self.proxy_initializer = keras.initializers.get(proxy_initializer)
+
+    def build(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
+        dim = input_shape[-1]
+        if dim is None:
+            raise ValueError(f"The embedding size must be known. Received: shape={input_shape}")
+        self.proxies = self.add_weight(
+            shape=(self.num_classes, dim),
+            initializer=self.proxy_initializer,
+            trainable=True,
+            name="proxies",
+        )
+
+    def cosine(self, embeddings):
+        """(B, num_classes) cosine similarities, float32."""
+        x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
+        proxies = _l2_normalize(ops.cast(self.proxies, x.dtype))
+        return ops.matmul(x, ops.transpose(proxies))
+
+    def _one_hot(self, labels, batch_size):
+        labels = check_labels(labels, batch_size, "labels")
+        return ops.cast(ops.one_hot(ops.cast(labels, "int32"), self.num_classes), "bool")
+
+    def compute_output_shape(self, input_shape):
+        if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
+        return (input_shape[0], self.num_classes)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "proxy_initializer": keras.initializers.serialize(self.proxy_initializer),
+        }
+
+
+@export
+class CosFace(_ProxyHead):
+    r"""CosFace / large-margin cosine head (Wang et al., CVPR 2018, arXiv:1801.09414).
+
+    Logits $z_{ic} = s\,(\cos\theta_{ic} - m\,[c = y_i])$, where $\theta_{ic}$ is the angle
+    between the embedding and the proxy of class c; train with
+    `SparseCategoricalCrossentropy(from_logits=True)` (see the module docstring).
+
+    Args:
+      num_classes: number of classes (proxies).
+      scale: the scale s.
+      margin: the cosine margin m.
+      proxy_initializer: initializer of the (num_classes, D) proxies.
+
+    >>> import numpy as np
+    >>> head = CosFace(num_classes=3, scale=10.0, margin=0.5)
+    >>> logits = head([np.ones((2, 4)), np.array([0, 2])])
+    >>> tuple(logits.shape)
+    (2, 3)
+    """
+
+    def __init__(self, num_classes, scale=64.0, margin=0.35, **kwargs):
+        super().__init__(num_classes, **kwargs)
+        self.scale = check_number("scale", scale, positive=True)
+        self.margin = check_number("margin", margin)
+
+    def call(self, inputs):
+        embeddings, labels = _split(inputs)
+        cos = self.cosine(embeddings)
+        if labels is None:
+            return self.scale * cos
+        target = self._one_hot(labels, cos.shape[0])
+        return self.scale * ops.where(target, cos - self.margin, cos)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "margin": self.margin}
+
+
+@export
+class ArcFace(_ProxyHead):
+    r"""ArcFace / additive angular margin head (Deng et al., CVPR 2019, arXiv:1801.07698).
+
+    Logits $z_{ic} = s \cos(\theta_{ic} + m\,[c = y_i])$. As in the reference implementation
+    (insightface), where $\theta + m > \pi$ the target logit is $s(\cos\theta - m \sin m)$
+    instead, so that it keeps decreasing with $\theta$. The sine is computed from a clamped
+    $1 - \cos^2$, so the gradient stays finite at $\cos\theta = \pm 1$.
+
+    Args:
+      num_classes: number of classes (proxies).
+      scale: the scale s.
+      margin: the angular margin m in radians.
+      proxy_initializer: initializer of the (num_classes, D) proxies.
+
+    >>> import numpy as np
+    >>> head = ArcFace(num_classes=3, scale=10.0, margin=0.5)
+    >>> logits = head([np.ones((2, 4)), np.array([0, 2])])
+    >>> tuple(logits.shape)
+    (2, 3)
+    """
+
+    def __init__(self, num_classes, scale=64.0, margin=0.5, **kwargs):
+        super().__init__(num_classes, **kwargs)
+        self.scale = check_number("scale", scale, positive=True)
+        self.margin = check_number("margin", margin)
+        if not 0.0 <= self.margin < math.pi / 2:
+            raise ValueError(f"`margin` must be in [0, pi/2) radians. Received: margin={margin!r}")
+
+    def call(self, inputs):
+        embeddings, labels = _split(inputs)
+        cos = self.cosine(embeddings)
+        if labels is None:
+            return self.scale * cos
+        m = self.margin
+        sin = ops.sqrt(ops.maximum(1.0 - ops.square(cos), 1e-7))
+        shifted = cos * math.cos(m) - sin * math.sin(m)
+        shifted = ops.where(cos > math.cos(math.pi - m), shifted, cos - m * math.sin(m))
+        target = self._one_hot(labels, cos.shape[0])
+        return self.scale * ops.where(target, shifted, cos)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "margin": self.margin}
+
+
+def proxy_anchor_loss(labels, embeddings, proxies, *, margin=0.1, alpha=32.0):
+    r"""Proxy-Anchor loss (Kim et al., CVPR 2020, arXiv:2003.13911).
+
+    With cosine similarities $s(x, p)$ of the normalised embeddings and proxies, $P^+$ the
+    proxies of the classes present in the batch, $X_p^+$ / $X_p^-$ the embeddings of / not of
+    class p:
+
+    $$L = \frac{1}{|P^+|}\sum_{p \in P^+}
+            \log\Big(1 + \sum_{x \in X_p^+} e^{-\alpha(s(x,p) - \delta)}\Big)
+        + \frac{1}{|P|}\sum_{p \in P}
+            \log\Big(1 + \sum_{x \in X_p^-} e^{\alpha(s(x,p) + \delta)}\Big)$$
+
+    Same value and gradient as `pytorch_metric_learning.losses.ProxyAnchorLoss` with the same
+    proxies.
+
+    Args:
+      labels: integer labels in [0, num_classes), shape (B,) or (B, 1).
+      embeddings: (B, D) embeddings.
+      proxies: (num_classes, D) proxies.
+      margin: the margin delta.
+      alpha: the scale alpha (> 0).
+
+    Returns:
+      The scalar loss.
+
+    >>> import numpy as np
+    >>> loss = proxy_anchor_loss(np.array([0, 1]), np.eye(2), np.eye(2))
+    >>> round(float(loss), 4)  # log(1 + e^(32 * 0.1)) from the negatives
+    3.24
+    """
+    margin = check_number("margin", margin)
+    alpha = check_number("alpha", alpha, positive=True)
+    x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
+    proxies = _l2_normalize(ops.cast(check_embeddings(proxies, "proxies"), x.dtype))
+    labels = check_labels(labels, x.shape[0], "labels")
+    num_classes = proxies.shape[0]
+    # (C, B): one row per proxy.
+    cos = ops.matmul(proxies, ops.transpose(x))
+    positive = ops.transpose(ops.cast(ops.one_hot(ops.cast(labels, "int32"), num_classes), "bool"))
+    pos_term = masked_logsumexp(-alpha * (cos - margin), positive, add_one=True)
+    neg_term = masked_logsumexp(alpha * (cos + margin), ops.logical_not(positive), add_one=True)
+    with_positives = ops.sum(ops.cast(ops.any(positive, axis=1), cos.dtype))
+    return ops.divide_no_nan(ops.sum(pos_term), with_positives) + ops.sum(neg_term) / num_classes
+
+
+@export
+class ProxyAnchor(_ProxyHead):
+    """Proxy-Anchor head: adds `proxy_anchor_loss` with its trainable proxies.
+
+    Called on `[embeddings, labels]`, it adds the loss with `add_loss` and returns
+    `alpha * cosine` to the proxies (usable as logits for monitoring); compile the trainer with
+    `loss=None`:
+
+    ```python
+    scores = deepmetric.heads.ProxyAnchor(num_classes=100)([embedder(images), labels])
+    trainer = keras.Model([images, labels], scores)
+    trainer.compile(optimizer="adam")   # the loss comes from the head
+    trainer.fit((x, y), epochs=10)
+    ```
+
+    Args:
+      num_classes: number of classes (proxies).
+      margin: the margin delta.
+      alpha: the scale alpha.
+      proxy_initializer: initializer of the proxies ("he_normal", as the paper's
+        kaiming-normal initialisation, by default).
+    """
+
+    def __init__(
+        self, num_classes, margin=0.1, alpha=32.0, proxy_initializer="he_normal", **kwargs
+    ):
+        super().__init__(num_classes, proxy_initializer=proxy_initializer, **kwargs)
+        self.margin = check_number("margin", margin)
+        self.alpha = check_number("alpha", alpha, positive=True)
+
+    def call(self, inputs):
+        embeddings, labels = _split(inputs)
+        if labels is not None:
+            self.add_loss(
+                proxy_anchor_loss(
+                    labels, embeddings, self.proxies, margin=self.margin, alpha=self.alpha
+                )
+            )
+        return self.alpha * self.cosine(embeddings)
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin, "alpha": self.alpha}

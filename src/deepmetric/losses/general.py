@@ -1,0 +1,223 @@
+"""A triplet loss with composable mining: any distance, any positive and negative selection.
+
+`TripletLoss` combines a distance (or similarity), a positive selection and a negative
+selection, all written once for distances and similarities through `larger_is_closer`. Every
+selection is a fixed-shape operation of `deepmetric.mining` on the (B, R) matrix; the
+"all positives x all negatives" case sums over the triplets without enumerating them, so memory
+is O(B * R) whatever the combination.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+from deepmetric import distances as distances_lib
+from deepmetric import mining
+from deepmetric._api import export
+from deepmetric.losses._base import MetricLoss, per_anchor_share
+from deepmetric.losses.modern import check_number, loss_inputs
+
+POSITIVE_MINING = ("all", "hard", "easy")
+NEGATIVE_MINING = ("all", "semi-hard", "hard", "easy")
+
+
+def _check_choice(name, value, allowed):
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def _gather(matrix, index):
+    """(B,) entries `matrix[a, index[a]]`."""
+    return ops.squeeze(ops.take_along_axis(matrix, ops.expand_dims(index, 1), axis=1), axis=1)
+
+
+def triplet_loss(
+    labels,
+    embeddings,
+    *,
+    margin=0.1,
+    distance="L2",
+    positive_mining="all",
+    negative_mining="all",
+    soft_margin=False,
+    average_nonzero=False,
+    reference_embeddings=None,
+    reference_labels=None,
+):
+    r"""Triplet loss with a chosen distance and composable positive / negative mining.
+
+    With $D$ the distance (or the negated similarity, so that larger is farther), each selected
+    triplet (a, p, n) costs
+
+    $$\ell_{apn} = [D_{ap} - D_{an} + m]_+ \quad\text{or, with soft\_margin,}\quad
+      \log(1 + e^{D_{ap} - D_{an}})$$
+
+    and the loss is the mean over the selected triplets (over those with $\ell > 0$ with
+    `average_nonzero`). Selections: positives of anchor a are "all" of them, the "hard"
+    (farthest) one or the "easy" (closest) one; for each selected (a, p), negatives are
+    "all" of them, the "semi-hard" one (the closest negative farther than p, else the farthest
+    negative: FaceNet's rule as TensorFlow Addons implements it), the "hard" (closest) or the
+    "easy" (farthest) one. An anchor without positive or without negative has no triplet.
+
+    Presets: ("all", "semi-hard") with "L2" is `triplet_semihard_loss`; ("hard", "hard") is
+    `triplet_hard_loss` (Hermans et al., 2017) on batches where every anchor has a positive;
+    ("all", "all") with `average_nonzero` is `triplet_batch_all_loss`. Papers: Schroff et al.,
+    "FaceNet", CVPR 2015, arXiv:1503.03832; Hermans et al., "In Defense of the Triplet Loss for
+    Person Re-Identification", arXiv:1703.07737.
+
+    Args:
+      labels: integer class labels, shape (B,) or (B, 1).
+      embeddings: float embeddings, shape (B, D).
+      margin: the margin m (unused with `soft_margin`).
+      distance: a `deepmetric.distances` name ("L2", "squared-L2", "angular", "cosine",
+        "dot"), a `Distance`, or a callable returning the (B, B) distance matrix.
+      positive_mining: "all", "hard" or "easy".
+      negative_mining: "all", "semi-hard", "hard" or "easy".
+      soft_margin: use `softplus(D_ap - D_an)` instead of the hinge.
+      average_nonzero: average over the triplets with a positive loss only.
+      reference_embeddings, reference_labels: take positives and negatives from this set
+        instead of the rest of the batch.
+
+    Returns:
+      (B,) per-anchor shares; their mean is the batch loss.
+
+    >>> import numpy as np
+    >>> x = np.array([[0.0, 0.0], [0.0, 1.0], [0.5, 0.0], [2.0, 0.0]])
+    >>> loss = triplet_loss(np.array([0, 0, 1, 1]), x, margin=1.0, negative_mining="hard")
+    >>> round(float(ops.mean(loss)), 4)
+    1.2205
+    """
+    margin = check_number("margin", margin)
+    positive_mining = _check_choice("positive_mining", positive_mining, POSITIVE_MINING)
+    negative_mining = _check_choice("negative_mining", negative_mining, NEGATIVE_MINING)
+    distance = distances_lib.get(distance, "distance")
+    labels, embeddings, ref_labels, reference = loss_inputs(
+        labels, embeddings, reference_embeddings, reference_labels
+    )
+    d = distance(embeddings, reference)
+    d = -d if distance.larger_is_closer else d
+    positives, negatives = mining.label_masks(labels, ref_labels)
+    valid = ops.logical_and(ops.any(positives, axis=1), ops.any(negatives, axis=1))
+    valid_f = ops.cast(valid, d.dtype)
+
+    def cost(gap):
+        return ops.softplus(gap) if soft_margin else ops.relu(gap + margin)
+
+    if positive_mining == "all" and negative_mining == "all":
+        if soft_margin:
+            values, w_pos, w_neg, num_nonzero = mining.batch_all_soft_terms(d, positives, negatives)
+            moving = d - ops.stop_gradient(d)
+            contributions = (
+                values + ops.sum(w_pos * moving, axis=1) - ops.sum(w_neg * moving, axis=1)
+            )
+        else:
+            per_positive, per_negative = mining.batch_all_counts(d, positives, negatives, margin)
+            contributions = ops.sum(per_positive * (d + margin), axis=1) - ops.sum(
+                per_negative * d, axis=1
+            )
+            num_nonzero = ops.sum(per_positive)
+        num_pos = ops.sum(ops.cast(positives, d.dtype), axis=1)
+        num_neg = ops.sum(ops.cast(negatives, d.dtype), axis=1)
+        num_triplets = ops.sum(num_pos * num_neg)
+    elif positive_mining == "all":
+        if negative_mining == "semi-hard":
+            index, outside = mining.semihard_negatives(d, positives, negatives)
+            farthest = mining.masked_maximum(d, negatives)
+            d_neg = ops.where(outside, ops.take_along_axis(d, index, axis=1), farthest)
+        else:
+            pick = mining.masked_argmin if negative_mining == "hard" else mining.masked_argmax
+            d_neg = ops.expand_dims(_gather(d, pick(d, negatives)[0]), 1)
+        use = ops.logical_and(positives, ops.expand_dims(valid, 1))
+        per_pair = ops.where(use, cost(d - d_neg), 0.0)
+        contributions = ops.sum(per_pair, axis=1)
+        num_nonzero = ops.sum(ops.cast(ops.greater(ops.stop_gradient(per_pair), 0.0), d.dtype))
+        num_triplets = ops.sum(ops.cast(use, d.dtype))
+    else:
+        pick = mining.masked_argmax if positive_mining == "hard" else mining.masked_argmin
+        p_index = pick(d, positives)[0]
+        d_pos = _gather(d, p_index)
+        if negative_mining == "all":
+            use = ops.logical_and(negatives, ops.expand_dims(valid, 1))
+            per_triplet = ops.where(use, cost(ops.expand_dims(d_pos, 1) - d), 0.0)
+            contributions = ops.sum(per_triplet, axis=1)
+            num_triplets = ops.sum(ops.cast(use, d.dtype))
+        else:
+            if negative_mining == "semi-hard":
+                n_index = mining.semihard_negative_per_row(d, d_pos, negatives)
+            elif negative_mining == "hard":
+                n_index = mining.masked_argmin(d, negatives)[0]
+            else:
+                n_index = mining.masked_argmax(d, negatives)[0]
+            per_triplet = ops.where(valid, cost(d_pos - _gather(d, n_index)), 0.0)
+            contributions = per_triplet
+            num_triplets = ops.sum(valid_f)
+        num_nonzero = ops.sum(ops.cast(ops.greater(ops.stop_gradient(per_triplet), 0.0), d.dtype))
+    contributions = contributions * valid_f
+    return per_anchor_share(contributions, num_nonzero if average_nonzero else num_triplets)
+
+
+@export
+class TripletLoss(MetricLoss):
+    """Triplet loss with a chosen distance and composable mining; see `triplet_loss`.
+
+    ```python
+    # Batch-hard on cosine similarity, soft margin (Hermans et al.):
+    loss = deepmetric.losses.TripletLoss(
+        distance="cosine", positive_mining="hard", negative_mining="hard", soft_margin=True
+    )
+    model.compile(optimizer="adam", loss=loss)
+    ```
+    """
+
+    def __init__(
+        self,
+        margin=0.1,
+        distance="L2",
+        positive_mining="all",
+        negative_mining="all",
+        soft_margin=False,
+        average_nonzero=False,
+        name="triplet_loss",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.margin = check_number("margin", margin)
+        distances_lib.get(distance, "distance")  # fails early on a bad name
+        self.distance = distance
+        self.positive_mining = _check_choice("positive_mining", positive_mining, POSITIVE_MINING)
+        self.negative_mining = _check_choice("negative_mining", negative_mining, NEGATIVE_MINING)
+        self.soft_margin = bool(soft_margin)
+        self.average_nonzero = bool(average_nonzero)
+
+    def call(self, labels, embeddings):
+        return triplet_loss(
+            labels,
+            embeddings,
+            margin=self.margin,
+            distance=self.distance,
+            positive_mining=self.positive_mining,
+            negative_mining=self.negative_mining,
+            soft_margin=self.soft_margin,
+            average_nonzero=self.average_nonzero,
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "distance": distances_lib.serialize(self.distance),
+            "positive_mining": self.positive_mining,
+            "negative_mining": self.negative_mining,
+            "soft_margin": self.soft_margin,
+            "average_nonzero": self.average_nonzero,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["distance"] = distances_lib.deserialize(config.get("distance", "L2"))
+        return cls(**config)
