@@ -1,0 +1,189 @@
+"""Tests of the `deepmetric` command line, in-process and through the console script."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepmetric import cli
+
+SMALL = ["--epochs", "1", "--classes-per-batch", "4", "--samples-per-class", "4"]
+SMALL += ["--steps-per-epoch", "3", "--embedding-dim", "8", "--quiet"]
+METRICS = {"precision_at_1", "r_precision", "map_at_r", "mrr", "nmi", "ami"}
+METRICS |= {f"recall_at_{k}" for k in (1, 2, 4, 8)}
+RUN_FILES = {
+    "model.keras",
+    "metrics.json",
+    "config.json",
+    "history.csv",
+    "vecs.tsv",
+    "meta.tsv",
+    "sprite.png",
+    "projector_config.pbtxt",
+    "map_before.png",
+    "map_after.png",
+    "training_curves.png",
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One small training run on the digits, shared by the tests of its outputs."""
+    out = tmp_path_factory.mktemp("runs")
+    assert cli.main(["train", *SMALL, "--out", str(out), "--name", "small"]) == 0
+    return out / "small"
+
+
+def test_train_writes_every_output(run):
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert not list(run.parent.glob(".*")) and not list(run.parent.glob("*.partial"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"before", "after"}
+    for side in ("before", "after"):
+        assert set(metrics[side]) == METRICS
+        assert all(0.0 <= v <= 1.0 for v in metrics[side].values())
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert len(rows) == 1 and rows[0]["epoch"] == "1"
+    assert {"loss", "learning_rate", "val_map_at_r", "val_precision_at_1"} <= set(rows[0])
+    vecs = np.loadtxt(run / "vecs.tsv", delimiter="\t")
+    meta = (run / "meta.tsv").read_text().splitlines()
+    assert vecs.shape == (540, 8) and meta[0] == "label\tclass" and len(meta) == 541
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-4)
+    assert "single_image_dim: 32" in (run / "projector_config.pbtxt").read_text()
+    for png in ("sprite.png", "map_before.png", "map_after.png", "training_curves.png"):
+        with Image.open(run / png) as image:
+            assert image.format == "PNG"
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs_trained"] == 1 and config["loss"] == "triplet_semihard"
+
+
+def test_saved_model_loads_in_safe_mode_and_embeds(run, tmp_path):
+    model = keras.saving.load_model(run / "model.keras", safe_mode=True)
+    assert model.input_shape == (None, 8, 8, 1)
+    out = tmp_path / "e.npy"
+    assert cli.main(["embed", str(run / "model.keras"), "--output", str(out), "--quiet"]) == 0
+    assert np.load(out).shape == (1797, 8)
+    tsv = tmp_path / "e.tsv"
+    args = ["embed", str(run / "model.keras"), "--split", "test", "--output", str(tsv)]
+    assert cli.main([*args, "--quiet"]) == 0
+    assert np.loadtxt(tsv, delimiter="\t").shape == (540, 8)
+
+
+def test_evaluate_matches_train_metrics(run, tmp_path, capsys):
+    path = tmp_path / "m.json"
+    args = ["evaluate", str(run / "model.keras"), "--split", "test", "--json", str(path)]
+    assert cli.main(args) == 0
+    assert "map_at_r" in capsys.readouterr().out
+    after = json.loads((run / "metrics.json").read_text())["after"]
+    assert json.loads(path.read_text())["map_at_r"] == pytest.approx(after["map_at_r"], abs=1e-4)
+
+
+def test_export_command(run, tmp_path):
+    out = tmp_path / "proj"
+    args = ["export", str(run / "model.keras"), "--split", "test", "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    assert {p.name for p in out.iterdir()} == {
+        "vecs.tsv",
+        "meta.tsv",
+        "sprite.png",
+        "projector_config.pbtxt",
+        "map.png",
+    }
+
+
+def _folder_of_junk(tmp_path):
+    (tmp_path / "junk" / "a").mkdir(parents=True)
+    (tmp_path / "junk" / "a" / "x.png").write_bytes(b"not an image")
+    return ["--data", str(tmp_path / "junk")]
+
+
+def _empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return ["--data", str(tmp_path / "empty")]
+
+
+def _npz_without_x(tmp_path):
+    np.savez(tmp_path / "d.npz", z=np.zeros((4, 2)), y=np.zeros(4, "int64"))
+    return ["--data", str(tmp_path / "d.npz")]
+
+
+BAD_INPUTS = {
+    "missing path": lambda p: ["--data", str(p / "nowhere")],
+    "empty folder": _empty,
+    "unreadable images": _folder_of_junk,
+    "npz without x": _npz_without_x,
+    "unknown loss": lambda p: ["--loss", "nope"],
+    "zero epochs": lambda p: ["--epochs", "0"],
+    "negative epochs": lambda p: ["--epochs", "-3"],
+    "bad number": lambda p: ["--learning-rate", "fast"],
+    "negative margin": lambda p: ["--margin", "-1"],
+    "too many classes": lambda p: ["--classes-per-batch", "11"],
+    "bad test size": lambda p: ["--test-size", "1.5"],
+    "unknown optimizer": lambda p: ["--optimizer", "lamb"],
+    "resume nothing": lambda p: ["--resume"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
+    out = tmp_path / "runs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(["train", *BAD_INPUTS[case](tmp_path), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("deepmetric: error: ") and err.count("\n") == 1, err
+    assert not out.exists() or not any(out.iterdir())
+    if case == "unknown loss":
+        assert "triplet_semihard" in err and "triplet_hard" in err
+
+
+def test_loss_names():
+    names = cli.available_losses()
+    assert {"triplet_semihard", "triplet_hard", "lifted_struct"} <= set(names)
+    assert "contrastive" not in names and "triplet_margin" not in names
+    for spelling in ("TripletSemiHardLoss", "triplet-semihard", "triplet_semihard_loss"):
+        assert cli.resolve_loss(spelling)[0] == "triplet_semihard"
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    original = cli._train_callbacks
+    monkeypatch.setattr(cli, "_train_callbacks", lambda *a: [*original(*a), Interrupt()])
+    args = ["train", *SMALL, "--epochs", "2", "--data", "digits", "--out", str(tmp_path)]
+    assert cli.main([*args, "--name", "r"]) == cli.EXIT_INTERRUPTED
+    assert not (tmp_path / "r").exists()
+    state = json.loads((tmp_path / "r.partial" / "state.json").read_text())
+    assert state["epoch"] == 1 and len(state["history"]["loss"]) == 1
+
+    monkeypatch.setattr(cli, "_train_callbacks", original)
+    assert cli.main(["train", "--resume", "--name", "r", "--out", str(tmp_path), "--quiet"]) == 0
+    rows = list(csv.DictReader((tmp_path / "r" / "history.csv").open()))
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs_trained"] == 2
+    assert not (tmp_path / "r.partial").exists()
+
+
+def test_console_script(run, tmp_path):
+    script = Path(sys.executable).with_name("deepmetric")
+    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
+    done = subprocess.run(
+        [str(script), "evaluate", str(run / "model.keras"), "--split", "test"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision_at_1" in done.stdout

@@ -1,0 +1,284 @@
+"""Data sets for training and evaluating embedding models, all read offline.
+
+`load_digits()` gives scikit-learn's bundled 8x8 digits (no download). `load(path)`
+reads an image folder (one sub-folder per class), an `.npz` with arrays `x` and `y`,
+or MNIST-format IDX files. Each returns a `Dataset(x, y, class_names, pixel_scale)`:
+`x` as the data set stores it (raw pixels, not rescaled), `y` integer labels
+0..n-1, `class_names[i]` the name of label i, and `pixel_scale` the factor that maps
+the pixels to [0, 1] (None for feature vectors), for the model's `Rescaling` layer.
+
+Bad input raises `DataError` (a `ValueError`) with a one-line message.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["DataError", "Dataset", "load", "load_digits", "pixel_scale_of"]
+
+
+class DataError(ValueError):
+    """A data set that cannot be read: missing, empty, unreadable or inconsistent."""
+
+
+class Dataset(NamedTuple):
+    """Examples `x`, integer labels `y`, the names of the classes, the pixel scale."""
+
+    x: np.ndarray
+    y: np.ndarray
+    class_names: list[str]
+    pixel_scale: float | None
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.ndim >= 3
+
+
+def pixel_scale_of(x: np.ndarray) -> float | None:
+    """The factor that maps image pixels to [0, 1]; None for feature vectors.
+
+    uint8 images and integer images up to 255 get 1/255, values up to 16 (the
+    digits) 1/16, values in [0, 1] none, larger values 1/max.
+
+    >>> pixel_scale_of(np.zeros((2, 8, 8), "uint8"))
+    0.00392156862745098
+    """
+    if x.ndim < 3:
+        return None
+    if x.dtype == np.uint8:
+        return 1 / 255
+    peak = float(np.max(x)) if x.size else 0.0
+    if peak <= 1.0:
+        return None
+    if peak <= 16.0:
+        return 1 / 16
+    if peak <= 255.0:
+        return 1 / 255
+    return 1 / peak
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits, as (1797, 8, 8, 1) images.
+
+    Pixels keep their raw values 0..16 (float32); labels are ints 0..9.
+
+    >>> data = load_digits()
+    >>> data.x.shape, data.y[:3].tolist(), data.pixel_scale
+    ((1797, 8, 8, 1), [0, 1, 2], 0.0625)
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    x = digits.images.astype("float32")[..., None]
+    y = digits.target.astype("int64")
+    return Dataset(x, y, [str(c) for c in range(10)], 1 / 16)
+
+
+def _labels_to_ints(y: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{name}: labels must be one-dimensional, got shape {y.shape}")
+    if y.dtype.kind in "iu":
+        classes = np.unique(y)
+        if classes.size and classes[0] >= 0 and classes[-1] < 2**31:
+            return y.astype("int64"), [str(c) for c in range(int(classes[-1]) + 1)]
+    if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        return _labels_to_ints(y.astype("int64"), name)
+    if y.dtype.kind not in "iuUSO":
+        raise DataError(f"{name}: labels must be integers or class names, got dtype {y.dtype}")
+    names = [v.decode() if isinstance(v, bytes) else str(v) for v in y.tolist()]
+    classes_sorted = sorted(set(names))
+    index = {c: i for i, c in enumerate(classes_sorted)}
+    return np.array([index[n] for n in names], dtype="int64"), classes_sorted
+
+
+def _check_lengths(x: np.ndarray, y: np.ndarray, name: str) -> None:
+    if len(x) != len(y):
+        raise DataError(f"{name}: {len(x)} examples but {len(y)} labels")
+    if len(x) == 0:
+        raise DataError(f"{name}: the data set is empty")
+
+
+def _load_npz(path: Path) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = set(f.files)
+            if "x" not in files:
+                raise DataError(f"{path}: no array 'x' in the .npz (found: {sorted(files)})")
+            if "y" not in files:
+                raise DataError(f"{path}: no array 'y' in the .npz (found: {sorted(files)})")
+            x, y = f["x"], f["y"]
+            names = [str(n) for n in f["class_names"].tolist()] if "class_names" in files else None
+    except DataError:
+        raise
+    except Exception as e:  # zipfile, pickle and format errors from numpy
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if x.ndim < 2:
+        raise DataError(
+            f"{path}: 'x' must have shape (n, features) or (n, H, W[, C]), got {x.shape}"
+        )
+    if x.dtype.kind not in "iuf" or x.dtype == np.float16:
+        x = x.astype("float32")
+    _check_lengths(x, y, str(path))
+    labels, class_names = _labels_to_ints(y, str(path))
+    if names is not None and len(names) >= len(class_names):
+        class_names = names
+    if x.ndim == 3:
+        x = x[..., None]
+    return Dataset(x, labels, class_names, pixel_scale_of(x))
+
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path) -> np.ndarray:
+    """Reads one IDX file (the MNIST format), gzip-compressed or not."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    count = int(np.prod(dims)) if dims else 1
+    if len(data) < header + count * dtype.itemsize:
+        raise DataError(f"{path}: truncated IDX data (expected shape {dims})")
+    return (
+        np.frombuffer(data, dtype, count=count, offset=header)
+        .reshape(dims)
+        .astype(dtype.newbyteorder("="))
+    )
+
+
+def _idx_pairs(folder: Path) -> list[tuple[Path, Path]]:
+    pairs = []
+    for images in sorted(folder.iterdir()):
+        if "idx3" in images.name and "images" in images.name:
+            labels = folder / images.name.replace("images", "labels").replace("idx3", "idx1")
+            if labels.exists():
+                pairs.append((images, labels))
+    return pairs
+
+
+def _load_idx(pairs: list[tuple[Path, Path]]) -> Dataset:
+    xs, ys = [], []
+    for images, labels in pairs:
+        x, y = read_idx(images), read_idx(labels)
+        if x.ndim not in (2, 3, 4):
+            raise DataError(f"{images}: expected (n, H, W) images, got shape {x.shape}")
+        _check_lengths(x, y, str(images))
+        xs.append(x)
+        ys.append(y)
+    x = np.concatenate(xs)
+    if x.ndim == 3:
+        x = x[..., None]
+    y, class_names = _labels_to_ints(np.concatenate(ys), str(pairs[0][0]))
+    return Dataset(x, y, class_names, pixel_scale_of(x))
+
+
+def _read_image(path: Path, mode: str | None, size: tuple[int, int] | None):
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        opened.load()
+        if mode is None:
+            mode = "L" if opened.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+        image = opened.convert(mode)
+        if size is not None and image.size != size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype="uint8"), mode, image.size
+
+
+def _load_image_folder(folder: Path) -> Dataset:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{folder}: empty folder (expected one sub-folder of images per class)")
+    files = [
+        (label, f)
+        for label, c in enumerate(classes)
+        for f in sorted((folder / c).iterdir())
+        if f.is_file() and not f.name.startswith(".")
+    ]
+    if not files:
+        raise DataError(f"{folder}: the class folders {classes} contain no files")
+    # The first readable image fixes the colour mode (grey or RGB) and the size.
+    mode = size = None
+    images, labels = [], []
+    for label, f in files:
+        try:
+            pixels, mode, size = _read_image(f, mode, size)
+        except Exception as e:  # PIL raises many kinds on corrupt files
+            warnings.warn(f"skipping unreadable image {f}: {type(e).__name__}", stacklevel=3)
+            continue
+        images.append(pixels)
+        labels.append(label)
+    if not images:
+        raise DataError(f"{folder}: none of the {len(files)} files is a readable image")
+    x = np.stack(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    return Dataset(x, np.array(labels, dtype="int64"), classes, 1 / 255)
+
+
+def load(path) -> Dataset:
+    """Reads a data set from `path`.
+
+    - a folder with one sub-folder per class, holding images (PIL can read them; all
+      are converted to the colour mode and resized to the size of the first readable
+      image; an unreadable file is skipped with a warning that names it);
+    - a folder with MNIST-format IDX files (`*images-idx3-ubyte[.gz]` beside the
+      matching `*labels-idx1-ubyte[.gz]`; several pairs, such as train and t10k, are
+      concatenated), or the images IDX file itself, or a pair `(images, labels)`;
+    - an `.npz` with arrays `x` (n, features) or (n, H, W[, C]) and `y` (integers or
+      class names, which are sorted and numbered; an optional `class_names` array
+      names integer labels);
+    - the name "digits" for `load_digits()`.
+
+    Raises:
+      DataError: the path is missing, the folder is empty, no image is readable,
+        the .npz has no `x`, or the numbers of examples and labels differ.
+    """
+    if isinstance(path, (tuple, list)):
+        if len(path) != 2:
+            raise DataError(f"expected a pair (images, labels) of IDX files, got {path!r}")
+        images, labels = (Path(p) for p in path)
+        for p in (images, labels):
+            if not p.exists():
+                raise DataError(f"{p}: no such file")
+        return _load_idx([(images, labels)])
+    if str(path) == "digits":
+        return load_digits()
+    path = Path(os.path.expanduser(str(path)))
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if not any(path.iterdir()):
+            raise DataError(f"{path}: empty folder")
+        pairs = _idx_pairs(path)
+        if pairs:
+            return _load_idx(pairs)
+        return _load_image_folder(path)
+    if path.suffix == ".npz":
+        return _load_npz(path)
+    if "idx3" in path.name:
+        labels = path.with_name(path.name.replace("images", "labels").replace("idx3", "idx1"))
+        if not labels.exists():
+            raise DataError(f"{path}: no matching labels file {labels.name}")
+        return _load_idx([(path, labels)])
+    raise DataError(f"{path}: unknown data format (expected an image folder, an .npz or IDX files)")

@@ -1,0 +1,157 @@
+"""Tests of deepmetric.datasets: every format from small files made here."""
+
+import gzip
+import struct
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepmetric import datasets
+from deepmetric.datasets import DataError
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=3, size=(5, 4), mode="L"):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+            pixels = rng.integers(0, 256, size=shape, dtype="uint8")
+            Image.fromarray(pixels, mode).save(root / c / f"{i}.png")
+    return root
+
+
+def _write_idx(path, array, compress):
+    codes = {np.dtype("uint8"): 0x08, np.dtype(">i4"): 0x0C}
+    header = bytes([0, 0, codes[array.dtype], array.ndim])
+    data = header + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+def test_load_digits():
+    data = datasets.load_digits()
+    assert data.x.shape == (1797, 8, 8, 1) and data.y.shape == (1797,)
+    assert data.x.min() == 0 and data.x.max() == 16
+    assert data.y.dtype.kind == "i" and set(data.y.tolist()) == set(range(10))
+    assert data.pixel_scale == 1 / 16 and data.is_image
+    assert datasets.load("digits").x.shape == data.x.shape
+
+
+def test_image_folder_grey(tmp_path):
+    data = datasets.load(_image_folder(tmp_path / "imgs"))
+    assert data.x.shape == (6, 4, 5, 1) and data.x.dtype == np.uint8
+    assert data.y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.class_names == ["cat", "dog"] and data.pixel_scale == 1 / 255
+
+
+def test_image_folder_rgb_resized_to_first(tmp_path):
+    root = _image_folder(tmp_path / "imgs", mode="RGB", per_class=2)
+    Image.new("RGB", (9, 9)).save(root / "dog" / "big.png")
+    data = datasets.load(root)
+    assert data.x.shape == (5, 4, 5, 3)
+
+
+def test_corrupt_image_is_skipped_with_warning(tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    bad = root / "cat" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.warns(UserWarning, match="broken.png"):
+        data = datasets.load(root)
+    assert len(data.y) == 6
+
+
+def test_only_unreadable_images(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"junk")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match="readable image"):
+            datasets.load(tmp_path)
+
+
+def test_npz_with_int_labels(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.random.default_rng(0).normal(size=(4, 3)), y=np.array([0, 1, 1, 0]))
+    data = datasets.load(path)
+    assert data.x.shape == (4, 3) and data.y.tolist() == [0, 1, 1, 0]
+    assert data.pixel_scale is None and not data.is_image
+
+
+def test_npz_with_class_names_and_images(tmp_path):
+    path = tmp_path / "d.npz"
+    x = np.random.default_rng(0).integers(0, 256, size=(3, 6, 6), dtype="uint8")
+    np.savez(path, x=x, y=np.array(["b", "a", "b"]))
+    data = datasets.load(path)
+    assert data.x.shape == (3, 6, 6, 1) and data.pixel_scale == 1 / 255
+    assert data.y.tolist() == [1, 0, 1] and data.class_names == ["a", "b"]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_folder_and_files(tmp_path, compress):
+    ext = ".gz" if compress else ""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("t10k", 3)):
+        _write_idx(
+            tmp_path / f"{split}-images-idx3-ubyte{ext}",
+            rng.integers(0, 256, size=(n, 4, 4), dtype="uint8"),
+            compress,
+        )
+        _write_idx(
+            tmp_path / f"{split}-labels-idx1-ubyte{ext}",
+            rng.integers(0, 3, size=n).astype("uint8"),
+            compress,
+        )
+    data = datasets.load(tmp_path)
+    assert data.x.shape == (8, 4, 4, 1) and data.y.shape == (8,)
+    single = datasets.load(tmp_path / f"t10k-images-idx3-ubyte{ext}")
+    assert single.x.shape == (3, 4, 4, 1)
+    pair = datasets.load(
+        (tmp_path / f"train-images-idx3-ubyte{ext}", tmp_path / f"train-labels-idx1-ubyte{ext}")
+    )
+    assert pair.x.shape == (5, 4, 4, 1)
+
+
+def _mismatched_npz(tmp_path):
+    np.savez(tmp_path / "m.npz", x=np.zeros((3, 2)), y=np.zeros(2, "int64"))
+    return tmp_path / "m.npz"
+
+
+def _npz_without_x(tmp_path):
+    np.savez(tmp_path / "nox.npz", features=np.zeros((3, 2)), y=np.zeros(3, "int64"))
+    return tmp_path / "nox.npz"
+
+
+def _empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: p / "missing", "no such file"),
+        (_empty_folder, "empty folder"),
+        (_npz_without_x, "no array 'x'"),
+        (_mismatched_npz, "3 examples but 2 labels"),
+    ],
+)
+def test_errors_are_one_line_data_errors(tmp_path, make, match):
+    with pytest.raises(DataError, match=match) as info:
+        datasets.load(make(tmp_path))
+    assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+def test_bad_idx_magic(tmp_path):
+    (tmp_path / "x-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04")
+    (tmp_path / "x-labels-idx1-ubyte").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(DataError, match="magic"):
+        datasets.load(tmp_path)
+
+
+def test_pixel_scale_of():
+    assert datasets.pixel_scale_of(np.zeros((2, 3))) is None
+    assert datasets.pixel_scale_of(np.full((1, 2, 2), 0.5)) is None
+    assert datasets.pixel_scale_of(np.full((1, 2, 2), 16.0)) == 1 / 16
+    assert datasets.pixel_scale_of(np.full((1, 2, 2), 200.0)) == 1 / 255
