@@ -1,0 +1,147 @@
+"""Tests of `deepmetric.samplers.PKSampler`."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from deepmetric.losses import TripletSemiHardLoss
+from deepmetric.samplers import PKSampler
+
+
+def data(sizes, dim=3, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+    rng.shuffle(y)
+    x = rng.normal(size=(len(y), dim)).astype("float32")
+    return x, y
+
+
+def epoch_indices(sampler):
+    return np.stack([sampler.batch_indices(i) for i in range(len(sampler))])
+
+
+@pytest.mark.parametrize("p, k", [(2, 1), (3, 4), (5, 2)])
+def test_every_batch_has_p_classes_of_k(p, k):
+    x, y = data([8, 9, 12, 4, 7, 16])
+    sampler = PKSampler(x, y, p, k, seed=3)
+    for _ in range(3):
+        for i in range(len(sampler)):
+            xb, yb = sampler[i]
+            assert xb.shape == (p * k, 3) and yb.shape == (p * k,)
+            classes, counts = np.unique(yb, return_counts=True)
+            assert len(classes) == p and np.all(counts == k)
+            idx = sampler.batch_indices(i)
+            np.testing.assert_array_equal(xb, x[idx])
+            np.testing.assert_array_equal(yb, y[idx])
+            # Classes of at least K samples give K distinct samples.
+            for c in classes:
+                members = idx[yb == c]
+                assert len(np.unique(members)) == min(k, np.sum(y == c))
+        sampler.on_epoch_end()
+
+
+def test_default_epoch_length():
+    x, y = data([10] * 7)
+    assert len(PKSampler(x, y, 3, 4)) == 6  # ceil(70 / 12)
+    assert len(PKSampler(x, y, 3, 4, batches_per_epoch=2)) == 2
+
+
+def test_deterministic_by_seed_and_reshuffled_each_epoch():
+    x, y = data([6, 7, 8, 9, 10])
+    a, b, c = (
+        PKSampler(x, y, 2, 3, seed=5),
+        PKSampler(x, y, 2, 3, seed=5),
+        PKSampler(x, y, 2, 3, seed=6),
+    )
+    first = epoch_indices(a)
+    np.testing.assert_array_equal(first, epoch_indices(b))
+    assert not np.array_equal(first, epoch_indices(c))
+    a.on_epoch_end()
+    b.on_epoch_end()
+    second = epoch_indices(a)
+    np.testing.assert_array_equal(second, epoch_indices(b))
+    assert not np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_sample_seen_once_per_epoch(seed):
+    """Sizes that are multiples of K and a class count that is a multiple of P."""
+    x, y = data([8, 4, 12, 4, 8, 16, 4, 8], seed=seed)
+    sampler = PKSampler(x, y, classes_per_batch=4, samples_per_class=4, seed=seed)
+    for _ in range(2):
+        seen = np.sort(epoch_indices(sampler).ravel())
+        np.testing.assert_array_equal(seen, np.arange(len(y)))
+        sampler.on_epoch_end()
+
+
+def test_every_sample_seen_with_uneven_sizes():
+    x, y = data([5, 7, 9, 3, 11, 6])
+    sampler = PKSampler(x, y, 3, 3, batches_per_epoch=12, seed=0)
+    assert set(epoch_indices(sampler).ravel()) == set(range(len(y)))
+
+
+def test_small_classes_sampled_with_replacement():
+    x, y = data([2, 10, 10])
+    sampler = PKSampler(x, y, 3, 5, batches_per_epoch=4, seed=0)
+    small = np.flatnonzero(y == 0)
+    for i in range(len(sampler)):
+        idx = sampler.batch_indices(i)
+        picks = idx[y[idx] == 0]
+        assert len(picks) == 5 and set(picks) == set(small)
+
+
+def test_single_sample_classes_warn():
+    x, y = data([1, 5, 1, 5])
+    with pytest.warns(UserWarning, match=r"2 classes have a single sample.*0, 2"):
+        PKSampler(x, y, 2, 2)
+
+
+def test_string_labels_mapped_and_integer_labels_kept():
+    x, y = data([4, 4, 4])
+    names = np.array(["zebra", "ant", "moth"])[y]
+    sampler = PKSampler(x, names, 3, 2, seed=0)
+    assert sampler.classes.tolist() == ["ant", "moth", "zebra"]
+    _, yb = sampler[0]
+    assert yb.dtype.kind == "i"
+    idx = sampler.batch_indices(0)
+    np.testing.assert_array_equal(sampler.classes[yb], names[idx])
+    big = y.reshape(-1, 1) + 16777216
+    _, yb = PKSampler(x, big, 3, 2)[0]
+    assert set(yb.tolist()) == {16777216, 16777217, 16777218}
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((4, 2), {}, ValueError, r"classes_per_batch.*at most.*\(3\).*classes_per_batch=4"),
+        ((1, 2), {}, ValueError, r"classes_per_batch.*>= 2.*classes_per_batch=1"),
+        ((2, 0), {}, ValueError, r"samples_per_class.*>= 1.*samples_per_class=0"),
+        ((2, 2), {"batches_per_epoch": 0}, ValueError, "batches_per_epoch"),
+        ((2.5, 2), {}, TypeError, "classes_per_batch"),
+    ],
+)
+def test_bad_arguments(args, kwargs, error, match):
+    x, y = data([3, 3, 3])
+    with pytest.raises(error, match=match):
+        PKSampler(x, y, *args, **kwargs)
+
+
+def test_mismatched_lengths_and_bad_labels():
+    x, y = data([3, 3, 3])
+    with pytest.raises(ValueError, match=r"len\(x\)=8, len\(y\)=9"):
+        PKSampler(x[:8], y, 2, 2)
+    with pytest.raises(ValueError, match=r"y.shape=\(9, 2\)"):
+        PKSampler(x, np.stack([y, y], axis=1), 2, 2)
+
+
+def test_fit_with_triplet_semihard_loss():
+    x, y = data([6, 6, 6, 6], dim=4)
+    sampler = PKSampler(x, y, classes_per_batch=2, samples_per_class=3, seed=0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss=TripletSemiHardLoss())
+    history = model.fit(sampler, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert sampler.epoch >= 1
