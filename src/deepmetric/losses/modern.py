@@ -1,10 +1,12 @@
 """Modern batch losses on class labels: multi-similarity, circle, SupCon, NT-Xent, contrastive.
 
 Each loss is a function `name_loss(labels, embeddings, *, ..., reference_embeddings=None,
-reference_labels=None)` that returns one value per anchor (the row of `embeddings`) and a thin
-`MetricLoss` class over it. The per-anchor values are scaled so that their mean, Keras' default
-reduction, is the batch loss of pytorch-metric-learning 2.9 with its default distance and reducer
-(see docs/losses.md). Everything is built from (B, R) matrices: memory grows as B * R.
+reference_labels=None, reference_mask=None)` that returns one value per anchor (the row of
+`embeddings`) and a thin `MetricLoss` class over it. The per-anchor values are scaled so that
+their mean, Keras' default reduction, is the batch loss of pytorch-metric-learning 2.9 with its
+default distance and reducer (see docs/losses.md). Everything is built from (B, R) matrices:
+memory grows as B * R. An optional `reference_mask` removes reference rows (or single pairs) from
+both the positives and the negatives.
 
 Numerics: masks enter log-sum-exp as `where(mask, x, -large)` with a finite `large`, the row
 maximum is a stopped-gradient shift, and empty rows are replaced before any `log(0)`, so no inf
@@ -75,6 +77,48 @@ def loss_inputs(labels, embeddings, reference_embeddings=None, reference_labels=
     return labels, embeddings, reference_labels, reference
 
 
+def check_reference_mask(reference_mask, embeddings, reference):
+    """`reference_mask` as a bool tensor of shape (R,) or (B, R), or None.
+
+    A ValueError when it is given without a reference set or has another shape.
+    """
+    if reference_mask is None:
+        return None
+    if reference is None:
+        raise ValueError(
+            "`reference_mask` needs `reference_embeddings` and `reference_labels`. Received: "
+            "reference_mask without a reference set"
+        )
+    mask = ops.convert_to_tensor(reference_mask)
+    if mask.dtype != "bool":
+        mask = ops.cast(mask, "bool")
+    expected = {1: (reference.shape[0],), 2: (embeddings.shape[0], reference.shape[0])}
+    shape = tuple(mask.shape)
+    wanted = expected.get(len(shape))
+    if wanted is None or any(
+        w is not None and m is not None and w != m for w, m in zip(wanted, shape, strict=True)
+    ):
+        raise ValueError(
+            "`reference_mask` must have shape (R,) or (B, R) for B embeddings and R references. "
+            f"Received: reference_mask.shape={shape}, embeddings.shape="
+            f"{tuple(embeddings.shape)}, reference_embeddings.shape={tuple(reference.shape)}"
+        )
+    return mask
+
+
+def pair_masks(labels, reference_labels=None, reference_mask=None):
+    """(B, R) positive and negative masks, with the pairs outside `reference_mask` in neither."""
+    positives, negatives = mining.label_masks(labels, reference_labels)
+    if reference_mask is None:
+        return positives, negatives
+    if len(reference_mask.shape) == 1:
+        reference_mask = ops.expand_dims(reference_mask, 0)
+    return (
+        ops.logical_and(positives, reference_mask),
+        ops.logical_and(negatives, reference_mask),
+    )
+
+
 def has_pairs(positive_mask, negative_mask):
     """Scalar: there is at least one positive pair and one negative pair."""
     return ops.logical_and(ops.any(positive_mask), ops.any(negative_mask))
@@ -116,6 +160,7 @@ def multi_similarity_loss(
     base=0.5,
     reference_embeddings=None,
     reference_labels=None,
+    reference_mask=None,
 ):
     r"""Multi-similarity loss, per anchor (Wang et al., 2019).
 
@@ -138,6 +183,9 @@ def multi_similarity_loss(
       base: the similarity margin $\lambda$.
       reference_embeddings, reference_labels: compare each anchor with this set (R, D) / (R,)
         instead of the rest of the batch; no pair is excluded then.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
       (B,) per-anchor losses; their mean is the batch loss.
@@ -154,8 +202,9 @@ def multi_similarity_loss(
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
+    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
     s = _cosine(embeddings, reference)
-    positives, negatives = mining.label_masks(labels, ref_labels)
+    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
     pos_term = masked_logsumexp(alpha * (base - s), positives, add_one=True) / alpha
     neg_term = masked_logsumexp(beta * (s - base), negatives, add_one=True) / beta
     return ops.where(has_pairs(positives, negatives), pos_term + neg_term, 0.0)
@@ -169,6 +218,7 @@ def circle_loss(
     gamma=80.0,
     reference_embeddings=None,
     reference_labels=None,
+    reference_mask=None,
 ):
     r"""Circle loss for class labels, per anchor (Sun et al., 2020).
 
@@ -194,6 +244,9 @@ def circle_loss(
       gamma: the scale (> 0).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
       (B,) per-anchor shares; their mean is the batch loss.
@@ -209,9 +262,10 @@ def circle_loss(
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
+    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
     s = _cosine(embeddings, reference)
     fixed = ops.stop_gradient(s)
-    positives, negatives = mining.label_masks(labels, ref_labels)
+    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
     pos_logits = -gamma * ops.relu(1.0 + margin - fixed) * (s - (1.0 - margin))
     neg_logits = gamma * ops.relu(fixed + margin) * (s - margin)
     loss = ops.softplus(
@@ -229,6 +283,7 @@ def sup_con_loss(
     temperature=0.1,
     reference_embeddings=None,
     reference_labels=None,
+    reference_mask=None,
 ):
     r"""Supervised contrastive loss, per anchor (Khosla et al., 2020).
 
@@ -248,6 +303,9 @@ def sup_con_loss(
       temperature: the temperature $\tau$ (> 0).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
       (B,) per-anchor shares; their mean is the batch loss.
@@ -262,8 +320,9 @@ def sup_con_loss(
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
+    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
     logits = _cosine(embeddings, reference) / temperature
-    positives, negatives = mining.label_masks(labels, ref_labels)
+    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
     log_prob = logits - ops.expand_dims(
         masked_logsumexp(logits, ops.logical_or(positives, negatives)), 1
     )
@@ -280,6 +339,7 @@ def nt_xent_loss(
     temperature=0.07,
     reference_embeddings=None,
     reference_labels=None,
+    reference_mask=None,
 ):
     r"""NT-Xent (normalised temperature-scaled cross entropy) loss, per anchor.
 
@@ -304,6 +364,9 @@ def nt_xent_loss(
       temperature: the temperature $\tau$ (> 0).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
       (B,) per-anchor shares; their mean is the batch loss.
@@ -318,8 +381,9 @@ def nt_xent_loss(
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
+    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
     logits = _cosine(embeddings, reference) / temperature
-    positives, negatives = mining.label_masks(labels, ref_labels)
+    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
     negative_lse = ops.expand_dims(masked_logsumexp(logits, negatives), 1)
     active = ops.logical_and(positives, ops.any(negatives, axis=1, keepdims=True))
     per_pair = ops.where(active, ops.softplus(negative_lse - logits), 0.0)
@@ -335,6 +399,7 @@ def online_contrastive_loss(
     neg_margin=1.0,
     reference_embeddings=None,
     reference_labels=None,
+    reference_mask=None,
 ):
     r"""Contrastive loss over all pairs of the batch, per anchor (Hadsell et al., 2006).
 
@@ -358,6 +423,9 @@ def online_contrastive_loss(
       neg_margin: negative pairs farther than this are not penalised.
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
       (B,) per-anchor shares; their mean is the batch loss.
@@ -373,13 +441,14 @@ def online_contrastive_loss(
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
+    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
     query = distances_lib._l2_normalize(embeddings)
     same = reference is None
     reference = query if same else distances_lib._l2_normalize(reference)
     squared = distances_lib._squared_euclidean(query, reference)
     squared = ops.where(ops.greater(squared, _SQUARED_DISTANCE_FLOOR), squared, 0.0)
     d = distances_lib._safe_sqrt(squared)
-    positives, negatives = mining.label_masks(labels, ref_labels)
+    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
     pos_loss = ops.where(positives, ops.relu(d - pos_margin), 0.0)
     neg_loss = ops.where(negatives, ops.relu(neg_margin - d), 0.0)
     per_anchor = per_anchor_share(
@@ -406,6 +475,24 @@ class _ModernLoss(MetricLoss):
     def call(self, labels, embeddings):
         options = {key: getattr(self, key) for key in self._options}
         return type(self)._fn(labels, embeddings, **options)
+
+    def call_with_reference(
+        self, labels, embeddings, reference_embeddings, reference_labels, reference_mask=None
+    ):
+        """Per-anchor losses of `embeddings` against a reference set (not reduced).
+
+        The hook `deepmetric.xbm.CrossBatchMemory` calls: a loss that has it accepts a
+        reference set and a `reference_mask`.
+        """
+        options = {key: getattr(self, key) for key in self._options}
+        return type(self)._fn(
+            labels,
+            embeddings,
+            reference_embeddings=reference_embeddings,
+            reference_labels=reference_labels,
+            reference_mask=reference_mask,
+            **options,
+        )
 
     def get_config(self):
         config = super().get_config()

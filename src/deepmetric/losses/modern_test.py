@@ -458,3 +458,99 @@ def test_bad_inputs(name):
         fn(labels, x[:, 0])
     with pytest.raises(TypeError, match="integer class labels"):
         LOSSES[name][1]()(np.array(["a"] * 12), x)
+
+
+# --- reference_mask: rows or pairs of the reference set taken out of every pair. ---
+
+
+def _with_reference(name, labels, x, ref_labels, ref_x, mask=None, compiled=False):
+    fn = LOSSES[name][0]
+    args = (labels, ref_x, ref_labels) + (() if mask is None else (mask,))
+    return _backend.value_and_grad(
+        lambda v, lab, rv, rl, *m: ops.mean(
+            fn(
+                lab,
+                v,
+                reference_embeddings=rv,
+                reference_labels=rl,
+                reference_mask=m[0] if m else None,
+            )
+        ),
+        x,
+        *args,
+        compiled=compiled,
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_reference_row_mask_equals_dropping_the_rows(name, compiled):
+    """Masked-out reference rows (zeros, or labels equal to the anchors') count as neither
+    positives nor negatives: the loss equals the loss against the kept rows only."""
+    labels, x = batch(14, b=8)
+    ref_labels, ref_x = batch(15, b=10)
+    keep = np.array([1, 0, 1, 1, 0, 1, 1, 0, 1, 1], bool)
+    ref_x[~keep] = 0.0
+    ref_x[1] = 50.0  # garbage in a masked row
+    ref_labels[~keep] = labels[:3]
+    value, grad = _with_reference(name, labels, x, ref_labels, ref_x, keep, compiled=compiled)
+    expected = _with_reference(name, labels, x, ref_labels[keep], ref_x[keep])
+    assert value == pytest.approx(float(expected[0]), rel=1e-5, abs=1e-6)
+    _assert_grad_close(grad, expected[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_pair_mask_without_diagonal_equals_the_batch_alone(name):
+    """The batch as its own reference set with a (B, B) mask that removes each example's pair
+    with itself is the loss without a reference set, in value and gradient."""
+    labels, x = with_duplicates(16)
+    options = {"pos_margin": 0.05} if name == "online_contrastive" else {}
+    fn = LOSSES[name][0]
+    not_self = ~np.eye(len(labels), dtype=bool)
+    value, grad = _backend.value_and_grad(
+        lambda v, lab, m: ops.mean(
+            fn(lab, v, reference_embeddings=v, reference_labels=lab, reference_mask=m, **options)
+        ),
+        x,
+        labels,
+        not_self,
+    )
+    expected = _value_and_grad(name, labels, x, options)
+    assert value == pytest.approx(float(expected[0]), rel=1e-5, abs=1e-6)
+    _assert_grad_close(grad, expected[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_mask_all_true_changes_nothing_and_all_false_gives_zero(name):
+    labels, x = batch(17, b=8)
+    ref_labels, ref_x = batch(18, b=6)
+    plain = _with_reference(name, labels, x, ref_labels, ref_x)
+    ones = _with_reference(name, labels, x, ref_labels, ref_x, np.ones(6, bool))
+    assert ones[0] == pytest.approx(float(plain[0]), rel=1e-6, abs=1e-7)
+    np.testing.assert_allclose(ones[1], plain[1], rtol=1e-5, atol=1e-7)
+    value, grad = _with_reference(name, labels, x, ref_labels, ref_x, np.zeros((8, 6), bool))
+    assert value == 0.0 and np.all(grad == 0.0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_reference_mask(name):
+    fn = LOSSES[name][0]
+    labels, x = batch(0)
+    with pytest.raises(ValueError, match="`reference_mask` needs `reference_embeddings`"):
+        fn(labels, x, reference_mask=np.ones(12, bool))
+    with pytest.raises(ValueError, match=r"shape \(R,\) or \(B, R\).*\(12, 7\).*\(12, 5\)"):
+        fn(
+            labels,
+            x,
+            reference_embeddings=x,
+            reference_labels=labels,
+            reference_mask=np.ones((12, 7), bool),
+        )
+    with pytest.raises(ValueError, match=r"reference_mask.shape=\(2, 12, 12\)"):
+        fn(
+            labels,
+            x,
+            reference_embeddings=x,
+            reference_labels=labels,
+            reference_mask=np.ones((2, 12, 12), bool),
+        )
