@@ -1,0 +1,460 @@
+"""Time and peak memory of deepmetric's batch losses against B, on the current backend.
+
+For every loss of `deepmetric.losses` that takes (labels, embeddings), and for B in
+{256, 1024, 4096, 16384}, D = 128, labels in groups of K = 4 (B / 4 classes) and
+random normal L2-normalised embeddings, prints:
+
+- the median time of one forward + backward step, compiled as `fit` compiles it
+  (`jax.jit` of `jax.value_and_grad`; `tf.function` with an unknown batch
+  dimension; torch eager), and its ratio to the floor: forward + backward of
+  `sum(pairwise_distance(embeddings))`, the B x B matrix every loss builds;
+- the peak memory of the step: every (loss, B) runs in a fresh subprocess, which
+  reports its peak resident set size (the kernel's high-water mark, VmHWM, the
+  figure `getrusage` reports as ru_maxrss, reset through /proc/self/clear_refs
+  after the imports) minus its resident set size after the imports and the input
+  creation. The first, compiling step is included;
+- for the semi-hard, batch-hard, batch-all and lifted losses, the time of the naive
+  O(B^3) form of the same rule (`benchmarks/_naive.py`: TFA's tiled semi-hard and
+  lifted losses, Moindrot's B x B x B batch-all tensor) and the speed-up. A naive
+  form runs only where its estimated peak is below `--naive-max-gb` (else
+  "oom-skip"); the estimate is the peak measured at a smaller B scaled by B^3, or
+  `_naive.BYTES_PER_B3` before any measurement.
+
+A configuration whose first step takes longer than `--step-limit` seconds is
+reported as "slow-skip"; one whose subprocess runs past `--timeout` as "timeout".
+
+    KERAS_BACKEND=jax python benchmarks/losses.py
+    python benchmarks/losses.py --backend torch --sizes 256,1024 --losses TripletSemiHardLoss
+    python benchmarks/losses.py --check            # naive forms == library, small B
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FLOOR = "floor"
+DIM, GROUP = 128, 4
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _watch_memory(limit_gb, baseline_kb):
+    """Ends this process, reporting "mem-limit", once its RSS grows past `limit_gb`.
+
+    The machine is shared: a configuration that would take more than the limit
+    is stopped before it takes the memory of the other jobs.
+    """
+    import threading
+
+    def watch():
+        while True:
+            rss = _status_kb("VmRSS")
+            if rss - baseline_kb > limit_gb * 2**20:
+                out = {"status": "mem-limit", "peak_mb": (rss - baseline_kb) / 1024.0}
+                print("RESULT " + json.dumps(out), flush=True)
+                os._exit(0)
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _reset_peak():
+    """Resets the kernel's peak-RSS mark (VmHWM) of this process to its current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make_inputs(batch, dim=DIM, group=GROUP, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(batch // group, dtype="int32"), group)
+    labels = labels[rng.permutation(batch)]
+    x = rng.standard_normal((batch, dim)).astype("float32")
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return labels, x
+
+
+def discover_losses():
+    """Names of the `deepmetric.losses` classes that take (labels, embeddings).
+
+    A class qualifies when it is a `keras.losses.Loss`, builds with its default
+    arguments and returns a finite scalar for integer labels of shape (B,) and
+    (B, D) embeddings with D != B (this leaves out the N-pairs losses, which take
+    a similarity matrix, the contrastive loss, which takes pair distances, and
+    the explicit-triplet loss, which takes (B, 3, D)).
+    """
+    import keras
+    import numpy as np
+
+    import deepmetric.losses as losses_module
+
+    labels, x = make_inputs(8, dim=16)
+    found = []
+    for name in sorted(dir(losses_module)):
+        cls = getattr(losses_module, name)
+        if not (isinstance(cls, type) and issubclass(cls, keras.losses.Loss)):
+            continue
+        try:
+            value = keras.ops.convert_to_numpy(cls()(labels, x))
+        except Exception:
+            continue
+        if np.shape(value) == () and np.isfinite(value):
+            found.append(name)
+    return found
+
+
+def _loss_fn(kind, name):
+    """(labels, embeddings) -> scalar, for a library loss, the floor or a naive form."""
+    from keras import ops
+
+    import deepmetric.losses as losses_module
+    from deepmetric.distances import pairwise_distance
+
+    if kind == FLOOR:
+        return lambda labels, x: ops.sum(pairwise_distance(x))
+    if kind == "naive":
+        import _naive
+
+        return _naive.NAIVE[name][1]
+    loss = getattr(losses_module, name)()
+    return lambda labels, x: loss(labels, x)
+
+
+def _step(fn, labels, x):
+    """A no-argument callable running one compiled forward + backward and waiting for it."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        f = jax.jit(jax.value_and_grad(lambda v, y: fn(y, v)))
+        xv, yv = jax.device_put(x), jax.device_put(labels)
+        return lambda: jax.block_until_ready(f(xv, yv))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        def run(v, y):
+            with tf.GradientTape() as tape:
+                tape.watch(v)
+                value = fn(y, v)
+            return value, tape.gradient(value, v)
+
+        signature = [tf.TensorSpec([None, x.shape[1]], tf.float32), tf.TensorSpec([None], tf.int32)]
+        f = tf.function(run, input_signature=signature)
+        xv, yv = tf.constant(x), tf.constant(labels)
+        return lambda: [t.numpy() for t in f(xv, yv)]
+    if backend == "torch":
+        import torch
+
+        xv = torch.tensor(x, requires_grad=True)
+        yv = torch.tensor(labels)
+
+        def run():
+            value = fn(yv, xv)
+            (grad,) = torch.autograd.grad(value, xv)
+            return value.item(), grad
+
+        return run
+    raise NotImplementedError(f"No benchmark step for the {backend} backend")
+
+
+def child(spec):
+    """Runs one (kind, name, B) configuration in this (fresh) process; prints JSON.
+
+    First the peak memory: the compiling step and up to three more, from a peak
+    mark reset after the imports and the inputs. Then the time: steps of the
+    configuration alternate with steps of the floor compiled in the same process,
+    so that both medians see the same load on a shared machine and their ratio
+    is meaningful.
+    """
+    import keras  # noqa: F401  (imports counted in the baseline)
+
+    labels, x = make_inputs(spec["batch"], seed=spec["seed"])
+    step = _step(_loss_fn(spec["kind"], spec["name"]), labels, x)
+    baseline_kb = _status_kb("VmRSS")
+    _watch_memory(spec.get("mem_limit_gb", 10.0), baseline_kb)
+    _reset_peak()
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    out = {"first_s": first}
+    if first > spec["step_limit"]:
+        out.update(status="slow-skip", peak_mb=(_status_kb("VmHWM") - baseline_kb) / 1024.0)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    times, floor_times = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+        if sum(times) > spec["time_budget"] / 4:
+            break
+    out["peak_mb"] = (_status_kb("VmHWM") - baseline_kb) / 1024.0
+    interleave = spec["kind"] != FLOOR and spec.get("interleave_floor", True)
+    if interleave:
+        floor_step = _step(_loss_fn(FLOOR, FLOOR), labels, x)
+        floor_step()
+        times = []
+    while len(times) < spec["repeats"] and sum(times) + sum(floor_times) <= spec["time_budget"]:
+        if interleave:
+            start = time.perf_counter()
+            floor_step()
+            floor_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    out.update(status="ok", ms=1e3 * statistics.median(times), n=len(times))
+    if floor_times:
+        out["floor_ms"] = 1e3 * statistics.median(floor_times)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_config(spec, backend, timeout):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    if proc.returncode < 0 or "MemoryError" in proc.stderr or "RESOURCE_EXHAUSTED" in proc.stderr:
+        return {"status": "oom", "error": " | ".join(tail)}
+    return {"status": "error", "error": " | ".join(tail)}
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _fmt(value, spec=".1f"):
+    return "—" if value is None else format(value, spec)
+
+
+def _cell(result):
+    if result is None:
+        return "—"
+    if result["status"] == "ok":
+        return _fmt(result["ms"])
+    if result["status"] == "slow-skip":
+        return f"slow-skip ({result['first_s']:.0f} s)"
+    if result["status"] == "mem-limit":
+        return f"mem-limit (>{result['peak_mb'] / 1024:.0f} GB)"
+    return result["status"]
+
+
+def _row(name, batch, result, floor, naive):
+    ok = result["status"] == "ok"
+    floor_ok = floor is not None and floor["status"] == "ok"
+    naive_ok = naive is not None and naive.get("status") == "ok"
+    if ok and "floor_ms" in result:  # the floor timed alongside, in the same process
+        ratio = result["ms"] / result["floor_ms"]
+    else:
+        ratio = result["ms"] / floor["ms"] if ok and floor_ok else None
+    speedup = _fmt(naive["ms"] / result["ms"] if ok and naive_ok else None, ".0f")
+    naive_mb = naive["peak_mb"] if naive_ok else None
+    if naive is not None and naive.get("status") == "oom-skip":
+        naive_cell = f"oom-skip (~{naive['estimate_gb']:.0f} GB)"
+        if "estimate_ms" in naive and 4 * naive.get("estimate_from", 0) >= batch:
+            naive_cell += f"; ~{naive['estimate_ms']:.0f} est."
+            if ok:
+                speedup = f"~{naive['estimate_ms'] / result['ms']:.0f} est."
+    else:
+        naive_cell = _cell(naive)
+    return [
+        name,
+        str(batch),
+        _cell(result),
+        _fmt(ratio, ".2f"),
+        _fmt(result.get("peak_mb"), ".0f"),
+        naive_cell,
+        speedup,
+        _fmt(naive_mb, ".0f"),
+    ]
+
+
+HEADER = ["loss", "B", "time ms", "x floor", "peak MB", "naive ms", "speed-up vs naive", "naive MB"]
+
+
+def print_table(rows, out=sys.stdout):
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    print(line(HEADER), file=out)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
+    for r in rows:
+        print(line(r), file=out)
+    out.flush()
+
+
+def render(path):
+    """Prints the table of a file written by `--json`."""
+    with open(path) as f:
+        data = json.load(f)
+    floors = {r["batch"]: r for r in data["results"] if r["name"] == FLOOR}
+    rows = []
+    for r in data["results"]:
+        floor = floors.get(r["batch"])
+        if r["name"] == FLOOR:
+            rows.append(_row("floor: pairwise_distance", r["batch"], r, r, None))
+        else:
+            rows.append(_row(r["name"], r["batch"], r, floor, r.get("naive")))
+    print_table(rows)
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def check(batch=48, seed=1):
+    """Asserts that every naive form gives the library's value and gradient."""
+    import _naive
+    import numpy as np
+    from keras import ops
+
+    import deepmetric.losses as losses_module
+    from deepmetric import _backend
+
+    labels, x = make_inputs(batch, seed=seed)
+    x = (x * 1.5).astype("float32")  # spread the distances so that every rule has work to do
+    for name, (short, naive_fn) in _naive.NAIVE.items():
+        loss = getattr(losses_module, name)()
+        lib_v, lib_g = _backend.value_and_grad(lambda v, y, f=loss: f(y, v), x, labels)
+        ref_v, ref_g = _backend.value_and_grad(
+            lambda v, y, f=naive_fn: f(ops.convert_to_tensor(y), v), x, labels
+        )
+        np.testing.assert_allclose(lib_v, ref_v, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(lib_g, ref_g, rtol=1e-4, atol=1e-6, err_msg=name)
+        print(f"ok  {name:22s} == naive {short:10s} value {float(lib_v):.6f}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["jax", "tensorflow", "torch"])
+    parser.add_argument("--sizes", default="256,1024,4096,16384")
+    parser.add_argument("--losses", default=None, help="comma-separated class names")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps after the first")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=10.0,
+        help="stop timing a configuration after this many seconds",
+    )
+    parser.add_argument("--step-limit", type=float, default=60.0)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--naive-max-gb", type=float, default=6.0)
+    parser.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=10.0,
+        help="stop a configuration whose memory grows past this (shared machine)",
+    )
+    parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--render", default=None, help="print the table of a --json file")
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    if args._child:
+        child(json.loads(args._child))
+        return
+    if args.render:
+        render(args.render)
+        return
+    import keras
+
+    backend = keras.backend.backend()
+    if args.check:
+        check()
+        return
+    import _naive
+
+    names = args.losses.split(",") if args.losses else discover_losses()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"# backend={backend} D={DIM} K={GROUP} losses={','.join(names)}", flush=True)
+    rows, raw, naive_peaks, naive_times = [], [], {}, {}
+    for batch in sizes:
+        base = dict(
+            batch=batch,
+            seed=0,
+            repeats=args.repeats,
+            time_budget=args.time_budget,
+            mem_limit_gb=args.mem_limit_gb,
+            step_limit=args.step_limit,
+        )
+        floor = run_config({**base, "kind": FLOOR, "name": FLOOR}, backend, args.timeout)
+        raw.append({"name": FLOOR, "batch": batch, **floor})
+        rows.append(_row("floor: pairwise_distance", batch, floor, floor, None))
+        print_table(rows[-1:], out=sys.stderr)
+        for name in names:
+            result = run_config({**base, "kind": "loss", "name": name}, backend, args.timeout)
+            naive_spec = {**base, "kind": "naive", "name": name, "interleave_floor": False}
+            naive = None
+            if name in _naive.NAIVE and not args.no_naive:
+                short = _naive.NAIVE[name][0]
+                if short in naive_peaks:
+                    b0, grows, fixed = naive_peaks[short]
+                    estimate_gb = (grows * (batch / b0) ** 3 + fixed) / 1024
+                else:
+                    estimate_gb = _naive.BYTES_PER_B3[short] * batch**3 / 2**30
+                if estimate_gb > args.naive_max_gb:
+                    naive = {"status": "oom-skip", "estimate_gb": estimate_gb}
+                    b0, ms0 = naive_times.get(short, (0, 0.0))
+                    if 0 < b0 and batch <= 4 * b0:  # B^3 extrapolation of the last measured time
+                        naive["estimate_ms"] = ms0 * (batch / b0) ** 3
+                        naive["estimate_from"] = b0
+                else:
+                    naive = run_config(naive_spec, backend, args.timeout)
+                    if naive["status"] == "ok":
+                        # The floor's peak (runtime and compiler) does not grow as B^3.
+                        grows = max(naive["peak_mb"] - floor.get("peak_mb", 0.0), 1.0)
+                        naive_peaks[short] = (batch, grows, floor.get("peak_mb", 0.0))
+                        naive_times[short] = (batch, naive["ms"])
+                    elif naive["status"] in ("timeout", "slow-skip"):
+                        naive_peaks[short] = (batch, 1e9, 0.0)  # never try a larger B
+            raw.append({"name": name, "batch": batch, **result, "naive": naive})
+            rows.append(_row(name, batch, result, floor, naive))
+            print_table(rows[-1:], out=sys.stderr)
+    print(
+        f"\nbackend: {backend}; D={DIM}, K={GROUP}; median of up to {args.repeats} steps "
+        "after the compiling one; peak MB = peak RSS - RSS after imports and inputs\n"
+    )
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"backend": backend, "results": raw}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
