@@ -19,10 +19,13 @@ from deepmetric._labels import check_embeddings
 
 
 def _safe_sqrt(squared):
-    """sqrt with a finite (zero) gradient where `squared` is 0, as TFA computes it."""
-    squared = ops.maximum(squared, 0.0)
-    error_mask = ops.cast(ops.less_equal(squared, 0.0), squared.dtype)
-    return ops.sqrt(squared + error_mask * 1e-16) * (1.0 - error_mask)
+    """sqrt with a zero gradient where `squared` <= 0 (TFA's values and gradients).
+
+    A double `where` instead of TFA's float error mask and products: the same
+    result, with fewer B x B temporaries kept for the backward pass.
+    """
+    positive = ops.greater(squared, 0.0)
+    return ops.where(positive, ops.sqrt(ops.where(positive, squared, 1.0)), 0.0)
 
 
 def _squared_norms(x):
@@ -36,8 +39,9 @@ def _squared_euclidean(query, reference):
 
 
 def _zero_diagonal(matrix):
-    n = ops.shape(matrix)[0]
-    return matrix * (1.0 - ops.eye(n, dtype=matrix.dtype))
+    index = ops.arange(ops.shape(matrix)[0], dtype="int32")
+    diagonal = ops.equal(ops.expand_dims(index, 1), ops.expand_dims(index, 0))
+    return ops.where(diagonal, 0.0, matrix)
 
 
 def _l2_normalize(x, epsilon=1e-12):

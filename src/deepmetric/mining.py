@@ -16,6 +16,12 @@ from __future__ import annotations
 from keras import ops
 
 
+def _not_self(n):
+    """(n, n) boolean, False on the diagonal, built without a float identity matrix."""
+    index = ops.arange(n, dtype="int32")
+    return ops.not_equal(ops.expand_dims(index, 1), ops.expand_dims(index, 0))
+
+
 def label_masks(labels, reference_labels=None):
     """Boolean (B, R) masks of positive and negative pairs.
 
@@ -26,58 +32,57 @@ def label_masks(labels, reference_labels=None):
     ref = labels if reference_labels is None else ops.convert_to_tensor(reference_labels)
     same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(ref, 0))
     if reference_labels is None:
-        n = ops.shape(labels)[0]
-        not_self = ops.logical_not(ops.cast(ops.eye(n), "bool"))
-        return ops.logical_and(same, not_self), ops.logical_not(same)
+        return ops.logical_and(same, _not_self(ops.shape(labels)[0])), ops.logical_not(same)
     return same, ops.logical_not(same)
 
 
 def masked_maximum(data, mask, axis=1):
-    """Row-wise maximum over `mask`, TFA's formulation (row minimum if the mask is empty)."""
+    """Row-wise maximum over `mask`; the row minimum where the mask is empty (as TFA).
+
+    Written with `where` rather than TFA's `(data - min) * mask`, which keeps
+    an extra float B x B product alive for the backward pass; the value is the
+    same and the gradient goes to the same element.
+    """
     data = ops.convert_to_tensor(data)
-    mask = ops.cast(mask, data.dtype)
+    mask = ops.cast(mask, "bool")
     lowest = ops.min(data, axis=axis, keepdims=True)
-    return ops.max((data - lowest) * mask, axis=axis, keepdims=True) + lowest
+    return ops.max(ops.where(mask, data, lowest), axis=axis, keepdims=True)
 
 
 def masked_minimum(data, mask, axis=1):
-    """Row-wise minimum over `mask`, TFA's formulation (row maximum if the mask is empty)."""
+    """Row-wise minimum over `mask`; the row maximum where the mask is empty (as TFA)."""
     data = ops.convert_to_tensor(data)
-    mask = ops.cast(mask, data.dtype)
+    mask = ops.cast(mask, "bool")
     highest = ops.max(data, axis=axis, keepdims=True)
-    return ops.min((data - highest) * mask, axis=axis, keepdims=True) + highest
+    return ops.min(ops.where(mask, data, highest), axis=axis, keepdims=True)
 
 
 def _kth_positive_loop(positive_mask, body, state):
-    """Runs `body(k_index, valid, state)` once per positive rank k of every anchor.
+    """Runs `body(selected, state)` once per positive rank k = 1, 2, ... of the anchors.
 
-    `k_index` (B,) holds, for every anchor, the column of its k-th positive
-    (in column order); `valid` (B,) says whether the anchor has a k-th positive.
+    `selected` (B, R) is True at the k-th positive of each anchor (in column
+    order) and nowhere in the rows of anchors with fewer than k positives. The
+    ranks come from one cumulative sum; the loop runs as many times as the
+    largest number of positives of one anchor.
     """
-    n_cols = ops.shape(positive_mask)[1]
-    cols = ops.expand_dims(ops.arange(n_cols, dtype="int32"), 0)
-    max_positives = ops.max(ops.sum(ops.cast(positive_mask, "int32"), axis=1))
-    n_rows = ops.shape(positive_mask)[0]
-    previous = ops.full((n_rows,), -1, dtype="int32")
+    positive_mask = ops.convert_to_tensor(positive_mask)
+    rank = ops.where(positive_mask, ops.cumsum(ops.cast(positive_mask, "int32"), axis=1), 0)
+    max_positives = ops.max(rank)
 
-    def cond(k, previous, *state):
+    def cond(k, *state):
         return ops.less(k, max_positives)
 
-    def step(k, previous, *state):
-        later = ops.logical_and(positive_mask, ops.greater(cols, ops.expand_dims(previous, 1)))
-        index = ops.min(ops.where(later, cols, n_cols), axis=1)
-        valid = ops.less(index, n_cols)
-        state = body(ops.minimum(index, n_cols - 1), valid, tuple(state))
-        return (k + 1, index, *state)
+    def step(k, *state):
+        k = k + 1
+        return (k, *body(ops.equal(rank, k), tuple(state)))
 
-    out = ops.while_loop(cond, step, (ops.convert_to_tensor(0, "int32"), previous, *state))
-    return out[2:]
+    out = ops.while_loop(cond, step, (ops.convert_to_tensor(0, "int32"), *state))
+    return out[1:]
 
 
-def _column_of(index, n_cols):
-    """(B, R) boolean: column j of row a is `index[a]`."""
-    cols = ops.expand_dims(ops.arange(n_cols, dtype="int32"), 0)
-    return ops.equal(cols, ops.expand_dims(index, 1))
+def _row_value(d, selected):
+    """(B, 1): the entry of each row of `d` where `selected` is True (0 if none)."""
+    return ops.sum(ops.where(selected, d, 0.0), axis=1, keepdims=True)
 
 
 def semihard_negatives(distances, positive_mask, negative_mask):
@@ -97,29 +102,70 @@ def semihard_negatives(distances, positive_mask, negative_mask):
       than the positive exists. Entries for non-positive pairs are 0 / False.
     """
     d = ops.stop_gradient(ops.convert_to_tensor(distances))
-    positive_mask = ops.convert_to_tensor(positive_mask)
     negative_mask = ops.convert_to_tensor(negative_mask)
-    n_cols = ops.shape(d)[1]
     big = ops.max(d) + 1.0
     shape = ops.shape(d)
 
-    def body(p_index, valid, state):
+    def body(selected, state):
         index, outside = state
-        threshold = ops.take_along_axis(d, ops.expand_dims(p_index, 1), axis=1)
-        farther = ops.logical_and(negative_mask, ops.greater(d, threshold))
+        farther = ops.logical_and(negative_mask, ops.greater(d, _row_value(d, selected)))
         chosen = ops.cast(ops.argmin(ops.where(farther, d, big), axis=1), "int32")
         exists = ops.any(farther, axis=1)
-        write = ops.logical_and(_column_of(p_index, n_cols), ops.expand_dims(valid, 1))
-        index = ops.where(write, ops.expand_dims(chosen, 1), index)
-        outside = ops.where(write, ops.expand_dims(exists, 1), outside)
+        index = ops.where(selected, ops.expand_dims(chosen, 1), index)
+        outside = ops.where(selected, ops.expand_dims(exists, 1), outside)
         return index, outside
 
-    index, outside = _kth_positive_loop(
+    return _kth_positive_loop(
         positive_mask,
         body,
         (ops.zeros(shape, dtype="int32"), ops.zeros(shape, dtype="bool")),
     )
-    return index, outside
+
+
+def semihard_weights(distances, positive_mask, negative_mask, margin):
+    """Stop-gradient weights that make the semi-hard triplet loss linear in `distances`.
+
+    With the semi-hard negative n*(a, p) of each positive pair (the rule of
+    `semihard_negatives`) and the active pairs A = {(a, p): m + d_ap - d_an* > 0},
+    the loss sum is `sum(pos_w * (m + d)) - sum(neg_w * d)` where
+    `pos_w[a, p] = 1` for (a, p) in A and `neg_w[a, n]` counts the active pairs of
+    anchor a whose semi-hard negative is n. Where several negatives tie at the
+    chosen distance, the weight is split equally among them, as the gradient of
+    TensorFlow's `reduce_min` / `reduce_max` splits it. Nothing is gathered, so
+    the backward pass is two elementwise products.
+
+    Returns:
+      (pos_w, neg_w): float (B, R) matrices without gradient.
+    """
+    d = ops.stop_gradient(ops.convert_to_tensor(distances))
+    negative_mask = ops.convert_to_tensor(negative_mask)
+    big = ops.max(d) + 1.0
+    # The farthest negative, used where no negative is farther than the positive.
+    farthest = ops.max(ops.where(negative_mask, d, -big), axis=1, keepdims=True)
+    at_farthest = ops.logical_and(negative_mask, ops.equal(d, farthest))
+    at_farthest = ops.cast(at_farthest, d.dtype) / ops.maximum(
+        ops.sum(ops.cast(at_farthest, d.dtype), axis=1, keepdims=True), 1.0
+    )
+
+    def body(selected, state):
+        pos_w, neg_w = state
+        threshold = _row_value(d, selected)
+        farther = ops.logical_and(negative_mask, ops.greater(d, threshold))
+        closest = ops.min(ops.where(farther, d, big), axis=1, keepdims=True)
+        exists = ops.less(closest, big)
+        chosen = ops.where(exists, closest, farthest)
+        active = ops.logical_and(
+            ops.any(selected, axis=1, keepdims=True), ops.greater(margin + threshold - chosen, 0.0)
+        )
+        at_closest = ops.cast(ops.logical_and(farther, ops.equal(d, closest)), d.dtype)
+        at_closest = at_closest / ops.maximum(ops.sum(at_closest, axis=1, keepdims=True), 1.0)
+        share = ops.where(exists, at_closest, at_farthest)
+        pos_w = ops.where(ops.logical_and(selected, active), 1.0, pos_w)
+        neg_w = neg_w + ops.where(active, share, 0.0)
+        return pos_w, neg_w
+
+    zeros = ops.zeros(ops.shape(d), d.dtype)
+    return _kth_positive_loop(positive_mask, body, (zeros, zeros))
 
 
 def batch_all_counts(distances, positive_mask, negative_mask, margin):
@@ -133,25 +179,18 @@ def batch_all_counts(distances, positive_mask, negative_mask, margin):
       `per_negative[a, n]` = number of positives p of a with an active (a, p, n).
     """
     d = ops.stop_gradient(ops.convert_to_tensor(distances))
-    positive_mask = ops.convert_to_tensor(positive_mask)
-    negative_mask = ops.convert_to_tensor(negative_mask)
-    n_cols = ops.shape(d)[1]
-    shape = ops.shape(d)
-    negatives = ops.cast(negative_mask, d.dtype)
+    negatives = ops.cast(ops.convert_to_tensor(negative_mask), d.dtype)
 
-    def body(p_index, valid, state):
+    def body(selected, state):
         per_positive, per_negative = state
-        threshold = ops.take_along_axis(d, ops.expand_dims(p_index, 1), axis=1) + margin
-        active = negatives * ops.cast(ops.less(d, threshold), d.dtype)
-        active = active * ops.cast(ops.expand_dims(valid, 1), d.dtype)
-        write = ops.logical_and(_column_of(p_index, n_cols), ops.expand_dims(valid, 1))
+        threshold = _row_value(d, selected) + margin
+        active = ops.where(ops.less(d, threshold), negatives, 0.0)
+        active = ops.where(ops.any(selected, axis=1, keepdims=True), active, 0.0)
         count = ops.sum(active, axis=1, keepdims=True)
-        per_positive = ops.where(write, count, per_positive)
-        return per_positive, per_negative + active
+        return ops.where(selected, count, per_positive), per_negative + active
 
-    return _kth_positive_loop(
-        positive_mask, body, (ops.zeros(shape, d.dtype), ops.zeros(shape, d.dtype))
-    )
+    zeros = ops.zeros(ops.shape(d), d.dtype)
+    return _kth_positive_loop(positive_mask, body, (zeros, zeros))
 
 
 def hardest_positive(distances, positive_mask):
@@ -227,21 +266,18 @@ def batch_all_soft_terms(distances, positive_mask, negative_mask):
       sum_p sigmoid(z). No gradient.
     """
     d = ops.stop_gradient(ops.convert_to_tensor(distances))
-    positive_mask = ops.convert_to_tensor(positive_mask)
-    n_cols = ops.shape(d)[1]
     shape = ops.shape(d)
     negatives = ops.cast(negative_mask, d.dtype)
 
-    def body(p_index, valid, state):
+    def body(selected, state):
         values, positive_weights, negative_weights, count = state
-        positive = ops.take_along_axis(d, ops.expand_dims(p_index, 1), axis=1)
-        use = negatives * ops.cast(ops.expand_dims(valid, 1), d.dtype)
+        positive = _row_value(d, selected)
+        use = ops.where(ops.any(selected, axis=1, keepdims=True), negatives, 0.0)
         gap = positive - d
         loss = ops.softplus(gap) * use
         weight = ops.sigmoid(gap) * use
-        write = ops.logical_and(_column_of(p_index, n_cols), ops.expand_dims(valid, 1))
         positive_weights = ops.where(
-            write, ops.sum(weight, axis=1, keepdims=True), positive_weights
+            selected, ops.sum(weight, axis=1, keepdims=True), positive_weights
         )
         count = count + ops.sum(ops.cast(ops.greater(loss, 0.0), d.dtype))
         return values + ops.sum(loss, axis=1), positive_weights, negative_weights + weight, count

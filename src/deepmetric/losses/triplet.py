@@ -42,11 +42,9 @@ def _has_pairs(positive_mask, negative_mask):
 def _semihard_terms(labels, embeddings, margin, distance_metric):
     d = _distance_matrix(embeddings, distance_metric)
     positives, negatives = mining.label_masks(labels)
-    index, outside = mining.semihard_negatives(d, positives, negatives)
-    farthest_negative = mining.masked_maximum(d, negatives)
-    semihard = ops.where(outside, ops.take_along_axis(d, index, axis=1), farthest_negative)
-    per_pair = ops.where(positives, ops.relu(margin + d - semihard), 0.0)
-    per_anchor = ops.where(_has_pairs(positives, negatives), ops.sum(per_pair, axis=1), 0.0)
+    pos_w, neg_w = mining.semihard_weights(d, positives, negatives, margin)
+    per_anchor = ops.sum(pos_w * (d + margin), axis=1) - ops.sum(neg_w * d, axis=1)
+    per_anchor = ops.where(_has_pairs(positives, negatives), per_anchor, 0.0)
     return per_anchor, ops.sum(ops.cast(positives, d.dtype))
 
 
@@ -63,10 +61,12 @@ def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
     differences: where TFA returns NaN (no positive pair in the batch), this
     returns 0 with zero gradients; where the batch has a single class (no
     negative), this returns 0 where TFA returns the mean of `margin + d_ap`.
-    With several negatives at exactly the same distance, the gradient goes to
-    one of them instead of being split among them.
+    With several negatives at exactly the same distance, the gradient is split
+    equally among them, as TFA's `reduce_min` splits it.
 
-    Memory is O(B^2): the mining loops over the k-th positive of each anchor.
+    Memory is O(B^2): the mining loops over the k-th positive of each anchor
+    (K - 1 steps in a P x K batch), and the loss is a weighted sum of distances
+    with weights computed without gradient.
 
     Args:
       y_true: integer labels, shape (B,) or (B, 1).
