@@ -36,6 +36,11 @@ def label_masks(labels, reference_labels=None):
     return same, ops.logical_not(same)
 
 
+def has_pairs(positive_mask, negative_mask):
+    """Scalar: there is at least one positive pair and one negative pair."""
+    return ops.logical_and(ops.any(positive_mask), ops.any(negative_mask))
+
+
 def masked_maximum(data, mask, axis=1):
     """Row-wise maximum over `mask`; the row minimum where the mask is empty (as TFA).
 

@@ -26,6 +26,7 @@ from deepmetric import mining
 from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels
 from deepmetric.losses._base import MetricLoss, per_anchor_share
+from deepmetric.mining import has_pairs
 
 # Finite stand-in for -inf in masked reductions (exp(-_LARGE - x) is exactly 0 in float32).
 _LARGE = 1e30
@@ -117,11 +118,6 @@ def pair_masks(labels, reference_labels=None, reference_mask=None):
         ops.logical_and(positives, reference_mask),
         ops.logical_and(negatives, reference_mask),
     )
-
-
-def has_pairs(positive_mask, negative_mask):
-    """Scalar: there is at least one positive pair and one negative pair."""
-    return ops.logical_and(ops.any(positive_mask), ops.any(negative_mask))
 
 
 def masked_logsumexp(x, mask, add_one=False):

@@ -34,17 +34,12 @@ def _inputs(y_true, y_pred):
     return check_labels(y_true, embeddings.shape[0], "y_true"), embeddings
 
 
-def _has_pairs(positive_mask, negative_mask):
-    """Scalar: the batch has at least one positive pair and one negative pair."""
-    return ops.logical_and(ops.any(positive_mask), ops.any(negative_mask))
-
-
 def _semihard_terms(labels, embeddings, margin, distance_metric):
     d = _distance_matrix(embeddings, distance_metric)
     positives, negatives = mining.label_masks(labels)
     pos_w, neg_w = mining.semihard_weights(d, positives, negatives, margin)
     per_anchor = ops.sum(pos_w * (d + margin), axis=1) - ops.sum(neg_w * d, axis=1)
-    per_anchor = ops.where(_has_pairs(positives, negatives), per_anchor, 0.0)
+    per_anchor = ops.where(mining.has_pairs(positives, negatives), per_anchor, 0.0)
     return per_anchor, ops.sum(ops.cast(positives, d.dtype))
 
 
@@ -98,7 +93,7 @@ def _hard_terms(labels, embeddings, margin, soft, distance_metric):
     hardest_negative = mining.hardest_negative(d, negatives)
     gap = ops.squeeze(hardest_positive - hardest_negative, axis=1)
     loss = ops.softplus(gap) if soft else ops.relu(gap + margin)
-    return ops.where(_has_pairs(positives, negatives), loss, 0.0)
+    return ops.where(mining.has_pairs(positives, negatives), loss, 0.0)
 
 
 def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L2"):
