@@ -97,3 +97,27 @@ def test_mining_traces_with_unknown_batch():
     np.testing.assert_array_equal(
         _np(fn(d[:5, :5], labels[:5])), _np(semihard_values(d[:5, :5], labels[:5]))
     )
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_semihard_weights_split_ties(ties, seed):
+    """Weights of the linear form: 1 per active pair, the chosen negative's share split
+    equally among negatives tied at the chosen distance (TF's reduce_min gradient)."""
+    labels, _, d = problem(seed, ties=ties)
+    margin = 0.5
+    pos, neg = (_np(m) for m in mining.label_masks(labels))
+    pos_w, neg_w = (_np(t) for t in mining.semihard_weights(d, pos, neg, margin))
+    expected_pos, expected_neg = np.zeros_like(d), np.zeros_like(d)
+    for a, p in zip(*np.nonzero(pos), strict=True):
+        negatives = np.flatnonzero(neg[a])
+        farther = negatives[d[a, negatives] > d[a, p]]
+        value = d[a, farther].min() if farther.size else d[a, negatives].max()
+        chosen = (farther if farther.size else negatives)[
+            d[a, farther if farther.size else negatives] == value
+        ]
+        if margin + d[a, p] - value > 0:
+            expected_pos[a, p] = 1.0
+            expected_neg[a, chosen] += 1.0 / chosen.size
+    np.testing.assert_array_equal(pos_w, expected_pos)
+    np.testing.assert_allclose(neg_w, expected_neg, rtol=1e-6)
