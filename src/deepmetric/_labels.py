@@ -99,3 +99,18 @@ def check_labels(labels, batch_size=None, name: str = "y_true"):
 def static_batch_size(x):
     """The static first dimension of `x`, or None under tracing with an unknown batch."""
     return x.shape[0]
+
+
+def split_inputs(inputs, layer: str):
+    """`embeddings` or `[embeddings, labels]`, as the training-only layers take them.
+
+    Returns (embeddings, labels), labels None when only embeddings were given.
+    """
+    if isinstance(inputs, (list, tuple)):
+        if len(inputs) != 2:
+            raise ValueError(
+                f"{layer} takes `embeddings` or `[embeddings, labels]`. "
+                f"Received a list of {len(inputs)} inputs."
+            )
+        return inputs[0], inputs[1]
+    return inputs, None

@@ -31,20 +31,9 @@ import keras
 from keras import ops
 
 from deepmetric._api import export
-from deepmetric._labels import check_embeddings, check_labels
+from deepmetric._labels import check_embeddings, check_labels, split_inputs
 from deepmetric.distances import _l2_normalize
 from deepmetric.losses.modern import check_number, masked_logsumexp
-
-
-def _split(inputs):
-    if isinstance(inputs, (list, tuple)):
-        if len(inputs) != 2:
-            raise ValueError(
-                "A head takes `embeddings` or `[embeddings, labels]`. "
-                f"Received a list of {len(inputs)} inputs."
-            )
-        return inputs[0], inputs[1]
-    return inputs, None
 
 
 class _ProxyHead(keras.layers.Layer):
@@ -122,7 +111,7 @@ class CosFace(_ProxyHead):
         self.margin = check_number("margin", margin)
 
     def call(self, inputs):
-        embeddings, labels = _split(inputs)
+        embeddings, labels = split_inputs(inputs, "A head")
         cos = self.cosine(embeddings)
         if labels is None:
             return self.scale * cos
@@ -163,7 +152,7 @@ class ArcFace(_ProxyHead):
             raise ValueError(f"`margin` must be in [0, pi/2) radians. Received: margin={margin!r}")
 
     def call(self, inputs):
-        embeddings, labels = _split(inputs)
+        embeddings, labels = split_inputs(inputs, "A head")
         cos = self.cosine(embeddings)
         if labels is None:
             return self.scale * cos
@@ -254,7 +243,7 @@ class ProxyAnchor(_ProxyHead):
         self.alpha = check_number("alpha", alpha, positive=True)
 
     def call(self, inputs):
-        embeddings, labels = _split(inputs)
+        embeddings, labels = split_inputs(inputs, "A head")
         if labels is not None:
             self.add_loss(
                 proxy_anchor_loss(

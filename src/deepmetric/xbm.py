@@ -31,21 +31,10 @@ import keras
 from keras import ops
 
 from deepmetric._api import export
-from deepmetric._labels import check_embeddings, check_labels
+from deepmetric._labels import check_embeddings, check_labels, split_inputs
 from deepmetric.losses._base import reduce_losses
 
 _SCALAR_REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight")
-
-
-def _split(inputs):
-    if isinstance(inputs, (list, tuple)):
-        if len(inputs) != 2:
-            raise ValueError(
-                "`CrossBatchMemory` takes `embeddings` or `[embeddings, labels]`. "
-                f"Received a list of {len(inputs)} inputs."
-            )
-        return inputs[0], inputs[1]
-    return inputs, None
 
 
 def _check_loss(loss):
@@ -227,7 +216,7 @@ class CrossBatchMemory(keras.layers.Layer):
         self.filled.assign(0)
 
     def call(self, inputs, training=None):
-        embeddings, labels = _split(inputs)
+        embeddings, labels = split_inputs(inputs, "`CrossBatchMemory`")
         if labels is None:
             return embeddings
         values = self.memory_loss(embeddings, labels)
