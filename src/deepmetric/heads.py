@@ -1,10 +1,12 @@
-"""Classification heads with one trainable proxy per class: ArcFace, CosFace, Proxy-Anchor.
+"""Classification heads with trainable class proxies: ArcFace, CosFace, normalised softmax,
+sub-centre ArcFace, Proxy-NCA, Proxy-Anchor.
 
 A head sits on top of an embedding model during training only. It holds a (num_classes, D)
-matrix of proxies (trainable, saved with the model) and compares the L2-normalised embeddings
-with the L2-normalised proxies by cosine similarity. The margin of ArcFace and CosFace, and the
-Proxy-Anchor loss, need the labels in the forward pass; the one pattern for all heads is to feed
-them as a second model input:
+matrix of proxies ((num_classes * K, D) for sub-centre ArcFace; trainable, saved with the model)
+and compares the L2-normalised embeddings with the L2-normalised proxies by cosine similarity
+(Proxy-NCA by the squared Euclidean distance between them, 2 - 2 cos). The margins of ArcFace,
+sub-centre ArcFace and CosFace, and the Proxy-NCA and Proxy-Anchor losses, need the labels in
+the forward pass; the one pattern for all heads is to feed them as a second model input:
 
 ```python
 images = keras.Input((28, 28, 1))
@@ -18,9 +20,11 @@ trainer.compile(
 trainer.fit((x, y), y)
 ```
 
-`ProxyAnchor` adds its loss with `add_loss` and returns the cosine similarities: compile the
+`NormalizedSoftmax` and `SubCenterArcFace` are trained the same way. `ProxyNCA` and
+`ProxyAnchor` add their loss with `add_loss` and return logits for monitoring: compile the
 trainer with `loss=None` and fit it on `(x, y)` alone. Called on embeddings only (no labels),
-each head returns the scaled cosine similarities without margin.
+each head returns its logits without margin (the scaled cosine similarities; for `ProxyNCA`
+minus the scaled squared distances).
 """
 
 from __future__ import annotations
@@ -55,11 +59,14 @@ class _ProxyHead(keras.layers.Layer):
         if dim is None:
             raise ValueError(f"The embedding size must be known. Received: shape={input_shape}")
         self.proxies = self.add_weight(
-            shape=(self.num_classes, dim),
+            shape=(self._num_proxies(), dim),
             initializer=self.proxy_initializer,
             trainable=True,
             name="proxies",
         )
+
+    def _num_proxies(self):
+        return self.num_classes
 
     def cosine(self, embeddings):
         """(B, num_classes) cosine similarities, float32."""
@@ -167,6 +174,90 @@ class ArcFace(_ProxyHead):
         return {**super().get_config(), "scale": self.scale, "margin": self.margin}
 
 
+@export
+class SubCenterArcFace(ArcFace):
+    r"""Sub-centre ArcFace head (Deng et al., ECCV 2020, "Sub-center ArcFace").
+
+    Each class has K sub-centre proxies; the cosine to class c is the largest cosine to its
+    sub-centres, $\cos\theta_{ic} = \max_k \cos(x_i, p_{ck})$, and the logits are ArcFace's
+    on it: $z_{ic} = s \cos(\theta_{ic} + m\,[c = y_i])$ (with the same fallback where
+    $\theta + m > \pi$). A noisy example can sit near a non-dominant sub-centre without pulling
+    the dominant one. The proxies are a (num_classes * K, D) weight whose rows c * K .. c * K +
+    K - 1 belong to class c (the layout of insightface and of PML's `SubCenterArcFaceLoss`).
+    Train with `SparseCategoricalCrossentropy(from_logits=True)` (see the module docstring). The
+    paper's second stage (dropping non-dominant sub-centres and noisy examples) is left to the
+    user.
+
+    Args:
+      num_classes: number of classes.
+      sub_centers: the number K of sub-centres per class.
+      scale: the scale s.
+      margin: the angular margin m in radians, in [0, pi/2).
+      proxy_initializer: initializer of the (num_classes * K, D) proxies.
+
+    >>> import numpy as np
+    >>> head = SubCenterArcFace(num_classes=3, sub_centers=2, scale=10.0)
+    >>> logits = head([np.ones((2, 4)), np.array([0, 2])])
+    >>> tuple(logits.shape), tuple(head.proxies.shape)
+    ((2, 3), (6, 4))
+    """
+
+    def __init__(self, num_classes, sub_centers=3, scale=64.0, margin=0.5, **kwargs):
+        super().__init__(num_classes, scale=scale, margin=margin, **kwargs)
+        if isinstance(sub_centers, bool) or not isinstance(sub_centers, int) or sub_centers < 1:
+            raise ValueError(
+                f"`sub_centers` must be a positive integer. Received: sub_centers={sub_centers!r}"
+            )
+        self.sub_centers = sub_centers
+
+    def _num_proxies(self):
+        return self.num_classes * self.sub_centers
+
+    def cosine(self, embeddings):
+        """(B, num_classes) largest cosine similarity to each class's sub-centres, float32."""
+        cos = super().cosine(embeddings)
+        return ops.max(ops.reshape(cos, (-1, self.num_classes, self.sub_centers)), axis=2)
+
+    def get_config(self):
+        return {**super().get_config(), "sub_centers": self.sub_centers}
+
+
+@export
+class NormalizedSoftmax(_ProxyHead):
+    r"""Normalised softmax head (Zhai & Wu, BMVC 2019, arXiv:1811.12649).
+
+    "Classification is a Strong Baseline for Deep Metric Learning": logits
+    $z_{ic} = \cos\theta_{ic} / T$, the cosine between the embedding and the proxy of class c
+    divided by a temperature T, trained with `SparseCategoricalCrossentropy(from_logits=True)`
+    (see the module docstring). No margin: the labels, when given, are only checked.
+
+    Args:
+      num_classes: number of classes (proxies).
+      temperature: the temperature T (> 0); the paper uses 0.05.
+      proxy_initializer: initializer of the (num_classes, D) proxies.
+
+    >>> import numpy as np
+    >>> head = NormalizedSoftmax(num_classes=3, temperature=0.5)
+    >>> logits = head([np.ones((2, 4)), np.array([0, 2])])
+    >>> tuple(logits.shape)
+    (2, 3)
+    """
+
+    def __init__(self, num_classes, temperature=0.05, **kwargs):
+        super().__init__(num_classes, **kwargs)
+        self.temperature = check_number("temperature", temperature, positive=True)
+
+    def call(self, inputs):
+        embeddings, labels = split_inputs(inputs, "A head")
+        cos = self.cosine(embeddings)
+        if labels is not None:
+            check_labels(labels, cos.shape[0], "labels")
+        return cos / self.temperature
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
+
+
 def proxy_anchor_loss(labels, embeddings, proxies, *, margin=0.1, alpha=32.0):
     r"""Proxy-Anchor loss (Kim et al., CVPR 2020, arXiv:2003.13911).
 
@@ -254,3 +345,89 @@ class ProxyAnchor(_ProxyHead):
 
     def get_config(self):
         return {**super().get_config(), "margin": self.margin, "alpha": self.alpha}
+
+
+def _proxy_nca_logits(x, proxies, softmax_scale):
+    """-scale * squared Euclidean distances between already normalised rows, (B, C)."""
+    squared = (
+        ops.sum(ops.square(x), axis=1, keepdims=True)
+        + ops.sum(ops.square(proxies), axis=1)[None, :]
+        - 2.0 * ops.matmul(x, ops.transpose(proxies))
+    )
+    return -softmax_scale * ops.maximum(squared, 0.0)
+
+
+def proxy_nca_loss(labels, embeddings, proxies, *, softmax_scale=1.0):
+    r"""Proxy-NCA loss (Movshovitz-Attias et al., ICCV 2017, arXiv:1703.07464), as PML has it.
+
+    With $d(x, p) = \|\hat x - \hat p\|^2$ the squared Euclidean distance between the
+    L2-normalised embedding and proxy, s the softmax scale and $p_c$ the proxy of class c:
+
+    $$L = \frac{1}{B}\sum_i -\log
+        \frac{e^{-s\,d(x_i, p_{y_i})}}{\sum_{c} e^{-s\,d(x_i, p_c)}}$$
+
+    The same value and gradient as `pytorch_metric_learning.losses.ProxyNCALoss` with the same
+    proxies (PML drops a sample whose softmax underflows to 0; here it keeps its large finite
+    loss).
+
+    Args:
+      labels: integer labels in [0, num_classes), shape (B,) or (B, 1).
+      embeddings: (B, D) embeddings.
+      proxies: (num_classes, D) proxies.
+      softmax_scale: the scale s (> 0).
+
+    Returns:
+      The scalar loss, the mean over the batch.
+
+    >>> import numpy as np
+    >>> loss = proxy_nca_loss(np.array([0, 1]), np.eye(2), np.eye(2))
+    >>> round(float(loss), 4)  # -log(e^0 / (e^0 + e^-2)) = log(1 + e^-2)
+    0.1269
+    """
+    softmax_scale = check_number("softmax_scale", softmax_scale, positive=True)
+    x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
+    proxies = _l2_normalize(ops.cast(check_embeddings(proxies, "proxies"), x.dtype))
+    labels = check_labels(labels, x.shape[0], "labels")
+    logits = _proxy_nca_logits(x, proxies, softmax_scale)
+    target = ops.cast(ops.one_hot(ops.cast(labels, "int32"), proxies.shape[0]), "bool")
+    target_logit = ops.sum(ops.where(target, logits, 0.0), axis=1)
+    return ops.mean(ops.logsumexp(logits, axis=1) - target_logit)
+
+
+@export
+class ProxyNCA(_ProxyHead):
+    """Proxy-NCA head: adds `proxy_nca_loss` with its trainable proxies.
+
+    Called on `[embeddings, labels]`, it adds the loss with `add_loss` and returns the NCA
+    logits, minus `softmax_scale` times the squared distances to the normalised proxies (their
+    softmax is the class posterior); compile the trainer with `loss=None`:
+
+    ```python
+    logits = deepmetric.heads.ProxyNCA(num_classes=100)([embedder(images), labels])
+    trainer = keras.Model([images, labels], logits)
+    trainer.compile(optimizer="adam")   # the loss comes from the head
+    trainer.fit((x, y), epochs=10)
+    ```
+
+    Args:
+      num_classes: number of classes (proxies).
+      softmax_scale: the scale s of the softmax (> 0).
+      proxy_initializer: initializer of the (num_classes, D) proxies.
+    """
+
+    def __init__(self, num_classes, softmax_scale=1.0, **kwargs):
+        super().__init__(num_classes, **kwargs)
+        self.softmax_scale = check_number("softmax_scale", softmax_scale, positive=True)
+
+    def call(self, inputs):
+        embeddings, labels = split_inputs(inputs, "A head")
+        if labels is not None:
+            self.add_loss(
+                proxy_nca_loss(labels, embeddings, self.proxies, softmax_scale=self.softmax_scale)
+            )
+        x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
+        proxies = _l2_normalize(ops.cast(self.proxies, x.dtype))
+        return _proxy_nca_logits(x, proxies, self.softmax_scale)
+
+    def get_config(self):
+        return {**super().get_config(), "softmax_scale": self.softmax_scale}
