@@ -38,10 +38,15 @@ def _squared_euclidean(query, reference):
     return ops.maximum(sq, 0.0)
 
 
+def is_self(index, num_references):
+    """(b, R) boolean, True where column j is row `index[i]` itself."""
+    columns = ops.arange(num_references, dtype="int32")
+    return ops.equal(ops.expand_dims(ops.cast(index, "int32"), 1), ops.expand_dims(columns, 0))
+
+
 def _zero_diagonal(matrix):
-    index = ops.arange(ops.shape(matrix)[0], dtype="int32")
-    diagonal = ops.equal(ops.expand_dims(index, 1), ops.expand_dims(index, 0))
-    return ops.where(diagonal, 0.0, matrix)
+    n = ops.shape(matrix)[0]
+    return ops.where(is_self(ops.arange(n, dtype="int32"), n), 0.0, matrix)
 
 
 def _l2_normalize(x, epsilon=1e-12):
@@ -97,6 +102,8 @@ class Distance:
     """
 
     larger_is_closer = False
+    # `rows` can compute a block of rows of the self-comparison on its own.
+    blockable = True
 
     def __call__(self, query, reference=None):
         query = check_embeddings(query, "query")
@@ -105,6 +112,15 @@ class Distance:
 
     def matrix(self, query, reference, same):
         raise NotImplementedError
+
+    def rows(self, query, reference, index):
+        """Rows `index` of `self(reference)`, where `query` is `reference[index]`.
+
+        The same values as those rows of the full self-comparison (an example with itself
+        included), built from the (b, R) block alone; the losses use it to work block by
+        block (`deepmetric._blocks`). Takes float tensors that are already checked.
+        """
+        return self.matrix(query, reference, same=False)
 
     def paired(self, x, y):
         """Row-wise values between `x[i]` and `y[i]` (any leading shape, last axis D)."""
@@ -144,6 +160,11 @@ class EuclideanDistance(Distance):
         sq = _squared_euclidean(query, reference)
         if same:
             sq = _zero_diagonal(sq)
+        return sq if self.squared else _safe_sqrt(sq)
+
+    def rows(self, query, reference, index):
+        sq = _squared_euclidean(query, reference)
+        sq = ops.where(is_self(index, ops.shape(reference)[0]), 0.0, sq)
         return sq if self.squared else _safe_sqrt(sq)
 
     def _paired(self, x, y):
@@ -196,7 +217,12 @@ class DotProductSimilarity(Distance):
 
 
 class _CallableDistance(Distance):
-    """Wraps a user callable `f(embeddings) -> (B, B)` distances (TFA's `distance_metric`)."""
+    """Wraps a user callable `f(embeddings) -> (B, B)` distances (TFA's `distance_metric`).
+
+    It only computes the whole matrix: a loss with a callable distance runs as one block.
+    """
+
+    blockable = False
 
     def __init__(self, fn: Callable):
         self.fn = fn

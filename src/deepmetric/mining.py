@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from keras import ops
 
+from deepmetric.distances import is_self
+
 
 def _not_self(n):
     """(n, n) boolean, False on the diagonal, built without a float identity matrix."""
@@ -22,23 +24,45 @@ def _not_self(n):
     return ops.not_equal(ops.expand_dims(index, 1), ops.expand_dims(index, 0))
 
 
-def label_masks(labels, reference_labels=None):
+def label_masks(labels, reference_labels=None, anchor_index=None):
     """Boolean (B, R) masks of positive and negative pairs.
 
     Without `reference_labels` the batch is compared with itself and the
-    diagonal (an example with itself) is neither positive nor negative.
+    diagonal (an example with itself) is neither positive nor negative. With
+    `anchor_index`, `labels` are the rows `anchor_index` of `reference_labels`
+    (a block of the batch compared with the whole batch), and again an example
+    with itself is neither.
     """
     labels = ops.convert_to_tensor(labels)
     ref = labels if reference_labels is None else ops.convert_to_tensor(reference_labels)
     same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(ref, 0))
     if reference_labels is None:
         return ops.logical_and(same, _not_self(ops.shape(labels)[0])), ops.logical_not(same)
+    if anchor_index is not None:
+        not_self = ops.logical_not(is_self(anchor_index, ops.shape(ref)[0]))
+        return ops.logical_and(same, not_self), ops.logical_not(same)
     return same, ops.logical_not(same)
 
 
 def has_pairs(positive_mask, negative_mask):
     """Scalar: there is at least one positive pair and one negative pair."""
     return ops.logical_and(ops.any(positive_mask), ops.any(negative_mask))
+
+
+def rows_with_pairs(positive_mask, negative_mask):
+    """Per row, as float32 0 / 1: whether it has a positive, and whether it has a negative.
+
+    Blocks of rows (`deepmetric._blocks`) return these; `any_pairs` combines them.
+    """
+    return (
+        ops.cast(ops.any(positive_mask, axis=1), "float32"),
+        ops.cast(ops.any(negative_mask, axis=1), "float32"),
+    )
+
+
+def any_pairs(has_positive, has_negative):
+    """`has_pairs` from the per-row flags of `rows_with_pairs`."""
+    return ops.logical_and(ops.any(has_positive > 0.0), ops.any(has_negative > 0.0))
 
 
 def masked_maximum(data, mask, axis=1):
@@ -266,9 +290,10 @@ def batch_all_soft_terms(distances, positive_mask, negative_mask):
     `value + sum(weight_p * (d - stop_gradient(d))) - sum(weight_n * (d - stop_gradient(d)))`.
 
     Returns:
-      (values, positive_weights, negative_weights, count): float (B,), (B, R), (B, R) and a
-      scalar; `positive_weights[a, p]` = sum_n sigmoid(z), `negative_weights[a, n]` =
-      sum_p sigmoid(z). No gradient.
+      (values, positive_weights, negative_weights, count): float (B,), (B, R), (B, R) and
+      (B,); `positive_weights[a, p]` = sum_n sigmoid(z), `negative_weights[a, n]` =
+      sum_p sigmoid(z), `count[a]` the number of anchor a's triplets with a positive loss.
+      No gradient.
     """
     d = ops.stop_gradient(ops.convert_to_tensor(distances))
     shape = ops.shape(d)
@@ -284,7 +309,7 @@ def batch_all_soft_terms(distances, positive_mask, negative_mask):
         positive_weights = ops.where(
             selected, ops.sum(weight, axis=1, keepdims=True), positive_weights
         )
-        count = count + ops.sum(ops.cast(ops.greater(loss, 0.0), d.dtype))
+        count = count + ops.sum(ops.cast(ops.greater(loss, 0.0), d.dtype), axis=1)
         return values + ops.sum(loss, axis=1), positive_weights, negative_weights + weight, count
 
     return _kth_positive_loop(
@@ -294,6 +319,6 @@ def batch_all_soft_terms(distances, positive_mask, negative_mask):
             ops.zeros(shape[:1], d.dtype),
             ops.zeros(shape, d.dtype),
             ops.zeros(shape, d.dtype),
-            ops.convert_to_tensor(0.0, d.dtype),
+            ops.zeros(shape[:1], d.dtype),
         ),
     )

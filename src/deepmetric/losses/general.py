@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from keras import ops
 
+from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
-from deepmetric import mining
 from deepmetric._api import export
 from deepmetric.losses._base import MetricLoss, per_anchor_share
-from deepmetric.losses.modern import check_number, loss_inputs
+from deepmetric.losses.modern import check_number, check_reference_mask, loss_inputs
+from deepmetric.losses.triplet import distance_rows
 
 POSITIVE_MINING = ("all", "hard", "easy")
 NEGATIVE_MINING = ("all", "semi-hard", "hard", "easy")
@@ -47,6 +48,7 @@ def triplet_loss(
     average_nonzero=False,
     reference_embeddings=None,
     reference_labels=None,
+    reference_mask=None,
 ):
     r"""Triplet loss with a chosen distance and composable positive / negative mining.
 
@@ -81,6 +83,9 @@ def triplet_loss(
       average_nonzero: average over the triplets with a positive loss only.
       reference_embeddings, reference_labels: take positives and negatives from this set
         instead of the rest of the batch.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair; a pair
+        whose entry is False is neither positive nor negative (for example the unfilled slots
+        of a `deepmetric.xbm.CrossBatchMemory`). Needs the reference set.
 
     Returns:
       (B,) per-anchor shares; their mean is the batch loss.
@@ -98,66 +103,84 @@ def triplet_loss(
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
-    d = distance(embeddings, reference)
-    d = -d if distance.larger_is_closer else d
-    positives, negatives = mining.label_masks(labels, ref_labels)
-    valid = ops.logical_and(ops.any(positives, axis=1), ops.any(negatives, axis=1))
-    valid_f = ops.cast(valid, d.dtype)
+    mask = check_reference_mask(reference_mask, embeddings, reference)
 
     def cost(gap):
         return ops.softplus(gap) if soft_margin else ops.relu(gap + margin)
 
-    if positive_mining == "all" and negative_mining == "all":
-        if soft_margin:
-            values, w_pos, w_neg, num_nonzero = mining.batch_all_soft_terms(d, positives, negatives)
-            moving = d - ops.stop_gradient(d)
-            contributions = (
-                values + ops.sum(w_pos * moving, axis=1) - ops.sum(w_neg * moving, axis=1)
-            )
-        else:
-            per_positive, per_negative = mining.batch_all_counts(d, positives, negatives, margin)
-            contributions = ops.sum(per_positive * (d + margin), axis=1) - ops.sum(
-                per_negative * d, axis=1
-            )
-            num_nonzero = ops.sum(per_positive)
-        num_pos = ops.sum(ops.cast(positives, d.dtype), axis=1)
-        num_neg = ops.sum(ops.cast(negatives, d.dtype), axis=1)
-        num_triplets = ops.sum(num_pos * num_neg)
-    elif positive_mining == "all":
-        if negative_mining == "semi-hard":
-            index, outside = mining.semihard_negatives(d, positives, negatives)
-            farthest = mining.masked_maximum(d, negatives)
-            d_neg = ops.where(outside, ops.take_along_axis(d, index, axis=1), farthest)
-        else:
-            pick = mining.masked_argmin if negative_mining == "hard" else mining.masked_argmax
-            d_neg = ops.expand_dims(_gather(d, pick(d, negatives)[0]), 1)
-        use = ops.logical_and(positives, ops.expand_dims(valid, 1))
-        per_pair = ops.where(use, cost(d - d_neg), 0.0)
-        contributions = ops.sum(per_pair, axis=1)
-        num_nonzero = ops.sum(ops.cast(ops.greater(ops.stop_gradient(per_pair), 0.0), d.dtype))
-        num_triplets = ops.sum(ops.cast(use, d.dtype))
-    else:
-        pick = mining.masked_argmax if positive_mining == "hard" else mining.masked_argmin
-        p_index = pick(d, positives)[0]
-        d_pos = _gather(d, p_index)
-        if negative_mining == "all":
-            use = ops.logical_and(negatives, ops.expand_dims(valid, 1))
-            per_triplet = ops.where(use, cost(ops.expand_dims(d_pos, 1) - d), 0.0)
-            contributions = ops.sum(per_triplet, axis=1)
-            num_triplets = ops.sum(ops.cast(use, d.dtype))
-        else:
-            if negative_mining == "semi-hard":
-                n_index = mining.semihard_negative_per_row(d, d_pos, negatives)
-            elif negative_mining == "hard":
-                n_index = mining.masked_argmin(d, negatives)[0]
+    def count_positive(values, axis=None):
+        return ops.sum(ops.cast(ops.greater(ops.stop_gradient(values), 0.0), "float32"), axis=axis)
+
+    def rows(d, positives, negatives):
+        """Per anchor: its contribution, its triplets with a positive loss, its triplets."""
+        valid = ops.logical_and(ops.any(positives, axis=1), ops.any(negatives, axis=1))
+        valid_f = ops.cast(valid, d.dtype)
+        if positive_mining == "all" and negative_mining == "all":
+            if soft_margin:
+                values, w_pos, w_neg, num_nonzero = mining.batch_all_soft_terms(
+                    d, positives, negatives
+                )
+                moving = d - ops.stop_gradient(d)
+                contributions = (
+                    values + ops.sum(w_pos * moving, axis=1) - ops.sum(w_neg * moving, axis=1)
+                )
             else:
-                n_index = mining.masked_argmax(d, negatives)[0]
-            per_triplet = ops.where(valid, cost(d_pos - _gather(d, n_index)), 0.0)
-            contributions = per_triplet
-            num_triplets = ops.sum(valid_f)
-        num_nonzero = ops.sum(ops.cast(ops.greater(ops.stop_gradient(per_triplet), 0.0), d.dtype))
-    contributions = contributions * valid_f
-    return per_anchor_share(contributions, num_nonzero if average_nonzero else num_triplets)
+                per_positive, per_negative = mining.batch_all_counts(
+                    d, positives, negatives, margin
+                )
+                contributions = ops.sum(per_positive * (d + margin), axis=1) - ops.sum(
+                    per_negative * d, axis=1
+                )
+                num_nonzero = ops.sum(per_positive, axis=1)
+            num_pos = ops.sum(ops.cast(positives, d.dtype), axis=1)
+            num_triplets = num_pos * ops.sum(ops.cast(negatives, d.dtype), axis=1)
+        elif positive_mining == "all":
+            if negative_mining == "semi-hard":
+                index, outside = mining.semihard_negatives(d, positives, negatives)
+                farthest = mining.masked_maximum(d, negatives)
+                d_neg = ops.where(outside, ops.take_along_axis(d, index, axis=1), farthest)
+            else:
+                pick = mining.masked_argmin if negative_mining == "hard" else mining.masked_argmax
+                d_neg = ops.expand_dims(_gather(d, pick(d, negatives)[0]), 1)
+            use = ops.logical_and(positives, ops.expand_dims(valid, 1))
+            per_pair = ops.where(use, cost(d - d_neg), 0.0)
+            contributions = ops.sum(per_pair, axis=1)
+            num_nonzero = count_positive(per_pair, axis=1)
+            num_triplets = ops.sum(ops.cast(use, d.dtype), axis=1)
+        else:
+            pick = mining.masked_argmax if positive_mining == "hard" else mining.masked_argmin
+            d_pos = _gather(d, pick(d, positives)[0])
+            if negative_mining == "all":
+                use = ops.logical_and(negatives, ops.expand_dims(valid, 1))
+                per_triplet = ops.where(use, cost(ops.expand_dims(d_pos, 1) - d), 0.0)
+                contributions = ops.sum(per_triplet, axis=1)
+                num_nonzero = count_positive(per_triplet, axis=1)
+                num_triplets = ops.sum(ops.cast(use, d.dtype), axis=1)
+            else:
+                if negative_mining == "semi-hard":
+                    n_index = mining.semihard_negative_per_row(d, d_pos, negatives)
+                elif negative_mining == "hard":
+                    n_index = mining.masked_argmin(d, negatives)[0]
+                else:
+                    n_index = mining.masked_argmax(d, negatives)[0]
+                contributions = ops.where(valid, cost(d_pos - _gather(d, n_index)), 0.0)
+                num_nonzero = ops.cast(ops.greater(ops.stop_gradient(contributions), 0.0), d.dtype)
+                num_triplets = valid_f
+        return contributions * valid_f, num_nonzero, num_triplets
+
+    contributions, num_nonzero, num_triplets = _blocks.anchor_rows(
+        rows,
+        distance_rows(distance),
+        labels,
+        embeddings,
+        ref_labels,
+        reference,
+        mask,
+        one_block=not distance.blockable,
+    )
+    return per_anchor_share(
+        contributions, ops.sum(num_nonzero) if average_nonzero else ops.sum(num_triplets)
+    )
 
 
 @export
@@ -203,6 +226,25 @@ class TripletLoss(MetricLoss):
             negative_mining=self.negative_mining,
             soft_margin=self.soft_margin,
             average_nonzero=self.average_nonzero,
+        )
+
+    def call_with_reference(
+        self, labels, embeddings, reference_embeddings, reference_labels, reference_mask=None
+    ):
+        """Per-anchor losses against a reference set: the `deepmetric.xbm.CrossBatchMemory`
+        hook (see `triplet_loss`)."""
+        return triplet_loss(
+            labels,
+            embeddings,
+            margin=self.margin,
+            distance=self.distance,
+            positive_mining=self.positive_mining,
+            negative_mining=self.negative_mining,
+            soft_margin=self.soft_margin,
+            average_nonzero=self.average_nonzero,
+            reference_embeddings=reference_embeddings,
+            reference_labels=reference_labels,
+            reference_mask=reference_mask,
         )
 
     def get_config(self):

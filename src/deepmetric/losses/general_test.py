@@ -277,7 +277,7 @@ def test_batch_all_soft_terms():
     np.testing.assert_allclose(values, expected, rtol=1e-5)
     np.testing.assert_allclose(w_pos, expected_pos, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(w_neg, expected_neg, rtol=1e-5, atol=1e-6)
-    assert float(count) == n_triplets
+    assert float(np.sum(count)) == n_triplets
 
 
 # --- Invariants and Keras integration. ---

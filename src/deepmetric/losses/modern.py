@@ -21,12 +21,12 @@ from typing import Any
 
 from keras import ops
 
+from deepmetric import _blocks
 from deepmetric import distances as distances_lib
-from deepmetric import mining
 from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels
 from deepmetric.losses._base import MetricLoss, per_anchor_share
-from deepmetric.mining import has_pairs
+from deepmetric.mining import any_pairs, rows_with_pairs
 
 # Finite stand-in for -inf in masked reductions (exp(-_LARGE - x) is exactly 0 in float32).
 _LARGE = 1e30
@@ -107,19 +107,6 @@ def check_reference_mask(reference_mask, embeddings, reference):
     return mask
 
 
-def pair_masks(labels, reference_labels=None, reference_mask=None):
-    """(B, R) positive and negative masks, with the pairs outside `reference_mask` in neither."""
-    positives, negatives = mining.label_masks(labels, reference_labels)
-    if reference_mask is None:
-        return positives, negatives
-    if len(reference_mask.shape) == 1:
-        reference_mask = ops.expand_dims(reference_mask, 0)
-    return (
-        ops.logical_and(positives, reference_mask),
-        ops.logical_and(negatives, reference_mask),
-    )
-
-
 def masked_logsumexp(x, mask, add_one=False):
     """Row-wise `log(sum_{j in mask} exp(x_ij))` of a (B, R) matrix, shape (B,).
 
@@ -139,12 +126,52 @@ def masked_logsumexp(x, mask, add_one=False):
     return ops.where(nonempty, top + ops.log(ops.where(nonempty, total, 1.0)), 0.0)
 
 
-def _cosine(embeddings, reference):
-    return distances_lib.CosineSimilarity()(embeddings, reference)
+def _cosine_rows(query, reference):
+    """Cosine similarities of already L2-normalised rows."""
+    return ops.matmul(query, ops.transpose(reference))
 
 
-def _count_positive(values):
-    return ops.sum(ops.cast(ops.greater(ops.stop_gradient(values), 0.0), values.dtype))
+def _euclidean_rows(query, reference):
+    """Euclidean distances of L2-normalised rows; squared values below the noise floor are 0."""
+    squared = distances_lib._squared_euclidean(query, reference)
+    squared = ops.where(ops.greater(squared, _SQUARED_DISTANCE_FLOOR), squared, 0.0)
+    return distances_lib._safe_sqrt(squared)
+
+
+def anchor_rows(
+    row_terms,
+    labels,
+    embeddings,
+    reference_embeddings=None,
+    reference_labels=None,
+    reference_mask=None,
+    *,
+    matrix=_cosine_rows,
+):
+    """The preamble every loss here shares, then `row_terms` per anchor, block by block.
+
+    Checks the inputs and the reference set, L2-normalises the embeddings, and calls
+    `row_terms(m, positives, negatives)` on (b, R) blocks of the matrix `matrix(query,
+    reference)` (cosine similarities by default) with their label masks (`reference_mask`
+    applied; an example with itself in neither when there is no reference set). `row_terms`
+    returns a tuple of per-row float tensors; they come back for all B anchors. See
+    `deepmetric._blocks` for when the batch is split.
+    """
+    labels, embeddings, ref_labels, reference = loss_inputs(
+        labels, embeddings, reference_embeddings, reference_labels
+    )
+    mask = check_reference_mask(reference_mask, embeddings, reference)
+    query = distances_lib._l2_normalize(embeddings)
+    if reference is not None:
+        reference = distances_lib._l2_normalize(reference)
+    return _blocks.anchor_rows(
+        row_terms, lambda q, r, _: matrix(q, r), labels, query, ref_labels, reference, mask
+    )
+
+
+def _count_positive(values, axis=None):
+    positive = ops.greater(ops.stop_gradient(values), 0.0)
+    return ops.sum(ops.cast(positive, values.dtype), axis=axis)
 
 
 def multi_similarity_loss(
@@ -195,15 +222,16 @@ def multi_similarity_loss(
     alpha = check_number("alpha", alpha, positive=True)
     beta = check_number("beta", beta, positive=True)
     base = check_number("base", base)
-    labels, embeddings, ref_labels, reference = loss_inputs(
-        labels, embeddings, reference_embeddings, reference_labels
+
+    def rows(s, positives, negatives):
+        pos_term = masked_logsumexp(alpha * (base - s), positives, add_one=True) / alpha
+        neg_term = masked_logsumexp(beta * (s - base), negatives, add_one=True) / beta
+        return (pos_term + neg_term, *rows_with_pairs(positives, negatives))
+
+    loss, has_positive, has_negative = anchor_rows(
+        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
     )
-    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
-    s = _cosine(embeddings, reference)
-    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
-    pos_term = masked_logsumexp(alpha * (base - s), positives, add_one=True) / alpha
-    neg_term = masked_logsumexp(beta * (s - base), negatives, add_one=True) / beta
-    return ops.where(has_pairs(positives, negatives), pos_term + neg_term, 0.0)
+    return ops.where(any_pairs(has_positive, has_negative), loss, 0.0)
 
 
 def circle_loss(
@@ -255,20 +283,20 @@ def circle_loss(
     """
     margin = check_number("margin", margin)
     gamma = check_number("gamma", gamma, positive=True)
-    labels, embeddings, ref_labels, reference = loss_inputs(
-        labels, embeddings, reference_embeddings, reference_labels
+
+    def rows(s, positives, negatives):
+        fixed = ops.stop_gradient(s)
+        pos_logits = -gamma * ops.relu(1.0 + margin - fixed) * (s - (1.0 - margin))
+        neg_logits = gamma * ops.relu(fixed + margin) * (s - margin)
+        loss = ops.softplus(
+            masked_logsumexp(pos_logits, positives) + masked_logsumexp(neg_logits, negatives)
+        )
+        valid = ops.logical_and(ops.any(positives, axis=1), ops.any(negatives, axis=1))
+        return (ops.where(valid, loss, 0.0),)
+
+    (loss,) = anchor_rows(
+        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
     )
-    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
-    s = _cosine(embeddings, reference)
-    fixed = ops.stop_gradient(s)
-    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
-    pos_logits = -gamma * ops.relu(1.0 + margin - fixed) * (s - (1.0 - margin))
-    neg_logits = gamma * ops.relu(fixed + margin) * (s - margin)
-    loss = ops.softplus(
-        masked_logsumexp(pos_logits, positives) + masked_logsumexp(neg_logits, negatives)
-    )
-    valid = ops.logical_and(ops.any(positives, axis=1), ops.any(negatives, axis=1))
-    loss = ops.where(valid, loss, 0.0)
     return per_anchor_share(loss, _count_positive(loss))
 
 
@@ -313,18 +341,22 @@ def sup_con_loss(
     0.7083
     """
     temperature = check_number("temperature", temperature, positive=True)
-    labels, embeddings, ref_labels, reference = loss_inputs(
-        labels, embeddings, reference_embeddings, reference_labels
+
+    def rows(s, positives, negatives):
+        logits = s / temperature
+        log_prob = logits - ops.expand_dims(
+            masked_logsumexp(logits, ops.logical_or(positives, negatives)), 1
+        )
+        num_positives = ops.sum(ops.cast(positives, logits.dtype), axis=1)
+        loss = -ops.divide_no_nan(
+            ops.sum(ops.where(positives, log_prob, 0.0), axis=1), num_positives
+        )
+        return (loss, *rows_with_pairs(positives, negatives))
+
+    loss, has_positive, has_negative = anchor_rows(
+        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
     )
-    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
-    logits = _cosine(embeddings, reference) / temperature
-    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
-    log_prob = logits - ops.expand_dims(
-        masked_logsumexp(logits, ops.logical_or(positives, negatives)), 1
-    )
-    num_positives = ops.sum(ops.cast(positives, logits.dtype), axis=1)
-    loss = -ops.divide_no_nan(ops.sum(ops.where(positives, log_prob, 0.0), axis=1), num_positives)
-    loss = ops.where(has_pairs(positives, negatives), loss, 0.0)
+    loss = ops.where(any_pairs(has_positive, has_negative), loss, 0.0)
     return per_anchor_share(loss, _count_positive(loss))
 
 
@@ -374,17 +406,20 @@ def nt_xent_loss(
     0.9019
     """
     temperature = check_number("temperature", temperature, positive=True)
-    labels, embeddings, ref_labels, reference = loss_inputs(
-        labels, embeddings, reference_embeddings, reference_labels
+
+    def rows(s, positives, negatives):
+        logits = s / temperature
+        negative_lse = ops.expand_dims(masked_logsumexp(logits, negatives), 1)
+        active = ops.logical_and(positives, ops.any(negatives, axis=1, keepdims=True))
+        per_pair = ops.where(active, ops.softplus(negative_lse - logits), 0.0)
+        num_positives = ops.sum(ops.cast(positives, logits.dtype), axis=1)
+        return (ops.sum(per_pair, axis=1), num_positives, *rows_with_pairs(positives, negatives))
+
+    contributions, num_positives, has_positive, has_negative = anchor_rows(
+        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
     )
-    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
-    logits = _cosine(embeddings, reference) / temperature
-    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
-    negative_lse = ops.expand_dims(masked_logsumexp(logits, negatives), 1)
-    active = ops.logical_and(positives, ops.any(negatives, axis=1, keepdims=True))
-    per_pair = ops.where(active, ops.softplus(negative_lse - logits), 0.0)
-    contributions = ops.where(has_pairs(positives, negatives), ops.sum(per_pair, axis=1), 0.0)
-    return per_anchor_share(contributions, ops.sum(ops.cast(positives, logits.dtype)))
+    contributions = ops.where(any_pairs(has_positive, has_negative), contributions, 0.0)
+    return per_anchor_share(contributions, ops.sum(num_positives))
 
 
 def online_contrastive_loss(
@@ -434,23 +469,31 @@ def online_contrastive_loss(
     """
     pos_margin = check_number("pos_margin", pos_margin)
     neg_margin = check_number("neg_margin", neg_margin)
-    labels, embeddings, ref_labels, reference = loss_inputs(
-        labels, embeddings, reference_embeddings, reference_labels
+
+    def rows(d, positives, negatives):
+        pos_loss = ops.where(positives, ops.relu(d - pos_margin), 0.0)
+        neg_loss = ops.where(negatives, ops.relu(neg_margin - d), 0.0)
+        return (
+            ops.sum(pos_loss, axis=1),
+            _count_positive(pos_loss, axis=1),
+            ops.sum(neg_loss, axis=1),
+            _count_positive(neg_loss, axis=1),
+            *rows_with_pairs(positives, negatives),
+        )
+
+    pos_sum, pos_count, neg_sum, neg_count, has_positive, has_negative = anchor_rows(
+        rows,
+        labels,
+        embeddings,
+        reference_embeddings,
+        reference_labels,
+        reference_mask,
+        matrix=_euclidean_rows,
     )
-    reference_mask = check_reference_mask(reference_mask, embeddings, reference)
-    query = distances_lib._l2_normalize(embeddings)
-    same = reference is None
-    reference = query if same else distances_lib._l2_normalize(reference)
-    squared = distances_lib._squared_euclidean(query, reference)
-    squared = ops.where(ops.greater(squared, _SQUARED_DISTANCE_FLOOR), squared, 0.0)
-    d = distances_lib._safe_sqrt(squared)
-    positives, negatives = pair_masks(labels, ref_labels, reference_mask)
-    pos_loss = ops.where(positives, ops.relu(d - pos_margin), 0.0)
-    neg_loss = ops.where(negatives, ops.relu(neg_margin - d), 0.0)
-    per_anchor = per_anchor_share(
-        ops.sum(pos_loss, axis=1), _count_positive(pos_loss)
-    ) + per_anchor_share(ops.sum(neg_loss, axis=1), _count_positive(neg_loss))
-    return ops.where(has_pairs(positives, negatives), per_anchor, 0.0)
+    per_anchor = per_anchor_share(pos_sum, ops.sum(pos_count)) + per_anchor_share(
+        neg_sum, ops.sum(neg_count)
+    )
+    return ops.where(any_pairs(has_positive, has_negative), per_anchor, 0.0)
 
 
 class _ModernLoss(MetricLoss):

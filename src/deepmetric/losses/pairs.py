@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
-from deepmetric import mining
 from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels
 from deepmetric.losses._base import MetricLoss, per_anchor_share, reduce_losses
@@ -80,24 +80,61 @@ class ContrastiveLoss(keras.losses.Loss):
         return {**super().get_config(), "margin": self.margin}
 
 
-def _lifted_terms(labels, embeddings, margin):
-    d = distances_lib.pairwise_distance(embeddings)
-    positives, negatives = mining.label_masks(labels)
+def _lifted_row_stats(d, negatives, margin):
+    """Per row i: the largest `margin - d(i, k)` over its negatives k (TFA's stabiliser, the
+    row minimum of `margin - d` without negatives) and sum_k exp(margin - d(i, k) - that)."""
     diff = margin - d
-    # Largest `margin - d(i, k)` over the negatives k of row i (TFA's stabiliser).
     row_max = mining.masked_maximum(diff, negatives)
-    pair_max = ops.maximum(row_max, ops.transpose(row_max))
-    # sum_k exp(diff[j, k] - pair_max[i, j]) over the negatives of j, factored as
-    # exp(row_max[j] - pair_max[i, j]) * sum_k exp(diff[j, k] - row_max[j]): O(B^2).
     shifted = ops.where(negatives, diff - row_max, 0.0)
     row_sums = ops.sum(ops.where(negatives, ops.exp(shifted), 0.0), axis=1)
-    left = ops.exp(ops.transpose(row_max) - pair_max) * ops.expand_dims(row_sums, 0)
-    total = left + ops.transpose(left)
+    return ops.squeeze(row_max, axis=1), row_sums
+
+
+def _lifted_pairs(d, positives, row_max, row_sums, all_row_max, all_row_sums):
+    """Per anchor i of a block, half the sum of max(J_ij, 0)^2 over its positives j.
+
+    `log(sum_k e^{m - d_ik} + sum_l e^{m - d_jl})` is computed from both rows' statistics,
+    shifted by the larger of the two maxima: O(B) per row instead of TFA's tiled O(B^2).
+    """
+    pair_max = ops.maximum(ops.expand_dims(row_max, 1), ops.expand_dims(all_row_max, 0))
+    total = ops.exp(ops.expand_dims(all_row_max, 0) - pair_max) * ops.expand_dims(
+        all_row_sums, 0
+    ) + ops.exp(ops.expand_dims(row_max, 1) - pair_max) * ops.expand_dims(row_sums, 1)
     valid = ops.logical_and(positives, ops.greater(total, 0.0))
     j = pair_max + ops.log(ops.where(valid, total, 1.0)) + d
-    per_pair = ops.where(valid, ops.square(ops.relu(j)), 0.0)
-    per_anchor = 0.5 * ops.sum(per_pair, axis=1)
-    return per_anchor, ops.sum(ops.cast(positives, d.dtype))
+    return 0.5 * ops.sum(ops.where(valid, ops.square(ops.relu(j)), 0.0), axis=1)
+
+
+def _lifted_terms(labels, embeddings, margin):
+    distance = distances_lib.EuclideanDistance()
+    rows, whole = (embeddings, labels), (embeddings, labels)
+
+    def block(index, anchors, anchor_labels, embeddings, labels):
+        return distance.rows(anchors, embeddings, index), mining.label_masks(
+            anchor_labels, labels, anchor_index=index
+        )
+
+    def stats(index, *args):
+        d, (_, negatives) = block(index, *args)
+        return _lifted_row_stats(d, negatives, margin)
+
+    def pairs(index, anchors, anchor_labels, row_max, row_sums, *rest):
+        d, (positives, _) = block(index, anchors, anchor_labels, *rest[:2])
+        per_anchor = _lifted_pairs(d, positives, row_max, row_sums, *rest[2:])
+        return per_anchor, ops.sum(ops.cast(positives, d.dtype), axis=1)
+
+    if _blocks.block_size(embeddings.shape[0], embeddings.shape[0]) is None:
+        # One block: the distance matrix is built once for both passes.
+        index = ops.arange(ops.shape(embeddings)[0], dtype="int32")
+        d, (positives, negatives) = block(index, *rows, *whole)
+        row_max, row_sums = _lifted_row_stats(d, negatives, margin)
+        per_anchor = _lifted_pairs(d, positives, row_max, row_sums, row_max, row_sums)
+        return per_anchor, ops.sum(ops.cast(positives, d.dtype))
+    row_max, row_sums = _blocks.map_rows(stats, rows, whole)
+    per_anchor, num_positives = _blocks.map_rows(
+        pairs, (*rows, row_max, row_sums), (*whole, row_max, row_sums)
+    )
+    return per_anchor, ops.sum(num_positives)
 
 
 def lifted_struct_loss(labels, embeddings, margin=1.0):

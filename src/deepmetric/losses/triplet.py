@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from keras import ops
 
+from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
-from deepmetric import mining
 from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels
 from deepmetric.losses._base import MetricLoss, per_anchor_share
@@ -22,11 +22,38 @@ def _check_margin(margin):
     return float(margin)
 
 
-def _distance_matrix(embeddings, distance_metric):
-    """The (B, B) matrix in which larger means farther (similarities are negated)."""
-    distance = distances_lib.get(distance_metric, "distance_metric")
-    matrix = distance(embeddings)
-    return -matrix if distance.larger_is_closer else matrix
+def anchor_rows(row_terms, labels, embeddings, distance):
+    """Per-anchor outputs of `row_terms(d, positives, negatives)`, block by block.
+
+    `d` is a (b, B) block of rows of the distance matrix in which larger means farther
+    (similarities are negated), `positives` / `negatives` its label masks (an example with
+    itself in neither). `row_terms` returns a tuple of per-row float tensors; they come back
+    for all B anchors. See `deepmetric._blocks` for when the batch is split.
+    """
+    distance = distances_lib.get(distance, "distance_metric")
+    return _blocks.anchor_rows(
+        row_terms,
+        distance_rows(distance),
+        labels,
+        embeddings,
+        one_block=not distance.blockable,
+    )
+
+
+def distance_rows(distance):
+    """`matrix(query, reference, index)` for `_blocks.anchor_rows`: rows of `distance` in which
+    larger is farther (similarities negated); `index` None for a separate reference set."""
+
+    def matrix(query, reference, index):
+        if index is None:
+            m = distance.matrix(query, reference, same=False)
+        elif distance.blockable:
+            m = distance.rows(query, reference, index)
+        else:
+            m = distance(query)  # a callable: the whole batch, always one block
+        return -m if distance.larger_is_closer else m
+
+    return matrix
 
 
 def _inputs(y_true, y_pred):
@@ -35,12 +62,17 @@ def _inputs(y_true, y_pred):
 
 
 def _semihard_terms(labels, embeddings, margin, distance_metric):
-    d = _distance_matrix(embeddings, distance_metric)
-    positives, negatives = mining.label_masks(labels)
-    pos_w, neg_w = mining.semihard_weights(d, positives, negatives, margin)
-    per_anchor = ops.sum(pos_w * (d + margin), axis=1) - ops.sum(neg_w * d, axis=1)
-    per_anchor = ops.where(mining.has_pairs(positives, negatives), per_anchor, 0.0)
-    return per_anchor, ops.sum(ops.cast(positives, d.dtype))
+    def rows(d, positives, negatives):
+        pos_w, neg_w = mining.semihard_weights(d, positives, negatives, margin)
+        per_anchor = ops.sum(pos_w * (d + margin), axis=1) - ops.sum(neg_w * d, axis=1)
+        num_positives = ops.sum(ops.cast(positives, d.dtype), axis=1)
+        return (per_anchor, num_positives, *mining.rows_with_pairs(positives, negatives))
+
+    per_anchor, num_positives, has_positive, has_negative = anchor_rows(
+        rows, labels, embeddings, distance_metric
+    )
+    per_anchor = ops.where(mining.any_pairs(has_positive, has_negative), per_anchor, 0.0)
+    return per_anchor, ops.sum(num_positives)
 
 
 def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
@@ -87,13 +119,15 @@ def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
 
 
 def _hard_terms(labels, embeddings, margin, soft, distance_metric):
-    d = _distance_matrix(embeddings, distance_metric)
-    positives, negatives = mining.label_masks(labels)
-    hardest_positive = mining.hardest_positive(d, positives)
-    hardest_negative = mining.hardest_negative(d, negatives)
-    gap = ops.squeeze(hardest_positive - hardest_negative, axis=1)
-    loss = ops.softplus(gap) if soft else ops.relu(gap + margin)
-    return ops.where(mining.has_pairs(positives, negatives), loss, 0.0)
+    def rows(d, positives, negatives):
+        hardest_positive = mining.hardest_positive(d, positives)
+        hardest_negative = mining.hardest_negative(d, negatives)
+        gap = ops.squeeze(hardest_positive - hardest_negative, axis=1)
+        loss = ops.softplus(gap) if soft else ops.relu(gap + margin)
+        return (loss, *mining.rows_with_pairs(positives, negatives))
+
+    loss, has_positive, has_negative = anchor_rows(rows, labels, embeddings, distance_metric)
+    return ops.where(mining.any_pairs(has_positive, has_negative), loss, 0.0)
 
 
 def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L2"):
@@ -133,14 +167,19 @@ def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L
 
 
 def _batch_all_terms(labels, embeddings, margin, squared):
-    d = distances_lib.EuclideanDistance(squared=squared)(embeddings)
-    positives, negatives = mining.label_masks(labels)
-    per_positive, per_negative = mining.batch_all_counts(d, positives, negatives, margin)
-    contributions = ops.sum(per_positive * (d + margin), axis=1) - ops.sum(per_negative * d, axis=1)
-    num_active = ops.sum(per_positive)
-    pos_f, neg_f = ops.cast(positives, d.dtype), ops.cast(negatives, d.dtype)
-    num_valid = ops.sum(ops.sum(pos_f, axis=1) * ops.sum(neg_f, axis=1))
-    return contributions, num_active, num_valid
+    def rows(d, positives, negatives):
+        per_positive, per_negative = mining.batch_all_counts(d, positives, negatives, margin)
+        contributions = ops.sum(per_positive * (d + margin), axis=1) - ops.sum(
+            per_negative * d, axis=1
+        )
+        pos_f, neg_f = ops.cast(positives, d.dtype), ops.cast(negatives, d.dtype)
+        num_valid = ops.sum(pos_f, axis=1) * ops.sum(neg_f, axis=1)
+        return contributions, ops.sum(per_positive, axis=1), num_valid
+
+    contributions, num_active, num_valid = anchor_rows(
+        rows, labels, embeddings, distances_lib.EuclideanDistance(squared=squared)
+    )
+    return contributions, ops.sum(num_active), ops.sum(num_valid)
 
 
 def triplet_batch_all_loss(y_true, y_pred, margin=1.0, squared=False, return_fraction=False):

@@ -1,0 +1,138 @@
+"""Per-anchor terms of a batch loss computed over blocks of anchor rows.
+
+Every batch loss of deepmetric is a sum over anchors of terms that need only the anchor's row
+of the (B, R) distance or similarity matrix (and the labels), then a normalisation by counts.
+`map_rows` computes the per-anchor terms block by block: a block of b anchors builds only its
+(b, R) slice of the matrix, and under `keras.remat` (`jax.checkpoint`, `tf.recompute_grad`,
+`torch.utils.checkpoint`) the block's temporaries are freed after the forward pass and
+recomputed in the backward pass. The peak memory of a loss is then that of one block's
+temporaries plus a few (B,) vectors, instead of several (B, R) matrices.
+
+The price is one more forward pass of each block in the backward pass, so blocks are used only
+where the matrix is large: when B * R > `BLOCK_ENTRIES` (2^24, that is B > 4096 when the batch
+is compared with itself). Smaller batches run as one block, exactly as before. A batch size
+that is unknown while tracing (a `tf.function` whose batch dimension is None, as Keras traces
+`fit` on TensorFlow) also runs as one block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import keras
+from keras import ops
+
+from deepmetric import mining
+
+# Entries of the (b, R) block of one step: 2^24 floats are 64 MB.
+BLOCK_ENTRIES = 1 << 24
+_UNLIMITED = 1 << 62
+
+
+def block_size(num_rows, num_references, max_entries=None):
+    """Anchor rows per block, or None for a single block (small or unknown sizes)."""
+    max_entries = BLOCK_ENTRIES if max_entries is None else max_entries
+    if num_rows is None or num_references is None or num_rows * num_references <= max_entries:
+        return None
+    return max(1, max_entries // num_references)
+
+
+def map_rows(
+    fn: Callable,
+    rows: Sequence,
+    shared: Sequence = (),
+    *,
+    max_entries: int | None = None,
+):
+    """`fn(index, *rows, *shared)` over blocks of rows, its per-row outputs concatenated.
+
+    Args:
+      fn: returns a tuple of tensors whose first axis is the block's rows. `index` is the
+        int32 (b,) position of the block's rows in the batch (to exclude each example's pair
+        with itself); `rows` arrive sliced to the block, `shared` whole.
+      rows: tensors whose first axis is the B anchors.
+      shared: tensors used whole by every block (the reference set: R rows).
+      max_entries: the largest b * R of one block (default `BLOCK_ENTRIES`).
+
+    Returns:
+      The tuple of `fn`'s outputs for all B rows.
+    """
+    num_rows = rows[0].shape[0]
+    num_references = shared[0].shape[0] if shared else num_rows
+    block = block_size(num_rows, num_references, max_entries)
+    if block is None:
+        return tuple(fn(ops.arange(ops.shape(rows[0])[0], dtype="int32"), *rows, *shared))
+    step_fn = keras.remat(fn)
+    if keras.backend.backend() == "tensorflow":
+        # Keras' TensorFlow `scan` needs every step output to have the carry's dtype and
+        # shape, so blocks run in a Python loop: one after the other in eager mode; in a
+        # `tf.function` (whose batch size must then be static to get here) the executor may
+        # overlap them.
+        outputs = []
+        for start in range(0, num_rows, block):
+            stop = min(start + block, num_rows)
+            index = ops.arange(start, stop, dtype="int32")
+            outputs.append(tuple(step_fn(index, *(r[start:stop] for r in rows), *shared)))
+        return tuple(ops.concatenate(parts, axis=0) for parts in zip(*outputs, strict=True))
+    # A scan, not a Python loop: its steps run one after the other, so the compiler cannot
+    # schedule the blocks side by side (XLA does, for unrolled independent blocks, and the
+    # peak memory is then that of the whole batch again). The last block is padded with
+    # repeated rows whose outputs are dropped.
+    num_blocks = -(-num_rows // block)
+    positions = ops.reshape(ops.arange(num_blocks * block, dtype="int32"), (num_blocks, block))
+
+    def step(carry, index):
+        source = ops.mod(index, num_rows)
+        block_rows = [ops.take(r, source, axis=0) for r in rows]
+        return carry, tuple(step_fn(index, *block_rows, *shared))
+
+    _, outputs = ops.scan(step, ops.zeros((), "int32"), positions)
+    return tuple(
+        ops.reshape(out, (num_blocks * block, *out.shape[2:]))[:num_rows] for out in outputs
+    )
+
+
+def anchor_rows(
+    row_terms,
+    matrix,
+    labels,
+    embeddings,
+    reference_labels=None,
+    reference=None,
+    mask=None,
+    *,
+    one_block=False,
+):
+    """Per-anchor outputs of `row_terms(m, positives, negatives)` over blocks of anchors.
+
+    `m` is a (b, R) block of `matrix(query_rows, reference, index)`, where `index` is the
+    block's position in the batch when the batch is compared with itself (`reference` None)
+    and None when there is a separate reference set. `positives` / `negatives` are the block's
+    label masks: an example with itself is in neither, and where `mask` ((R,) per reference row
+    or (B, R) per pair, boolean) is False a pair is in neither. Inputs are already checked.
+    `row_terms` returns a tuple of per-row float tensors; they come back for all B anchors.
+    `one_block` keeps the whole batch in one block (for a `matrix` that cannot build rows).
+    """
+    same = reference is None
+    rows = [embeddings, labels]
+    shared = [embeddings, labels] if same else [reference, reference_labels]
+    per_pair_mask = mask is not None and len(mask.shape) == 2
+    if mask is not None:
+        (rows if per_pair_mask else shared).append(mask)
+
+    def block(index, query, query_labels, *rest):
+        if per_pair_mask:
+            pair_mask, ref, ref_labels = rest
+        else:
+            ref, ref_labels, *column_mask = rest
+            pair_mask = ops.expand_dims(column_mask[0], 0) if column_mask else None
+        positives, negatives = mining.label_masks(
+            query_labels, ref_labels, anchor_index=index if same else None
+        )
+        if pair_mask is not None:
+            positives = ops.logical_and(positives, pair_mask)
+            negatives = ops.logical_and(negatives, pair_mask)
+        m = matrix(query, ref, index if same else None)
+        return tuple(row_terms(m, positives, negatives))
+
+    return map_rows(block, rows, shared, max_entries=_UNLIMITED if one_block else None)
