@@ -44,7 +44,7 @@ def _check_loss(loss):
         raise TypeError(
             "`loss` must be a deepmetric loss that accepts reference embeddings and a "
             "reference mask (MultiSimilarityLoss, CircleLoss, SupConLoss, NTXentLoss, "
-            f"OnlineContrastiveLoss). Received: loss={loss!r}"
+            f"OnlineContrastiveLoss, TripletLoss). Received: loss={loss!r}"
         )
     if loss.reduction not in _SCALAR_REDUCTIONS:
         raise ValueError(
@@ -114,8 +114,8 @@ class CrossBatchMemory(keras.layers.Layer):
 
     Args:
       loss: a deepmetric loss with a `call_with_reference` method (`MultiSimilarityLoss`,
-        `CircleLoss`, `SupConLoss`, `NTXentLoss`, `OnlineContrastiveLoss`), or its serialized
-        config. Its `reduction` must give a scalar.
+        `CircleLoss`, `SupConLoss`, `NTXentLoss`, `OnlineContrastiveLoss`, `TripletLoss`, whose
+        presets reproduce the TFA triplet losses), or its serialized config. Its `reduction` must give a scalar.
       memory_size: M, the number of past embeddings kept (>= 1).
 
     >>> import numpy as np

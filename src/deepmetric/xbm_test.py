@@ -15,6 +15,7 @@ LOSSES = {
     "sup_con": (losses.sup_con_loss, losses.SupConLoss),
     "nt_xent": (losses.nt_xent_loss, losses.NTXentLoss),
     "online_contrastive": (losses.online_contrastive_loss, losses.OnlineContrastiveLoss),
+    "triplet": (losses.triplet_loss, losses.TripletLoss),
 }
 NAMES = list(LOSSES)
 
