@@ -115,7 +115,8 @@ class CrossBatchMemory(keras.layers.Layer):
     Args:
       loss: a deepmetric loss with a `call_with_reference` method (`MultiSimilarityLoss`,
         `CircleLoss`, `SupConLoss`, `NTXentLoss`, `OnlineContrastiveLoss`, `TripletLoss`, whose
-        presets reproduce the TFA triplet losses), or its serialized config. Its `reduction` must give a scalar.
+        presets reproduce the TFA triplet losses), or its serialized config. Its `reduction`
+        must give a scalar.
       memory_size: M, the number of past embeddings kept (>= 1).
 
     >>> import numpy as np
