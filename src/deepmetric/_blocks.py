@@ -102,6 +102,7 @@ def anchor_rows(
     mask=None,
     *,
     one_block=False,
+    with_order=False,
 ):
     """Per-anchor outputs of `row_terms(m, positives, negatives)` over blocks of anchors.
 
@@ -112,6 +113,8 @@ def anchor_rows(
     or (B, R) per pair, boolean) is False a pair is in neither. Inputs are already checked.
     `row_terms` returns a tuple of per-row float tensors; they come back for all B anchors.
     `one_block` keeps the whole batch in one block (for a `matrix` that cannot build rows).
+    With `with_order`, `row_terms` gets a fourth argument, the block's
+    `mining.PositiveOrder` (the ranks of the positives from the labels).
     """
     same = reference is None
     rows = [embeddings, labels]
@@ -119,8 +122,17 @@ def anchor_rows(
     per_pair_mask = mask is not None and len(mask.shape) == 2
     if mask is not None:
         (rows if per_pair_mask else shared).append(mask)
+    if with_order:
+        shared.append(mining.column_ranks(shared[1]))
 
     def block(index, query, query_labels, *rest):
+        order = None
+        if with_order:
+            ranks = rest[-1]
+            # `mod`: the padding rows of a last block have positions past the batch.
+            anchor_rank = ops.take(ranks, ops.mod(index, ops.shape(ranks)[0])) if same else None
+            order = mining.PositiveOrder(ranks, anchor_rank)
+            rest = rest[:-1]
         if per_pair_mask:
             pair_mask, ref, ref_labels = rest
         else:
@@ -133,6 +145,8 @@ def anchor_rows(
             positives = ops.logical_and(positives, pair_mask)
             negatives = ops.logical_and(negatives, pair_mask)
         m = matrix(query, ref, index if same else None)
+        if with_order:
+            return tuple(row_terms(m, positives, negatives, order))
         return tuple(row_terms(m, positives, negatives))
 
     return map_rows(block, rows, shared, max_entries=_UNLIMITED if one_block else None)

@@ -121,3 +121,40 @@ def test_semihard_weights_split_ties(ties, seed):
             expected_neg[a, chosen] += 1.0 / chosen.size
     np.testing.assert_array_equal(pos_w, expected_pos)
     np.testing.assert_allclose(neg_w, expected_neg, rtol=1e-6)
+
+
+def test_column_ranks_number_each_class():
+    labels = np.array([5, 2, 5, 5, 9, 2, 5, 7], "int32")
+    ranks = _np(mining.column_ranks(labels))
+    for label in np.unique(labels):
+        assert sorted(ranks[labels == label]) == list(range(np.sum(labels == label)))
+
+
+@pytest.mark.parametrize("reference", ["self", "other", "masked"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_positive_order_gives_the_same_mining(reference, ties):
+    """The positives ranked from the labels (`PositiveOrder`) or by a cumulative sum of the
+    mask: the same weights and counts, also with a reference set and a mask removing pairs."""
+    rows, cols = (9, 9) if reference == "self" else (7, 11)
+    labels, ref_labels, d = problem(3, rows=rows, cols=cols, classes=3, ties=ties)
+    ranks = mining.column_ranks(ref_labels)
+    if reference == "self":
+        pos, neg = mining.label_masks(labels)
+        order = mining.PositiveOrder(ranks, ranks)
+    else:
+        pos, neg = mining.label_masks(labels, ref_labels)
+        order = mining.PositiveOrder(ranks)
+    if reference == "masked":
+        keep = np.random.default_rng(4).random((rows, cols)) > 0.3
+        pos, neg = np.logical_and(_np(pos), keep), np.logical_and(_np(neg), keep)
+    for fn in (mining.semihard_signed_weights, mining.batch_all_signed_counts):
+        np.testing.assert_allclose(
+            _np(fn(d, pos, neg, 0.4, order)), _np(fn(d, pos, neg, 0.4)), rtol=1e-6
+        )
+    soft_ordered = mining.batch_all_soft_terms(d, pos, neg, order)
+    for ours, cumsum in zip(soft_ordered, mining.batch_all_soft_terms(d, pos, neg), strict=True):
+        np.testing.assert_allclose(_np(ours), _np(cumsum), rtol=1e-5)
+    index, outside = mining.semihard_negatives(d, pos, neg, order)
+    expected_index, expected_outside = mining.semihard_negatives(d, pos, neg)
+    np.testing.assert_array_equal(_np(outside), _np(expected_outside))
+    np.testing.assert_array_equal(_np(index)[_np(outside)], _np(expected_index)[_np(outside)])

@@ -111,32 +111,28 @@ def triplet_loss(
     def count_positive(values, axis=None):
         return ops.sum(ops.cast(ops.greater(ops.stop_gradient(values), 0.0), "float32"), axis=axis)
 
-    def rows(d, positives, negatives):
+    def rows(d, positives, negatives, order):
         """Per anchor: its contribution, its triplets with a positive loss, its triplets."""
         valid = ops.logical_and(ops.any(positives, axis=1), ops.any(negatives, axis=1))
         valid_f = ops.cast(valid, d.dtype)
         if positive_mining == "all" and negative_mining == "all":
             if soft_margin:
                 values, w_pos, w_neg, num_nonzero = mining.batch_all_soft_terms(
-                    d, positives, negatives
+                    d, positives, negatives, order
                 )
                 moving = d - ops.stop_gradient(d)
                 contributions = (
                     values + ops.sum(w_pos * moving, axis=1) - ops.sum(w_neg * moving, axis=1)
                 )
             else:
-                per_positive, per_negative = mining.batch_all_counts(
-                    d, positives, negatives, margin
-                )
-                contributions = ops.sum(per_positive * (d + margin), axis=1) - ops.sum(
-                    per_negative * d, axis=1
-                )
-                num_nonzero = ops.sum(per_positive, axis=1)
+                w = mining.batch_all_signed_counts(d, positives, negatives, margin, order)
+                contributions = ops.sum(w * d + margin * ops.relu(w), axis=1)
+                num_nonzero = ops.sum(ops.relu(w), axis=1)
             num_pos = ops.sum(ops.cast(positives, d.dtype), axis=1)
             num_triplets = num_pos * ops.sum(ops.cast(negatives, d.dtype), axis=1)
         elif positive_mining == "all":
             if negative_mining == "semi-hard":
-                index, outside = mining.semihard_negatives(d, positives, negatives)
+                index, outside = mining.semihard_negatives(d, positives, negatives, order)
                 farthest = mining.masked_maximum(d, negatives)
                 d_neg = ops.where(outside, ops.take_along_axis(d, index, axis=1), farthest)
             else:
@@ -177,6 +173,7 @@ def triplet_loss(
         reference,
         mask,
         one_block=not distance.blockable,
+        with_order=True,
     )
     return per_anchor_share(
         contributions, ops.sum(num_nonzero) if average_nonzero else ops.sum(num_triplets)

@@ -23,12 +23,13 @@ def _check_margin(margin):
 
 
 def anchor_rows(row_terms, labels, embeddings, distance):
-    """Per-anchor outputs of `row_terms(d, positives, negatives)`, block by block.
+    """Per-anchor outputs of `row_terms(d, positives, negatives, order)`, block by block.
 
     `d` is a (b, B) block of rows of the distance matrix in which larger means farther
     (similarities are negated), `positives` / `negatives` its label masks (an example with
-    itself in neither). `row_terms` returns a tuple of per-row float tensors; they come back
-    for all B anchors. See `deepmetric._blocks` for when the batch is split.
+    itself in neither), `order` its `mining.PositiveOrder`. `row_terms` returns a tuple of
+    per-row float tensors; they come back for all B anchors. See `deepmetric._blocks` for
+    when the batch is split.
     """
     distance = distances_lib.get(distance, "distance_metric")
     return _blocks.anchor_rows(
@@ -37,6 +38,7 @@ def anchor_rows(row_terms, labels, embeddings, distance):
         labels,
         embeddings,
         one_block=not distance.blockable,
+        with_order=True,
     )
 
 
@@ -62,9 +64,9 @@ def _inputs(y_true, y_pred):
 
 
 def _semihard_terms(labels, embeddings, margin, distance_metric):
-    def rows(d, positives, negatives):
-        pos_w, neg_w = mining.semihard_weights(d, positives, negatives, margin)
-        per_anchor = ops.sum(pos_w * (d + margin), axis=1) - ops.sum(neg_w * d, axis=1)
+    def rows(d, positives, negatives, order):
+        w = mining.semihard_signed_weights(d, positives, negatives, margin, order)
+        per_anchor = ops.sum(w * d + margin * ops.relu(w), axis=1)
         num_positives = ops.sum(ops.cast(positives, d.dtype), axis=1)
         return (per_anchor, num_positives, *mining.rows_with_pairs(positives, negatives))
 
@@ -119,7 +121,7 @@ def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
 
 
 def _hard_terms(labels, embeddings, margin, soft, distance_metric):
-    def rows(d, positives, negatives):
+    def rows(d, positives, negatives, order):
         hardest_positive = mining.hardest_positive(d, positives)
         hardest_negative = mining.hardest_negative(d, negatives)
         gap = ops.squeeze(hardest_positive - hardest_negative, axis=1)
@@ -167,14 +169,12 @@ def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L
 
 
 def _batch_all_terms(labels, embeddings, margin, squared):
-    def rows(d, positives, negatives):
-        per_positive, per_negative = mining.batch_all_counts(d, positives, negatives, margin)
-        contributions = ops.sum(per_positive * (d + margin), axis=1) - ops.sum(
-            per_negative * d, axis=1
-        )
+    def rows(d, positives, negatives, order):
+        w = mining.batch_all_signed_counts(d, positives, negatives, margin, order)
+        contributions = ops.sum(w * d + margin * ops.relu(w), axis=1)
         pos_f, neg_f = ops.cast(positives, d.dtype), ops.cast(negatives, d.dtype)
         num_valid = ops.sum(pos_f, axis=1) * ops.sum(neg_f, axis=1)
-        return contributions, ops.sum(per_positive, axis=1), num_valid
+        return contributions, ops.sum(ops.relu(w), axis=1), num_valid
 
     contributions, num_active, num_valid = anchor_rows(
         rows, labels, embeddings, distances_lib.EuclideanDistance(squared=squared)
