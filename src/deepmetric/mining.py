@@ -129,37 +129,29 @@ def _kth_positive_loop(positive_mask, body, state, order=None):
     With a `PositiveOrder` the ranks come from the labels, recomputed inside each
     step from two vectors; without, from one cumulative sum of the mask (which XLA
     on CPU computes as a slow windowed reduction, and which is kept as a (B, R)
-    int32 matrix). Both give the same steps where `positive_mask` is "same label";
+    int32 matrix). Either way the step of each positive is kept in one (B, R) int32
+    matrix, so a step selects its entries with one comparison. Both give the same
+    steps where `positive_mask` is "same label";
     with the order and a mask that removes some positives (a reference mask), a
     step can select nothing in some rows, which changes nothing.
     """
     positive_mask = ops.convert_to_tensor(positive_mask)
     if order is None:
-        rank = ops.where(positive_mask, ops.cumsum(ops.cast(positive_mask, "int32"), axis=1), 0)
-        steps = ops.max(rank)
-
-        def select(k):
-            return ops.equal(rank, k)
-
+        layer = ops.cumsum(ops.cast(positive_mask, "int32"), axis=1) - 1
     else:
-        column_rank = ops.expand_dims(ops.cast(order.column_rank, "int32"), 0)
-        steps = ops.max(column_rank)
-        if order.anchor_rank is None:
-            steps = steps + 1
-
-        def select(k):
-            layer = column_rank
-            if order.anchor_rank is not None:
-                anchor = ops.expand_dims(ops.cast(order.anchor_rank, "int32"), 1)
-                layer = layer - ops.cast(ops.less(anchor, column_rank), "int32")
-            return ops.logical_and(positive_mask, ops.equal(layer, k - 1))
+        layer = ops.expand_dims(ops.cast(order.column_rank, "int32"), 0)
+        if order.anchor_rank is not None:
+            anchor = ops.expand_dims(ops.cast(order.anchor_rank, "int32"), 1)
+            layer = layer - ops.cast(ops.less(anchor, layer), "int32")
+    # Step k selects the entries of layer k: one comparison per step.
+    layer = ops.where(positive_mask, layer, -1)
+    steps = ops.max(layer) + 1
 
     def cond(k, *state):
         return ops.less(k, steps)
 
     def step(k, *state):
-        k = k + 1
-        return (k, *body(select(k), tuple(state)))
+        return (k + 1, *body(ops.equal(layer, k), tuple(state)))
 
     out = ops.while_loop(cond, step, (ops.convert_to_tensor(0, "int32"), *state))
     return out[1:]
@@ -222,23 +214,27 @@ def semihard_signed_weights(distances, positive_mask, negative_mask, margin, ord
     """
     d = ops.stop_gradient(ops.convert_to_tensor(distances))
     negative_mask = ops.convert_to_tensor(negative_mask)
-    big = ops.max(d) + 1.0
+    big, low = ops.max(d) + 1.0, ops.min(d) - 1.0
+    # The negatives' distances, `big` elsewhere: one matrix read per search, no mask.
+    negative_d = ops.where(negative_mask, d, big)
     # The farthest negative, used where no negative is farther than the positive.
-    farthest = ops.max(ops.where(negative_mask, d, -big), axis=1, keepdims=True)
+    farthest = ops.max(ops.where(negative_mask, d, low), axis=1, keepdims=True)
 
     def body(selected, state):
         (w,) = state
-        threshold = _row_value(d, selected)
-        farther = ops.logical_and(negative_mask, ops.greater(d, threshold))
-        closest = ops.min(ops.where(farther, d, big), axis=1, keepdims=True)
+        # The positive's distance; `low` (and no positive) in rows without one.
+        threshold = ops.max(ops.where(selected, d, low), axis=1, keepdims=True)
+        closest = ops.min(
+            ops.where(ops.greater(d, threshold), negative_d, big), axis=1, keepdims=True
+        )
         chosen = ops.where(ops.less(closest, big), closest, farthest)
         active = ops.logical_and(
-            ops.any(selected, axis=1, keepdims=True), ops.greater(margin + threshold - chosen, 0.0)
+            ops.greater(threshold, low), ops.greater(margin + threshold - chosen, 0.0)
         )
-        at_chosen = ops.logical_and(negative_mask, ops.equal(d, chosen))
+        at_chosen = ops.equal(negative_d, chosen)
         ties = ops.maximum(ops.sum(ops.cast(at_chosen, d.dtype), axis=1, keepdims=True), 1.0)
-        share = ops.where(ops.logical_and(active, at_chosen), 1.0 / ties, 0.0)
-        return (ops.where(ops.logical_and(selected, active), 1.0, w - share),)
+        w = ops.where(ops.logical_and(at_chosen, active), w - 1.0 / ties, w)
+        return (ops.where(ops.logical_and(selected, active), 1.0, w),)
 
     (w,) = _kth_positive_loop(positive_mask, body, (ops.zeros(ops.shape(d), d.dtype),), order)
     return w
@@ -270,18 +266,20 @@ def batch_all_signed_counts(distances, positive_mask, negative_mask, margin, ord
     triplets `sum(relu(w))`.
     """
     d = ops.stop_gradient(ops.convert_to_tensor(distances))
-    negatives = ops.cast(ops.convert_to_tensor(negative_mask), d.dtype)
+    negative_mask = ops.convert_to_tensor(negative_mask)
+
+    low = ops.min(d) - 1.0
 
     def body(selected, state):
         (w,) = state
-        threshold = _row_value(d, selected) + margin
-        active = ops.where(
-            ops.logical_and(ops.less(d, threshold), ops.any(selected, axis=1, keepdims=True)),
-            negatives,
-            0.0,
+        # The positive's distance; `low` (and no positive) in rows without one.
+        threshold = ops.max(ops.where(selected, d, low), axis=1, keepdims=True)
+        active = ops.logical_and(
+            ops.logical_and(negative_mask, ops.less(d, threshold + margin)),
+            ops.greater(threshold, low),
         )
-        count = ops.sum(active, axis=1, keepdims=True)
-        return (ops.where(selected, count, w - active),)
+        count = ops.sum(ops.cast(active, d.dtype), axis=1, keepdims=True)
+        return (ops.where(selected, count, ops.where(active, w - 1.0, w)),)
 
     (w,) = _kth_positive_loop(positive_mask, body, (ops.zeros(ops.shape(d), d.dtype),), order)
     return w
