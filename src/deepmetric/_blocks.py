@@ -11,8 +11,8 @@ temporaries plus a few (B,) vectors, instead of several (B, R) matrices.
 The price is one more forward pass of each block in the backward pass, so blocks are used only
 where the matrix is large: when B * R > `BLOCK_ENTRIES` (2^24, that is B > 4096 when the batch
 is compared with itself). Smaller batches run as one block, exactly as before. A batch size
-that is unknown while tracing (a `tf.function` whose batch dimension is None, as Keras traces
-`fit` on TensorFlow) also runs as one block.
+that is unknown while tracing (a `tf.function` traced with a None batch dimension) also runs
+as one block.
 """
 
 from __future__ import annotations
