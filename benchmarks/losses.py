@@ -20,12 +20,25 @@ random normal L2-normalised embeddings, prints:
   "oom-skip"); the estimate is the peak measured at a smaller B scaled by B^3, or
   `_naive.BYTES_PER_B3` before any measurement.
 
+With `--pml` (torch backend only), every listed loss that pytorch-metric-learning
+also has (`NTXentLoss`, `SupConLoss`) gets a second row, "pml: <name>": PML's class
+with its default arguments (the same defaults as deepmetric's: temperature 0.07 and
+0.1), timed and measured as the library's loss is, in its own subprocess, on the same
+inputs, against the same floor and under the same watchdog. Once a PML loss runs out
+of memory (the watchdog's "mem-limit", or an allocation refused: "oom"), larger B are
+not run: "oom-skip", with the peak of the last measured B scaled by B^3 for NT-Xent
+(PML builds a (positive pairs x negative pairs) matrix, 3B x B(B - 4)) and by B^2 for
+SupCon, where there is one. `--check` on torch also asserts, at B = 48, that PML's
+value (rtol 1e-5) and gradient (rtol 1e-4) equal the library's, so both rows time one loss.
+
 A configuration whose first step takes longer than `--step-limit` seconds is
 reported as "slow-skip"; one whose subprocess runs past `--timeout` as "timeout".
 
     KERAS_BACKEND=jax python benchmarks/losses.py
     python benchmarks/losses.py --backend torch --sizes 256,1024 --losses TripletSemiHardLoss
-    python benchmarks/losses.py --check            # naive forms == library, small B
+    python benchmarks/losses.py --backend torch --losses NTXentLoss,SupConLoss --pml --no-naive
+    python benchmarks/losses.py --check    # naive forms == library, small B; on torch also
+                                           # PML's NTXentLoss and SupConLoss == library
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +54,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLOOR = "floor"
+PML = "pml"  # kind of a pytorch-metric-learning loss; its rows read "pml: <name>"
+# The losses with the same name and defaults in both libraries, each with the power of B its
+# memory grows as in PML (for the "oom-skip" estimate): NT-Xent's (positive pairs x negative
+# pairs) matrix, SupCon's B x B matrices.
+PML_LOSSES = {"NTXentLoss": 3, "SupConLoss": 2}
 DIM, GROUP = 128, 4
 
 
@@ -123,8 +142,16 @@ def discover_losses():
     return found
 
 
+def _pml_loss(name):
+    """(labels, embeddings) -> scalar: pytorch-metric-learning's `name`, default arguments."""
+    from pytorch_metric_learning import losses as pml_losses
+
+    loss = getattr(pml_losses, name)()
+    return lambda labels, x: loss(x, labels)
+
+
 def _loss_fn(kind, name):
-    """(labels, embeddings) -> scalar, for a library loss, the floor or a naive form."""
+    """(labels, embeddings) -> scalar, for a library loss, the floor, a naive or a PML form."""
     from keras import ops
 
     import deepmetric.losses as losses_module
@@ -136,6 +163,8 @@ def _loss_fn(kind, name):
         import _naive
 
         return _naive.NAIVE[name][1]
+    if kind == PML:
+        return _pml_loss(name)
     loss = getattr(losses_module, name)()
     return lambda labels, x: loss(labels, x)
 
@@ -241,8 +270,15 @@ def run_config(spec, backend, timeout):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    if proc.returncode < 0 or "MemoryError" in proc.stderr or "RESOURCE_EXHAUSTED" in proc.stderr:
-        return {"status": "oom", "error": " | ".join(tail)}
+    # torch's CPU allocator refuses a request larger than the machine: "DefaultCPUAllocator:
+    # not enough memory: you tried to allocate N bytes" (older: "can't allocate memory").
+    oom_marks = ("MemoryError", "RESOURCE_EXHAUSTED", "DefaultCPUAllocator")
+    if proc.returncode < 0 or any(mark in proc.stderr for mark in oom_marks):
+        out = {"status": "oom", "error": " | ".join(tail)}
+        asked = re.search(r"tried to allocate (\d+) bytes", proc.stderr)
+        if asked:
+            out["asked_gb"] = int(asked.group(1)) / 2**30
+        return out
     return {"status": "error", "error": " | ".join(tail)}
 
 
@@ -262,6 +298,12 @@ def _cell(result):
         return f"slow-skip ({result['first_s']:.0f} s)"
     if result["status"] == "mem-limit":
         return f"mem-limit (>{result['peak_mb'] / 1024:.0f} GB)"
+    if result["status"] == "oom" and "asked_gb" in result:
+        return f"oom (asked {result['asked_gb']:.0f} GB)"
+    if result["status"] == "oom-skip" and "estimate_gb" in result:
+        return f"oom-skip (~{result['estimate_gb']:.0f} GB)"
+    if result["status"] == "oom-skip" and "after" in result:
+        return f"oom-skip ({result['after']})"
     return result["status"]
 
 
@@ -349,9 +391,58 @@ def check(batch=48, seed=1):
         np.testing.assert_allclose(lib_v, ref_v, rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(lib_g, ref_g, rtol=1e-4, atol=1e-6, err_msg=name)
         print(f"ok  {name:22s} == naive {short:10s} value {float(lib_v):.6f}")
+    check_pml(batch=batch, seed=seed)
+
+
+def check_pml(batch=48, seed=1):
+    """Asserts that PML's NTXentLoss and SupConLoss give the library's value and gradient.
+
+    On the inputs of the benchmark (groups of K = 4), torch backend only: the rows
+    "pml: <name>" of `--pml` then time the same loss.
+    """
+    import numpy as np
+
+    import deepmetric.losses as losses_module
+    from deepmetric import _backend
+
+    if _backend.name() != "torch":
+        print(f"skip pml: pytorch-metric-learning needs the torch backend, not {_backend.name()}")
+        return
+    labels, x = make_inputs(batch, seed=seed)
+    for name in PML_LOSSES:
+        loss, pml = getattr(losses_module, name)(), _pml_loss(name)
+        lib_v, lib_g = _backend.value_and_grad(lambda v, y, f=loss: f(y, v), x, labels)
+        ref_v, ref_g = _backend.value_and_grad(lambda v, y, f=pml: f(y, v), x, labels)
+        np.testing.assert_allclose(lib_v, ref_v, rtol=1e-5, atol=1e-6, err_msg=f"pml {name}")
+        np.testing.assert_allclose(lib_g, ref_g, rtol=1e-4, atol=1e-6, err_msg=f"pml {name}")
+        print(f"ok  {name:22s} == pml {name:12s} value {float(lib_v):.6f}")
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def _run_pml(name, batch, base, memory, backend, timeout):
+    """Runs PML's `name` at `batch`, unless it ran out of memory at a smaller B.
+
+    `memory[name]` holds the last measured (B, peak MB) and the first memory failure
+    (status, B). After a failure the result is "oom-skip", with the measured peak
+    scaled by B^k (`PML_LOSSES`: PML's NT-Xent matrix has 3B x B(B - 4) entries, so
+    k = 3) where there is one.
+    """
+    seen = memory.setdefault(name, {})
+    if "failed" in seen:
+        if "measured" in seen:
+            b0, peak_mb = seen["measured"]
+            estimate_gb = peak_mb * (batch / b0) ** PML_LOSSES[name] / 1024
+            return {"status": "oom-skip", "estimate_gb": estimate_gb}
+        status, b0 = seen["failed"]
+        return {"status": "oom-skip", "after": f"{status} at B={b0}"}
+    result = run_config({**base, "kind": PML, "name": name}, backend, timeout)
+    if result["status"] == "ok":
+        seen["measured"] = (batch, result["peak_mb"])
+    elif result["status"] in ("mem-limit", "oom"):
+        seen["failed"] = (result["status"], batch)
+    return result
 
 
 def main(argv=None):
@@ -376,6 +467,11 @@ def main(argv=None):
         help="stop a configuration whose memory grows past this (shared machine)",
     )
     parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument(
+        "--pml",
+        action="store_true",
+        help="also time pytorch-metric-learning's " + " and ".join(PML_LOSSES) + " (torch only)",
+    )
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--render", default=None, help="print the table of a --json file")
@@ -392,6 +488,8 @@ def main(argv=None):
     if args.render:
         render(args.render)
         return
+    if args.pml and args.backend not in (None, "torch"):  # fail before importing a backend
+        parser.exit(2, f"{parser.prog}: error: --pml needs --backend torch, not {args.backend}\n")
     import keras
 
     backend = keras.backend.backend()
@@ -401,9 +499,21 @@ def main(argv=None):
     import _naive
 
     names = args.losses.split(",") if args.losses else discover_losses()
+    pml_names = [name for name in names if name in PML_LOSSES] if args.pml else []
+    if args.pml and backend != "torch":
+        parser.exit(
+            2,
+            f"{parser.prog}: error: --pml needs the torch backend (--backend torch), "
+            f"not {backend}\n",
+        )
+    if args.pml and not pml_names:
+        parser.exit(
+            2, f"{parser.prog}: error: --pml needs one of {', '.join(PML_LOSSES)} in --losses\n"
+        )
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"# backend={backend} D={DIM} K={GROUP} losses={','.join(names)}", flush=True)
     rows, raw, naive_peaks, naive_times = [], [], {}, {}
+    pml_memory = {}  # name -> last measured (B, peak MB), first memory failure (status, B)
     for batch in sizes:
         base = dict(
             batch=batch,
@@ -446,6 +556,11 @@ def main(argv=None):
             raw.append({"name": name, "batch": batch, **result, "naive": naive})
             rows.append(_row(name, batch, result, floor, naive))
             print_table(rows[-1:], out=sys.stderr)
+            if name in pml_names:
+                pml = _run_pml(name, batch, base, pml_memory, backend, args.timeout)
+                raw.append({"name": f"{PML}: {name}", "batch": batch, **pml, "naive": None})
+                rows.append(_row(f"{PML}: {name}", batch, pml, floor, None))
+                print_table(rows[-1:], out=sys.stderr)
     print(
         f"\nbackend: {backend}; D={DIM}, K={GROUP}; median of up to {args.repeats} steps "
         "after the compiling one; peak MB = peak RSS - RSS after imports and inputs\n"
