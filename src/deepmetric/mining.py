@@ -4,11 +4,13 @@ Every function here works on (B, B) matrices or per-row vectors: nothing builds
 a B x B x B tensor or a list of triplets, everything traces under `jax.jit` and
 `tf.function` with an unknown batch size. Selections that depend on each
 (anchor, positive) pair (the semi-hard negative, the batch-all counts) loop over
-"the k-th positive of every anchor" with `keras.ops.while_loop`: one (B, B) pass
-per step and as many steps as the largest number of positives of one anchor
-(K - 1 in a P x K batch). The loop computes only indices and counts, with no
-gradient; the loss then gathers the chosen distances, so gradients flow through
-ordinary differentiable ops.
+"the k-th positive of every anchor" with `keras.ops.while_loop`: a few (B, B)
+passes per step and as many steps as the largest number of positives of one
+anchor (K - 1 in a P x K batch); a `PositiveOrder` ranks the positives from the
+labels. The loop computes only indices, counts or weights, with no gradient; the
+loss is then a weighted sum of distances (or gathers them), so gradients flow
+through ordinary differentiable ops. The functions also take a (b, R) block of
+rows (`deepmetric._blocks`).
 """
 
 from __future__ import annotations
