@@ -139,21 +139,32 @@ def _kth_positive_loop(positive_mask, body, state, order=None):
     """
     positive_mask = ops.convert_to_tensor(positive_mask)
     if order is None:
-        layer = ops.cumsum(ops.cast(positive_mask, "int32"), axis=1) - 1
+        layer = ops.where(
+            positive_mask, ops.cumsum(ops.cast(positive_mask, "int32"), axis=1) - 1, -1
+        )
+        steps = ops.max(layer) + 1
+
+        def select(k):
+            return ops.equal(layer, k)
+
     else:
-        layer = ops.expand_dims(ops.cast(order.column_rank, "int32"), 0)
-        if order.anchor_rank is not None:
-            anchor = ops.expand_dims(ops.cast(order.anchor_rank, "int32"), 1)
-            layer = layer - ops.cast(ops.less(anchor, layer), "int32")
-    # Step k selects the entries of layer k: one comparison per step.
-    layer = ops.where(positive_mask, layer, -1)
-    steps = ops.max(layer) + 1
+        column_rank = ops.expand_dims(ops.cast(order.column_rank, "int32"), 0)
+        steps = ops.max(column_rank) + (0 if order.anchor_rank is not None else 1)
+
+        def select(k):
+            # Recomputed in each step from two vectors: XLA fuses it into the step's passes
+            # instead of reading a (B, R) int32 matrix.
+            layer = column_rank
+            if order.anchor_rank is not None:
+                anchor = ops.expand_dims(ops.cast(order.anchor_rank, "int32"), 1)
+                layer = layer - ops.cast(ops.less(anchor, column_rank), "int32")
+            return ops.logical_and(positive_mask, ops.equal(layer, k))
 
     def cond(k, *state):
         return ops.less(k, steps)
 
     def step(k, *state):
-        return (k + 1, *body(ops.equal(layer, k), tuple(state)))
+        return (k + 1, *body(select(k), tuple(state)))
 
     out = ops.while_loop(cond, step, (ops.convert_to_tensor(0, "int32"), *state))
     return out[1:]
@@ -216,27 +227,23 @@ def semihard_signed_weights(distances, positive_mask, negative_mask, margin, ord
     """
     d = ops.stop_gradient(ops.convert_to_tensor(distances))
     negative_mask = ops.convert_to_tensor(negative_mask)
-    big, low = ops.max(d) + 1.0, ops.min(d) - 1.0
-    # The negatives' distances, `big` elsewhere: one matrix read per search, no mask.
-    negative_d = ops.where(negative_mask, d, big)
+    big = ops.max(d) + 1.0
     # The farthest negative, used where no negative is farther than the positive.
-    farthest = ops.max(ops.where(negative_mask, d, low), axis=1, keepdims=True)
+    farthest = ops.max(ops.where(negative_mask, d, -big), axis=1, keepdims=True)
 
     def body(selected, state):
         (w,) = state
-        # The positive's distance; `low` (and no positive) in rows without one.
-        threshold = ops.max(ops.where(selected, d, low), axis=1, keepdims=True)
-        closest = ops.min(
-            ops.where(ops.greater(d, threshold), negative_d, big), axis=1, keepdims=True
-        )
+        threshold = _row_value(d, selected)
+        farther = ops.logical_and(negative_mask, ops.greater(d, threshold))
+        closest = ops.min(ops.where(farther, d, big), axis=1, keepdims=True)
         chosen = ops.where(ops.less(closest, big), closest, farthest)
         active = ops.logical_and(
-            ops.greater(threshold, low), ops.greater(margin + threshold - chosen, 0.0)
+            ops.any(selected, axis=1, keepdims=True), ops.greater(margin + threshold - chosen, 0.0)
         )
-        at_chosen = ops.equal(negative_d, chosen)
+        at_chosen = ops.logical_and(negative_mask, ops.equal(d, chosen))
         ties = ops.maximum(ops.sum(ops.cast(at_chosen, d.dtype), axis=1, keepdims=True), 1.0)
-        w = ops.where(ops.logical_and(at_chosen, active), w - 1.0 / ties, w)
-        return (ops.where(ops.logical_and(selected, active), 1.0, w),)
+        share = ops.where(ops.logical_and(active, at_chosen), 1.0 / ties, 0.0)
+        return (ops.where(ops.logical_and(selected, active), 1.0, w - share),)
 
     (w,) = _kth_positive_loop(positive_mask, body, (ops.zeros(ops.shape(d), d.dtype),), order)
     return w
