@@ -50,6 +50,10 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         recall_at: the k of the `recall_at_{k}` metrics.
         clustering: also compute `nmi` and `ami` (k-means; slower).
         verbose: 1 prints the metrics after each evaluation.
+        embedding_model: the model that embeds `x` (default: the model being
+            fitted). Set it when `fit` trains a wrapper around the embedder, such
+            as a trainer with a `deepmetric.heads` head that takes labels as a
+            second input.
 
     Example:
 
@@ -83,6 +87,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         recall_at: Sequence[int] = (1,),
         clustering: bool = False,
         verbose: int = 0,
+        embedding_model=None,
     ):
         super().__init__()
         if (reference_x is None) != (reference_y is None):
@@ -104,6 +109,7 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         self.recall_at = tuple(recall_at)
         self.clustering = bool(clustering)
         self.verbose = verbose
+        self.embedding_model = embedding_model
         self.last_metrics: dict[str, float] | None = None
 
     def _due(self, epoch: int) -> bool:
@@ -129,7 +135,8 @@ class RetrievalEvaluation(keras.callbacks.Callback):
         batch_size = (
             self.batch_size if hasattr(x, "shape") or isinstance(x, (list, tuple, dict)) else None
         )
-        return self.model.predict(x, batch_size=batch_size, verbose=0)
+        model = self.model if self.embedding_model is None else self.embedding_model
+        return model.predict(x, batch_size=batch_size, verbose=0)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self._due(epoch):

@@ -112,3 +112,20 @@ def test_dataset_inputs():
     direct = RetrievalEvaluation(x, y)
     direct.set_model(model)
     assert callback.last_metrics == pytest.approx(direct.evaluate())
+
+
+def test_embedding_model_of_a_head_trainer():
+    """With a head trainer (labels as a second input), the callback embeds with the embedder."""
+    from deepmetric.heads import CosFace
+
+    x, y = data()
+    embedder = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    images, labels = keras.Input((5,)), keras.Input((), dtype="int32")
+    trainer = keras.Model([images, labels], CosFace(4, scale=8.0)([embedder(images), labels]))
+    trainer.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    callback = RetrievalEvaluation(x, y, embedding_model=embedder)
+    history = trainer.fit((x, y), y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    expected = retrieval_metrics(embedder.predict(x, verbose=0), y)
+    assert history.history["val_map_at_r"][0] == pytest.approx(expected["map_at_r"])

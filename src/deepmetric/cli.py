@@ -341,6 +341,28 @@ def available_losses() -> dict[str, type]:
     return dict(sorted(found.items()))
 
 
+def available_heads() -> dict[str, type]:
+    """The proxy and margin-softmax heads of `deepmetric.heads`, by snake_case name.
+
+    `arcface`, `cosface`, `sub_center_arcface`, `normalized_softmax`, `proxy_nca`,
+    `proxy_anchor`. `deepmetric train --loss NAME` trains a head on top of the embedding
+    model (labels as a second input of a trainer model) and saves the embedding model alone.
+    """
+    import deepmetric.heads as heads_module
+
+    found = {}
+    for attr in dir(heads_module):
+        cls = getattr(heads_module, attr, None)
+        if (
+            not attr.startswith("_")
+            and inspect.isclass(cls)
+            and issubclass(cls, heads_module._ProxyHead)
+        ):
+            snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", attr).lower()
+            found[snake.replace("arc_face", "arcface").replace("cos_face", "cosface")] = cls
+    return dict(sorted(found.items()))
+
+
 def _normalize_loss_name(text: str) -> str:
     key = text.strip().lower().replace("-", "_")
     for suffix in ("_loss", "loss"):
@@ -351,13 +373,58 @@ def _normalize_loss_name(text: str) -> str:
 
 
 def resolve_loss(name: str) -> tuple[str, type]:
-    """The (snake_case name, class) of the loss called `name`; CliError if unknown."""
-    losses = available_losses()
+    """The (snake_case name, class) of the loss or head called `name`; CliError if unknown."""
+    losses = {**available_losses(), **available_heads()}
     wanted = _normalize_loss_name(name)
     for snake, cls in losses.items():
         if wanted in (snake.replace("_", ""), _normalize_loss_name(cls.__name__)):
             return snake, cls
-    raise CliError(f"unknown loss {name!r}; valid names: {', '.join(losses)}")
+    raise CliError(f"unknown loss {name!r}; valid names: {', '.join(sorted(losses))}")
+
+
+def _is_head(cls) -> bool:
+    import deepmetric.heads as heads_module
+
+    return issubclass(cls, heads_module._ProxyHead)
+
+
+def _head_trainer(embedder, head_cls, num_classes: int, margin, given):
+    """`keras.Model([images, labels], head([embedder(images), labels]))`, compiled later."""
+    import keras
+
+    params = inspect.signature(head_cls.__init__).parameters
+    kwargs = {}
+    if margin is not None and "margin" in params:
+        kwargs["margin"] = margin
+    elif given is not None:
+        _note(f"--margin ignored: {head_cls.__name__} has no margin")
+    try:
+        head = head_cls(num_classes=num_classes, **kwargs)
+    except ValueError as e:
+        raise CliError(f"--margin: {e}") from None
+    images = keras.Input(tuple(embedder.inputs[0].shape[1:]), name="images")
+    labels = keras.Input((), dtype="int32", name="labels")
+    return keras.Model([images, labels], head([embedder(images), labels]), name="head_trainer")
+
+
+def _head_batches(sampler, classes, with_targets: bool):
+    """The PK batches as `((x, class index), class index)`, or `((x, class index),)`."""
+    import keras
+    import numpy as np
+
+    class HeadBatches(keras.utils.PyDataset):
+        def __len__(self):
+            return len(sampler)
+
+        def __getitem__(self, index):
+            x, y = sampler[index]
+            y = np.searchsorted(classes, y).astype("int32")
+            return ((x, y), y) if with_targets else ((x, y),)
+
+        def on_epoch_end(self):
+            sampler.on_epoch_end()
+
+    return HeadBatches()
 
 
 def _make_loss(cls, margin: float | None, given: float | None = None):
@@ -502,8 +569,14 @@ def _write_history_csv(path: Path, history: dict[str, list[float]]) -> None:
 # train
 
 
-def _train_callbacks(state: dict, checkpoint_dir: Path, x_test, y_test, before_embeddings) -> list:
-    """Learning-rate logging, per-epoch retrieval metrics, and the checkpoint."""
+def _train_callbacks(
+    state: dict, checkpoint_dir: Path, x_test, y_test, before_embeddings, embedder=None
+) -> list:
+    """Learning-rate logging, per-epoch retrieval metrics, and the checkpoint.
+
+    The checkpoint saves the model being fitted (with a head, the trainer: proxies and
+    optimizer state included); `embedder` is the model to evaluate when that is a trainer.
+    """
     import keras
     import numpy as np
 
@@ -547,7 +620,14 @@ def _train_callbacks(state: dict, checkpoint_dir: Path, x_test, y_test, before_e
 
     return [
         LearningRateLogger(),
-        RetrievalEvaluation(x_test, y_test, prefix="val_", recall_at=(1,), clustering=False),
+        RetrievalEvaluation(
+            x_test,
+            y_test,
+            prefix="val_",
+            recall_at=(1,),
+            clustering=False,
+            embedding_model=embedder,
+        ),
         Checkpoint(),
     ]
 
@@ -652,6 +732,8 @@ def _train(args) -> int:
         raise CliError(f"{run_dir} exists; choose another --name")
 
     loss_name, loss_cls = resolve_loss(config["loss"])
+    head = _is_head(loss_cls)
+    head_adds_loss = bool(getattr(loss_cls, "adds_loss", False))
     try:
         optimizers.build(config["optimizer"], 1e-3)
     except ValueError as e:
@@ -674,6 +756,8 @@ def _train(args) -> int:
     if p < 2:
         raise CliError("--classes-per-batch must be at least 2 (negatives come from other classes)")
     config["classes_per_batch"] = p
+    # A head has one proxy per training class: labels become indices into `classes`.
+    classes = np.unique(y_train)
     k = config["samples_per_class"]
 
     import keras
@@ -716,7 +800,17 @@ def _train(args) -> int:
         margin = config["margin"]
         if margin is None:
             margin = DEFAULT_MARGINS.get(loss_name)
-        model.compile(optimizer=optimizer, loss=_make_loss(loss_cls, margin, config["margin"]))
+        if head:
+            trainer = _head_trainer(model, loss_cls, len(classes), margin, config["margin"])
+            trainer.compile(
+                optimizer=optimizer,
+                loss=None
+                if head_adds_loss
+                else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        else:
+            model.compile(optimizer=optimizer, loss=_make_loss(loss_cls, margin, config["margin"]))
+            trainer = model
         before_embeddings = _embed(model, x_test)
         before = _metrics(before_embeddings, y_test, seed=config["seed"])
         state: dict[str, Any] = {
@@ -728,6 +822,7 @@ def _train(args) -> int:
             "history": {},
             "before": before,
             "train_seconds": 0.0,
+            "embedder": model.name if head else None,
         }
         initial_epoch = 0
     else:
@@ -736,7 +831,8 @@ def _train(args) -> int:
         before = state["before"]
         before_embeddings = None
         try:
-            model = keras.saving.load_model(partial / state["model_file"], safe_mode=True)
+            trainer = keras.saving.load_model(partial / state["model_file"], safe_mode=True)
+            model = trainer.get_layer(state["embedder"]) if state.get("embedder") else trainer
         except Exception as e:
             raise CliError(
                 f"{partial}: cannot load the checkpoint ({type(e).__name__}: {e})"
@@ -753,10 +849,13 @@ def _train(args) -> int:
             f"{len(x_test)}; loss {loss_name}, {config['epochs']} epochs x {steps} batches "
             f"of {p} x {k}, backend {keras.backend.backend()}"
         )
-    callbacks = _train_callbacks(state, partial, x_test, y_test, before_embeddings)
+    callbacks = _train_callbacks(
+        state, partial, x_test, y_test, before_embeddings, model if head else None
+    )
+    batches = _head_batches(sampler, classes, not head_adds_loss) if head else sampler
     try:
-        model.fit(
-            sampler,
+        trainer.fit(
+            batches,
             epochs=config["epochs"],
             initial_epoch=initial_epoch,
             callbacks=callbacks,

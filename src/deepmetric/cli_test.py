@@ -187,3 +187,77 @@ def test_console_script(run, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "precision_at_1" in done.stdout
+
+
+HEADS = [
+    "arcface",
+    "cosface",
+    "sub_center_arcface",
+    "normalized_softmax",
+    "proxy_nca",
+    "proxy_anchor",
+]
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_heads_train_and_save_the_embedder(head, tmp_path):
+    """`--loss HEAD` trains a head on top of the embedder; the run saves the embedder alone."""
+    assert cli.main(["train", *SMALL, "--loss", head, "--out", str(tmp_path), "--name", "h"]) == 0
+    model = keras.saving.load_model(tmp_path / "h" / "model.keras", safe_mode=True)
+    assert len(model.inputs) == 1 and tuple(model.outputs[0].shape) == (None, 8)
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert config["loss"] == head
+    rows = list(csv.DictReader((tmp_path / "h" / "history.csv").open()))
+    assert np.isfinite(float(rows[0]["loss"])) and "val_map_at_r" in rows[0]
+    assert cli.main(["evaluate", str(tmp_path / "h" / "model.keras"), "--split", "test"]) == 0
+
+
+def test_head_names_and_margin():
+    assert set(HEADS) <= set(cli.available_heads())
+    for spelling in ("ArcFace", "arcface", "SubCenterArcFace", "proxy-anchor"):
+        name, cls = cli.resolve_loss(spelling)
+        assert name in HEADS and cls.__module__ == "deepmetric.heads"
+    with pytest.raises(cli.CliError, match="proxy_nca"):
+        cli.resolve_loss("no_such_loss")
+
+
+def test_head_margin_out_of_range_exits_2(tmp_path, capsys):
+    args = ["train", *SMALL, "--loss", "arcface", "--margin", "2.0", "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--margin" in err[0] and "pi/2" in err[0]
+
+
+def test_head_resume_keeps_the_proxies(tmp_path, monkeypatch):
+    """The checkpoint is the trainer (proxies and optimizer included); resuming continues it."""
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    original = cli._train_callbacks
+    monkeypatch.setattr(cli, "_train_callbacks", lambda *a: [*original(*a), Interrupt()])
+    args = ["train", *SMALL, "--epochs", "2", "--loss", "proxy_anchor", "--out", str(tmp_path)]
+    assert cli.main([*args, "--name", "r"]) == cli.EXIT_INTERRUPTED
+    partial = tmp_path / "r.partial"
+    state = json.loads((partial / "state.json").read_text())
+    trainer = keras.saving.load_model(partial / state["model_file"], safe_mode=True)
+    proxies = keras.ops.convert_to_numpy(trainer.layers[-1].proxies)
+    assert proxies.shape == (10, 8)
+
+    monkeypatch.setattr(cli, "_train_callbacks", original)
+    seen = []
+
+    def spy(*a):
+        callbacks = original(*a)
+
+        class Check(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                seen.append(keras.ops.convert_to_numpy(self.model.layers[-1].proxies))
+
+        return [Check(), *callbacks]
+
+    monkeypatch.setattr(cli, "_train_callbacks", spy)
+    assert cli.main(["train", "--resume", "--name", "r", "--out", str(tmp_path), "--quiet"]) == 0
+    np.testing.assert_array_equal(seen[0], proxies)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs_trained"] == 2

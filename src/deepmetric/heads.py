@@ -41,7 +41,14 @@ from deepmetric.losses.modern import check_number, masked_logsumexp
 
 
 class _ProxyHead(keras.layers.Layer):
-    """Base: a (num_classes, D) trainable proxy matrix and the cosine similarities to it."""
+    """Base: a (num_classes, D) trainable proxy matrix and the cosine similarities to it.
+
+    `adds_loss` says how to train a head: False, compile the trainer with
+    `SparseCategoricalCrossentropy(from_logits=True)` on the labels; True, the head adds
+    its loss itself (compile with `loss=None`).
+    """
+
+    adds_loss = False
 
     def __init__(self, num_classes, proxy_initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
@@ -326,6 +333,8 @@ class ProxyAnchor(_ProxyHead):
         kaiming-normal initialisation, by default).
     """
 
+    adds_loss = True
+
     def __init__(
         self, num_classes, margin=0.1, alpha=32.0, proxy_initializer="he_normal", **kwargs
     ):
@@ -414,6 +423,8 @@ class ProxyNCA(_ProxyHead):
       softmax_scale: the scale s of the softmax (> 0).
       proxy_initializer: initializer of the (num_classes, D) proxies.
     """
+
+    adds_loss = True
 
     def __init__(self, num_classes, softmax_scale=1.0, **kwargs):
         super().__init__(num_classes, **kwargs)
