@@ -4,7 +4,8 @@ Runs the command line once per loss (or per optimizer/schedule setting), each in
 process with the same budget, and prints a markdown table of the held-out metrics and the
 training time read back from each run's metrics.json and config.json.
 
-    python benchmarks/quality.py losses        # every loss of `deepmetric train --loss`
+    python benchmarks/quality.py losses        # every loss and head of `deepmetric train --loss`
+    python benchmarks/quality.py losses --only arcface,proxy_anchor
     python benchmarks/quality.py optimizers    # Adam vs AdaBelief, with and without warm-up
 """
 
@@ -31,6 +32,13 @@ LOSS_SETTINGS: dict[str, list[str]] = {
     "sup_con": [],
     "nt_xent": [],
     "online_contrastive": [],
+    # Heads (one proxy per class, trained on top of the embedder; their defaults).
+    "arcface": [],
+    "cosface": [],
+    "sub_center_arcface": [],
+    "normalized_softmax": [],
+    "proxy_nca": [],
+    "proxy_anchor": [],
 }
 
 OPTIMIZER_SETTINGS: dict[str, list[str]] = {
@@ -67,8 +75,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["losses", "optimizers"])
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--only", help="comma-separated settings to run (default: all)")
     args = parser.parse_args()
     settings = LOSS_SETTINGS if args.what == "losses" else OPTIMIZER_SETTINGS
+    if args.only:
+        wanted = [name.strip() for name in args.only.split(",")]
+        unknown = [name for name in wanted if name not in settings]
+        if unknown:
+            parser.error(f"--only: unknown {unknown}; valid: {', '.join(settings)}")
+        settings = {name: settings[name] for name in wanted}
     common = ["--epochs", str(args.epochs)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help=f"data set (default: {d['data']})")
     t.add_argument(
         "--loss",
-        help=f"loss of deepmetric.losses by snake_case or class name (default: {d['loss']})",
+        help="loss of deepmetric.losses or head of deepmetric.heads (arcface, cosface, "
+        "sub_center_arcface, normalized_softmax, proxy_nca, proxy_anchor), by snake_case or "
+        f"class name (default: {d['loss']})",
     )
     t.add_argument(
         "--margin",
