@@ -394,14 +394,8 @@ def _head_trainer(embedder, head_cls, num_classes: int, margin, given):
     """`keras.Model([images, labels], head([embedder(images), labels]))`, compiled later."""
     import keras
 
-    params = inspect.signature(head_cls.__init__).parameters
-    kwargs = {}
-    if margin is not None and "margin" in params:
-        kwargs["margin"] = margin
-    elif given is not None:
-        _note(f"--margin ignored: {head_cls.__name__} has no margin")
     try:
-        head = head_cls(num_classes=num_classes, **kwargs)
+        head = head_cls(num_classes=num_classes, **_margin_kwargs(head_cls, margin, given))
     except ValueError as e:
         raise CliError(f"--margin: {e}") from None
     images = keras.Input(tuple(embedder.inputs[0].shape[1:]), name="images")
@@ -429,14 +423,19 @@ def _head_batches(sampler, classes, with_targets: bool):
     return HeadBatches()
 
 
-def _make_loss(cls, margin: float | None, given: float | None = None):
-    """`cls(margin=margin)` if the loss has a margin, else `cls()` (a note if --margin given)."""
+def _margin_kwargs(cls, margin: float | None, given: float | None = None) -> dict:
+    """`{"margin": margin}` if `cls` takes a margin, else `{}` (a note if --margin given)."""
     params = inspect.signature(cls.__init__).parameters
     if margin is not None and "margin" in params:
-        return cls(margin=margin)
+        return {"margin": margin}
     if given is not None:
         _note(f"--margin ignored: {cls.__name__} has no margin")
-    return cls()
+    return {}
+
+
+def _make_loss(cls, margin: float | None, given: float | None = None):
+    """`cls(margin=margin)` if the loss has a margin, else `cls()` (a note if --margin given)."""
+    return cls(**_margin_kwargs(cls, margin, given))
 
 
 # ---------------------------------------------------------------------------

@@ -22,12 +22,6 @@ from keras import ops
 from deepmetric.distances import is_self
 
 
-def _not_self(n):
-    """(n, n) boolean, False on the diagonal, built without a float identity matrix."""
-    index = ops.arange(n, dtype="int32")
-    return ops.not_equal(ops.expand_dims(index, 1), ops.expand_dims(index, 0))
-
-
 def label_masks(labels, reference_labels=None, anchor_index=None):
     """Boolean (B, R) masks of positive and negative pairs.
 
@@ -41,11 +35,11 @@ def label_masks(labels, reference_labels=None, anchor_index=None):
     ref = labels if reference_labels is None else ops.convert_to_tensor(reference_labels)
     same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(ref, 0))
     if reference_labels is None:
-        return ops.logical_and(same, _not_self(ops.shape(labels)[0])), ops.logical_not(same)
-    if anchor_index is not None:
-        not_self = ops.logical_not(is_self(anchor_index, ops.shape(ref)[0]))
-        return ops.logical_and(same, not_self), ops.logical_not(same)
-    return same, ops.logical_not(same)
+        anchor_index = ops.arange(ops.shape(labels)[0], dtype="int32")
+    if anchor_index is None:
+        return same, ops.logical_not(same)
+    not_self = ops.logical_not(is_self(anchor_index, ops.shape(ref)[0]))
+    return ops.logical_and(same, not_self), ops.logical_not(same)
 
 
 def has_pairs(positive_mask, negative_mask):
