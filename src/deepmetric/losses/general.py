@@ -213,17 +213,18 @@ class TripletLoss(MetricLoss):
         self.soft_margin = bool(soft_margin)
         self.average_nonzero = bool(average_nonzero)
 
+    def _options(self):
+        return {
+            "margin": self.margin,
+            "distance": self.distance,
+            "positive_mining": self.positive_mining,
+            "negative_mining": self.negative_mining,
+            "soft_margin": self.soft_margin,
+            "average_nonzero": self.average_nonzero,
+        }
+
     def call(self, labels, embeddings):
-        return triplet_loss(
-            labels,
-            embeddings,
-            margin=self.margin,
-            distance=self.distance,
-            positive_mining=self.positive_mining,
-            negative_mining=self.negative_mining,
-            soft_margin=self.soft_margin,
-            average_nonzero=self.average_nonzero,
-        )
+        return triplet_loss(labels, embeddings, **self._options())
 
     def call_with_reference(
         self, labels, embeddings, reference_embeddings, reference_labels, reference_mask=None
@@ -233,15 +234,10 @@ class TripletLoss(MetricLoss):
         return triplet_loss(
             labels,
             embeddings,
-            margin=self.margin,
-            distance=self.distance,
-            positive_mining=self.positive_mining,
-            negative_mining=self.negative_mining,
-            soft_margin=self.soft_margin,
-            average_nonzero=self.average_nonzero,
             reference_embeddings=reference_embeddings,
             reference_labels=reference_labels,
             reference_mask=reference_mask,
+            **self._options(),
         )
 
     def get_config(self):
