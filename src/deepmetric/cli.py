@@ -6,6 +6,11 @@
     deepmetric embed runs/<name>/model.keras --data items.npz --output items.npy
     deepmetric export runs/<name>/model.keras --data digits --out projector/
 
+`--loss` takes a loss of deepmetric.losses or a head of deepmetric.heads (`arcface`,
+`cosface`, `sub_center_arcface`, `normalized_softmax`, `proxy_nca`, `proxy_anchor`): a head
+trains on top of the embedding model (labels as a second input of a trainer model, one
+proxy per training class), and the run saves the embedding model alone.
+
 See docs/cli.md for the options, the outputs and the measured default run. Bad input
 prints one line `deepmetric: error: ...` on stderr and exits with status 2.
 """
@@ -193,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--margin",
         type=_nonnegative_float,
         help="margin of the loss, if it has one (default: 0.2 for the triplet losses, "
-        "otherwise the loss's own default)",
+        "otherwise the loss's own default); for a head: arcface and sub_center_arcface in "
+        "radians in [0, pi/2), cosface, proxy_anchor; normalized_softmax and proxy_nca have "
+        "none and refuse it",
     )
     t.add_argument("--epochs", type=_positive_int, help=f"epochs (default: {d['epochs']})")
     t.add_argument(
@@ -376,12 +383,14 @@ def _normalize_loss_name(text: str) -> str:
 
 def resolve_loss(name: str) -> tuple[str, type]:
     """The (snake_case name, class) of the loss or head called `name`; CliError if unknown."""
-    losses = {**available_losses(), **available_heads()}
+    losses, heads = available_losses(), available_heads()
     wanted = _normalize_loss_name(name)
-    for snake, cls in losses.items():
+    for snake, cls in {**losses, **heads}.items():
         if wanted in (snake.replace("_", ""), _normalize_loss_name(cls.__name__)):
             return snake, cls
-    raise CliError(f"unknown loss {name!r}; valid names: {', '.join(sorted(losses))}")
+    raise CliError(
+        f"unknown loss {name!r}; valid names: {', '.join(losses)}; heads: {', '.join(heads)}"
+    )
 
 
 def _is_head(cls) -> bool:
@@ -390,14 +399,33 @@ def _is_head(cls) -> bool:
     return issubclass(cls, heads_module._ProxyHead)
 
 
-def _head_trainer(embedder, head_cls, num_classes: int, margin, given):
+def _make_head(head_cls, num_classes: int, margin: float | None):
+    """`head_cls(num_classes, margin=margin)`; CliError if the head has no margin or rejects it.
+
+    Unlike a batch loss (where a margin it does not take is ignored with a note), a head
+    without a margin (normalised softmax, Proxy-NCA) refuses --margin: its logits have no
+    margin to set, and the scale or temperature that stands in for it is another quantity.
+    """
+    if margin is not None and "margin" not in inspect.signature(head_cls).parameters:
+        heads = available_heads()
+        name = next((n for n, cls in heads.items() if cls is head_cls), head_cls.__name__)
+        with_margin = [
+            n for n, cls in heads.items() if "margin" in inspect.signature(cls).parameters
+        ]
+        raise CliError(
+            f"--margin: the {name} head has no margin (heads with one: {', '.join(with_margin)})"
+        )
+    try:
+        return head_cls(num_classes=num_classes, **({} if margin is None else {"margin": margin}))
+    except ValueError as e:
+        raise CliError(f"--margin: {e}") from None
+
+
+def _head_trainer(embedder, head_cls, num_classes: int, margin: float | None):
     """`keras.Model([images, labels], head([embedder(images), labels]))`, compiled later."""
     import keras
 
-    try:
-        head = head_cls(num_classes=num_classes, **_margin_kwargs(head_cls, margin, given))
-    except ValueError as e:
-        raise CliError(f"--margin: {e}") from None
+    head = _make_head(head_cls, num_classes, margin)
     images = keras.Input(tuple(embedder.inputs[0].shape[1:]), name="images")
     labels = keras.Input((), dtype="int32", name="labels")
     return keras.Model([images, labels], head([embedder(images), labels]), name="head_trainer")
@@ -735,6 +763,8 @@ def _train(args) -> int:
     loss_name, loss_cls = resolve_loss(config["loss"])
     head = _is_head(loss_cls)
     head_adds_loss = bool(getattr(loss_cls, "adds_loss", False))
+    if head and saved_state is None:
+        _make_head(loss_cls, 2, config["margin"])  # a bad --margin fails before the data load
     try:
         optimizers.build(config["optimizer"], 1e-3)
     except ValueError as e:
@@ -802,7 +832,7 @@ def _train(args) -> int:
         if margin is None:
             margin = DEFAULT_MARGINS.get(loss_name)
         if head:
-            trainer = _head_trainer(model, loss_cls, len(classes), margin, config["margin"])
+            trainer = _head_trainer(model, loss_cls, len(classes), config["margin"])
             trainer.compile(
                 optimizer=optimizer,
                 loss=None

@@ -144,6 +144,7 @@ def test_bad_input_exits_2_with_one_line(case, tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
     if case == "unknown loss":
         assert "triplet_semihard" in err and "triplet_hard" in err
+        assert all(head in err for head in HEADS), err
 
 
 def test_loss_names():
@@ -219,6 +220,38 @@ def test_head_names_and_margin():
         assert name in HEADS and cls.__module__ == "deepmetric.heads"
     with pytest.raises(cli.CliError, match="proxy_nca"):
         cli.resolve_loss("no_such_loss")
+
+
+def test_train_help_lists_the_heads(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(head in out for head in HEADS), out
+
+
+@pytest.mark.parametrize("head", ["normalized_softmax", "proxy_nca"])
+def test_margin_for_a_head_without_margin_exits_2(head, tmp_path, capsys):
+    args = ["train", *SMALL, "--loss", head, "--margin", "0.1", "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deepmetric: error: --margin: ") and err.count("\n") == 1, err
+    assert "has no margin" in err and "arcface" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("head", ["cosface", "proxy_anchor"])
+def test_head_on_labels_that_are_not_0_to_c_minus_1(head, tmp_path):
+    """Labels 5, 9, 42 become proxy indices 0, 1, 2 (the sorted unique training labels)."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.array([5, 9, 42]), 20)
+    x = (rng.normal(size=(60, 6)) + y[:, None] / 10.0).astype("float32")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    data = ["--data", str(tmp_path / "d.npz"), "--classes-per-batch", "3"]
+    args = ["train", *SMALL, *data, "--loss", head, "--out", str(tmp_path), "--name", "g"]
+    assert cli.main(args) == 0
+    model = keras.saving.load_model(tmp_path / "g" / "model.keras", safe_mode=True)
+    assert tuple(model.outputs[0].shape) == (None, 8)
+    rows = list(csv.DictReader((tmp_path / "g" / "history.csv").open()))
+    assert np.isfinite(float(rows[0]["loss"]))
 
 
 def test_head_margin_out_of_range_exits_2(tmp_path, capsys):
