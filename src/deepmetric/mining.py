@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
+from deepmetric import _kernels
 from deepmetric.distances import is_self
 
 
@@ -213,11 +214,28 @@ def semihard_negatives(distances, positive_mask, negative_mask, order=None):
 def semihard_signed_weights(distances, positive_mask, negative_mask, margin, order=None):
     """`semihard_weights` in one matrix: `pos_w - neg_w` (their supports are disjoint).
 
-    The semi-hard loss sum is `sum(w * d + margin * relu(w))`. One (B, R) matrix is
-    carried through the loop instead of two, and the chosen negative is found by its
-    distance: the negatives at exactly the chosen distance share the weight (they are
-    all farther than the positive when a farther negative exists, and all at the
-    farthest distance otherwise), so one tie count serves both cases.
+    The semi-hard loss sum is `sum(w * d + margin * relu(w))`. On PyTorch this runs
+    `deepmetric._kernels.torch_semihard_signed_weights` (the same weights in fewer
+    passes; it needs no `order`); elsewhere the `keras.ops` form below.
+    """
+    if _kernels.has_torch_semihard():
+        return _kernels.torch_semihard_signed_weights(
+            ops.convert_to_tensor(distances),
+            ops.convert_to_tensor(positive_mask),
+            ops.convert_to_tensor(negative_mask),
+            margin,
+        )
+    return semihard_signed_weights_ops(distances, positive_mask, negative_mask, margin, order)
+
+
+def semihard_signed_weights_ops(distances, positive_mask, negative_mask, margin, order=None):
+    """`semihard_signed_weights` in `keras.ops`, on every backend.
+
+    One (B, R) matrix is carried through the loop instead of two, and the chosen
+    negative is found by its distance: the negatives at exactly the chosen distance
+    share the weight (they are all farther than the positive when a farther negative
+    exists, and all at the farthest distance otherwise), so one tie count serves both
+    cases.
     """
     d = ops.stop_gradient(ops.convert_to_tensor(distances))
     negative_mask = ops.convert_to_tensor(negative_mask)

@@ -1,0 +1,116 @@
+"""The backend kernels against the rule they implement, on every backend.
+
+`mining.semihard_signed_weights` runs the PyTorch kernel on torch and its `keras.ops` form
+elsewhere; both must give the weights of the semi-hard rule written out pair by pair below,
+including the edge cases the kernel handles by other means (ties, rows without positives or
+negatives, distances below zero, a reference set, pairs removed by a mask).
+"""
+
+import numpy as np
+import pytest
+from keras import ops
+
+from deepmetric import _backend, _kernels, mining
+
+
+def _np(x):
+    return ops.convert_to_numpy(x)
+
+
+def reference_signed_weights(d, pos, neg, margin):
+    """`pos_w - neg_w` of the semi-hard rule, one (anchor, positive) pair at a time.
+
+    For the pair (a, p): the closest negative farther than p, else the farthest negative; the
+    pair is active when `margin + d[a, p] - d[a, n*] > 0`. An active pair puts 1 on (a, p) and
+    -1 on n*, split equally among the negatives tied at d[a, n*]. An anchor without negatives
+    compares with `-(max(d) + 1)` (the `keras.ops` form's sentinel) and puts no negative weight.
+    """
+    w = np.zeros(d.shape, np.float64)
+    sentinel = -(d.max() + 1.0)
+    for a, p in zip(*np.nonzero(pos), strict=True):
+        negatives = np.flatnonzero(neg[a])
+        farther = negatives[d[a, negatives] > d[a, p]]
+        candidates = farther if farther.size else negatives
+        value = d[a, candidates].min() if farther.size else d[a, negatives].max(initial=sentinel)
+        if not np.float32(margin) + d[a, p] - value > 0:
+            continue
+        w[a, p] = 1.0
+        tied = candidates[d[a, candidates] == value]
+        if tied.size:
+            w[a, tied] -= 1.0 / tied.size
+    return w
+
+
+def problem(seed, rows, cols, classes, ties, low=0.0, high=2.0, removed=0.0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, rows)
+    ref_labels = labels if cols is None else rng.integers(0, classes, cols)
+    cols = rows if cols is None else cols
+    d = rng.uniform(low, high, (rows, cols)).astype("float32")
+    if ties:
+        d = np.round(d * 4) / 4  # many equal distances
+    if cols == rows and ref_labels is labels:
+        pos, neg = (_np(m) for m in mining.label_masks(labels))
+    else:
+        pos, neg = (_np(m) for m in mining.label_masks(labels, ref_labels))
+    if removed:
+        keep = rng.random(d.shape) >= removed
+        pos, neg = pos & keep, neg & keep
+    return d, pos, neg
+
+
+CASES = {
+    "batch": dict(rows=12, cols=None, classes=3, ties=False),
+    "batch with ties": dict(rows=12, cols=None, classes=3, ties=True),
+    "negated similarities": dict(rows=10, cols=None, classes=3, ties=False, low=-2.0),
+    "ties below zero": dict(rows=10, cols=None, classes=2, ties=True, low=-2.0),
+    "reference set": dict(rows=5, cols=13, classes=3, ties=False),
+    "reference set with ties": dict(rows=5, cols=13, classes=3, ties=True),
+    "pairs removed": dict(rows=11, cols=None, classes=3, ties=True, removed=0.4),
+    "one class": dict(rows=6, cols=None, classes=1, ties=False),
+    "one class, all below zero": dict(rows=6, cols=None, classes=1, ties=False, low=-2, high=-1),
+    "no positive pair": dict(rows=5, cols=None, classes=50, ties=False),
+    "one reference": dict(rows=4, cols=1, classes=2, ties=False),
+}
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.3, 1.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("case", list(CASES))
+def test_semihard_signed_weights_follow_the_rule(case, seed, margin):
+    d, pos, neg = problem(seed, **CASES[case])
+    got = _np(mining.semihard_signed_weights(d, pos, neg, margin))
+    np.testing.assert_allclose(got, reference_signed_weights(d, pos, neg, margin), atol=1e-6)
+
+
+def test_rows_without_negatives_among_others():
+    """A mask that leaves one anchor without negatives (possible with a reference mask):
+    its active positives keep their weight, and no negative weight appears in its row."""
+    d, pos, neg = problem(5, rows=8, cols=None, classes=2, ties=False)
+    neg[0] = False
+    got = _np(mining.semihard_signed_weights(d, pos, neg, 0.5))
+    np.testing.assert_allclose(got, reference_signed_weights(d, pos, neg, 0.5), atol=1e-6)
+    assert got[0].min() >= 0.0 and got[0].max() == 1.0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_kernel_equals_the_keras_ops_form_on_a_p_by_k_batch(ties):
+    """A 64-example batch of 16 classes x 4: the weights the backend runs equal the
+    `keras.ops` form's (on torch the kernel; elsewhere the same function)."""
+    rng = np.random.default_rng(7)
+    labels = rng.permutation(np.repeat(np.arange(16), 4))
+    d = rng.uniform(0.0, 2.0, (64, 64)).astype("float32")
+    d = (d + d.T) / 2
+    if ties:
+        d = np.round(d * 8) / 8
+    pos, neg = (_np(m) for m in mining.label_masks(labels))
+    ranks = mining.column_ranks(labels)
+    expected = _np(
+        mining.semihard_signed_weights_ops(d, pos, neg, 0.2, mining.PositiveOrder(ranks, ranks))
+    )
+    np.testing.assert_allclose(_np(mining.semihard_signed_weights(d, pos, neg, 0.2)), expected)
+    np.testing.assert_allclose(expected, reference_signed_weights(d, pos, neg, 0.2), atol=1e-6)
+
+
+def test_the_kernel_runs_on_torch_only():
+    assert _kernels.has_torch_semihard() == (_backend.name() == "torch")
