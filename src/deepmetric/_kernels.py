@@ -2,15 +2,20 @@
 
 Library code calls `deepmetric.mining`, which uses a kernel of this module when one exists for
 the current backend and its `keras.ops` form otherwise; both give the same result (tested on
-every backend in `_kernels_test.py`). Today there is one kernel:
+every backend in `_kernels_test.py`). Today there are two, both for PyTorch:
 
-- `torch_semihard_signed_weights`, the semi-hard weights of `mining.semihard_signed_weights` in
-  PyTorch. Eager PyTorch runs each `keras.ops` call as its own pass over the (B, R) matrix; the
-  `keras.ops` form makes about 15 such passes for every positive rank, several of them
-  `torch.where` on a mask with no pattern (which PyTorch computes with a branch per entry, at
-  about 4 ms for a 1024 x 1024 matrix on one core). XLA fuses the same code into a few passes,
-  so JAX and TensorFlow keep the `keras.ops` form. At B = 1024 this kernel takes the weights
-  from about 53 ms to about 10 ms on one core (`benchmarks/losses.py`; docs/benchmarks.md).
+- `torch_semihard_signed_weights` (`mining.semihard_signed_weights`) and
+- `torch_batch_all_signed_counts` (`mining.batch_all_signed_counts`).
+
+Eager PyTorch runs each `keras.ops` call as its own pass over the (B, R) matrix. The `keras.ops`
+forms make about 15 such passes per positive rank for the semi-hard rule and 8 for batch-all,
+several of them `torch.where` on a mask with no pattern (`d > t`), which PyTorch computes
+with a branch per entry, at about 4 ms for a 1024 x 1024 matrix on one core against 0.3 ms
+for a comparison. The kernels make 3 or 4 passes per rank and write comparisons into float
+buffers. XLA fuses the `keras.ops` forms into a few passes, so JAX and TensorFlow keep them.
+At B = 1024 on one core, the semi-hard weights take about 10 ms instead of 45-55 ms, and the
+semi-hard and batch-all losses went from 3.3x and 2.8x the floor to 1.9x
+(`benchmarks/losses.py`; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ from __future__ import annotations
 import keras
 
 
-def has_torch_semihard() -> bool:
-    """Whether `mining.semihard_signed_weights` runs `torch_semihard_signed_weights`."""
+def has_torch_kernels() -> bool:
+    """Whether `mining` runs the PyTorch kernels of this module (on the torch backend)."""
     return keras.backend.backend() == "torch"
 
 
 def torch_semihard_signed_weights(distances, positive_mask, negative_mask, margin):
-    """`mining.semihard_signed_weights` for torch tensors, in about eight passes per rank.
+    """`mining.semihard_signed_weights` for torch tensors, in about four passes per rank.
 
     The same weights as the `keras.ops` form, in the same edge cases (a row without
     negatives, a row without positives, ties, distances below zero such as negated
@@ -120,3 +125,40 @@ def _second_largest(values, largest_index):
     Overwrites that entry of `values` (a buffer).
     """
     return values.scatter_(1, largest_index, float("-inf")).amax(dim=1, keepdim=True)
+
+
+def torch_batch_all_signed_counts(distances, positive_mask, negative_mask, margin):
+    """`mining.batch_all_signed_counts` for torch tensors, in about three passes per rank.
+
+    The positives' distances come from one `topk` (as in `torch_semihard_signed_weights`);
+    for each rank k the active negatives `d < t_k + margin` are written to a float buffer by
+    one comparison, counted per row for the positive and added up per negative. Counts are
+    whole numbers, so the result equals the `keras.ops` form exactly.
+    """
+    import torch
+
+    d = distances.detach()
+    positive_mask = positive_mask.bool()
+    negative_mask = negative_mask.bool()
+    w = torch.zeros_like(d)
+    if d.numel() == 0:
+        return w
+    steps = int(positive_mask.sum(dim=1, dtype=torch.int32).max())
+    if steps == 0:
+        return w
+    low = d.min() - 1.0
+    thresholds, positive_index = torch.topk(
+        torch.where(positive_mask, d, low), steps, dim=1, sorted=False
+    )
+    is_positive = positive_mask.gather(1, positive_index)
+    # `d < t + margin` as in the keras.ops form; padding ranks compare with -inf (no entry
+    # is below it) and non-negatives sit at +inf (above every bound).
+    bounds = torch.where(is_positive, thresholds + margin, float("-inf"))
+    negative_d = torch.where(negative_mask, d, float("inf"))
+    active = torch.empty_like(d)
+    counts = []
+    for k in range(steps):
+        torch.lt(negative_d, bounds[:, k : k + 1], out=active)
+        counts.append(active.sum(dim=1, keepdim=True))
+        w -= active
+    return w.scatter_add_(1, positive_index, torch.cat(counts, dim=1))

@@ -1,9 +1,10 @@
-"""The backend kernels against the rule they implement, on every backend.
+"""The backend kernels against the rules they implement, on every backend.
 
-`mining.semihard_signed_weights` runs the PyTorch kernel on torch and its `keras.ops` form
-elsewhere; both must give the weights of the semi-hard rule written out pair by pair below,
-including the edge cases the kernel handles by other means (ties, rows without positives or
-negatives, distances below zero, a reference set, pairs removed by a mask).
+`mining.semihard_signed_weights` and `mining.batch_all_signed_counts` run PyTorch kernels on
+torch and their `keras.ops` forms elsewhere; both must give the weights of the rules written
+out pair by pair or triplet by triplet below, including the edge cases the kernels handle by
+other means (ties, rows without positives or negatives, distances below zero, a reference set,
+pairs removed by a mask).
 """
 
 import numpy as np
@@ -39,6 +40,15 @@ def reference_signed_weights(d, pos, neg, margin):
         if tied.size:
             w[a, tied] -= 1.0 / tied.size
     return w
+
+
+def reference_signed_counts(d, pos, neg, margin):
+    """`per_positive - per_negative` of batch-all mining, from the list of all triplets:
+    (a, p, n) is active when `d[a, n] < d[a, p] + margin`."""
+    active = (
+        pos[:, :, None] & neg[:, None, :] & (d[:, None, :] < d[:, :, None] + np.float32(margin))
+    )
+    return active.sum(axis=2) - active.sum(axis=1)
 
 
 def problem(seed, rows, cols, classes, ties, low=0.0, high=2.0, removed=0.0):
@@ -83,6 +93,15 @@ def test_semihard_signed_weights_follow_the_rule(case, seed, margin):
     np.testing.assert_allclose(got, reference_signed_weights(d, pos, neg, margin), atol=1e-6)
 
 
+@pytest.mark.parametrize("margin", [0.0, 0.3, 5.0])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", list(CASES))
+def test_batch_all_signed_counts_follow_the_rule(case, seed, margin):
+    d, pos, neg = problem(seed, **CASES[case])
+    got = _np(mining.batch_all_signed_counts(d, pos, neg, margin))
+    np.testing.assert_array_equal(got, reference_signed_counts(d, pos, neg, margin))
+
+
 def test_rows_without_negatives_among_others():
     """A mask that leaves one anchor without negatives (possible with a reference mask):
     its active positives keep their weight, and no negative weight appears in its row."""
@@ -94,7 +113,7 @@ def test_rows_without_negatives_among_others():
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_kernel_equals_the_keras_ops_form_on_a_p_by_k_batch(ties):
+def test_kernels_equal_the_keras_ops_forms_on_a_p_by_k_batch(ties):
     """A 64-example batch of 16 classes x 4: the weights the backend runs equal the
     `keras.ops` form's (on torch the kernel; elsewhere the same function)."""
     rng = np.random.default_rng(7)
@@ -110,7 +129,15 @@ def test_kernel_equals_the_keras_ops_form_on_a_p_by_k_batch(ties):
     )
     np.testing.assert_allclose(_np(mining.semihard_signed_weights(d, pos, neg, 0.2)), expected)
     np.testing.assert_allclose(expected, reference_signed_weights(d, pos, neg, 0.2), atol=1e-6)
+    counts = _np(mining.batch_all_signed_counts(d, pos, neg, 0.2))
+    np.testing.assert_array_equal(
+        counts,
+        _np(
+            mining.batch_all_signed_counts_ops(d, pos, neg, 0.2, mining.PositiveOrder(ranks, ranks))
+        ),
+    )
+    np.testing.assert_array_equal(counts, reference_signed_counts(d, pos, neg, 0.2))
 
 
-def test_the_kernel_runs_on_torch_only():
-    assert _kernels.has_torch_semihard() == (_backend.name() == "torch")
+def test_the_kernels_run_on_torch_only():
+    assert _kernels.has_torch_kernels() == (_backend.name() == "torch")

@@ -216,9 +216,10 @@ def semihard_signed_weights(distances, positive_mask, negative_mask, margin, ord
 
     The semi-hard loss sum is `sum(w * d + margin * relu(w))`. On PyTorch this runs
     `deepmetric._kernels.torch_semihard_signed_weights` (the same weights in fewer
-    passes; it needs no `order`); elsewhere the `keras.ops` form below.
+    passes; it needs no `order`); elsewhere the `keras.ops` form,
+    `semihard_signed_weights_ops`.
     """
-    if _kernels.has_torch_semihard():
+    if _kernels.has_torch_kernels():
         return _kernels.torch_semihard_signed_weights(
             ops.convert_to_tensor(distances),
             ops.convert_to_tensor(positive_mask),
@@ -284,8 +285,22 @@ def batch_all_signed_counts(distances, positive_mask, negative_mask, margin, ord
     """`batch_all_counts` in one matrix: `per_positive - per_negative` (disjoint supports).
 
     The batch-all loss sum is `sum(w * d + margin * relu(w))` and the number of active
-    triplets `sum(relu(w))`.
+    triplets `sum(relu(w))`. On PyTorch this runs
+    `deepmetric._kernels.torch_batch_all_signed_counts` (the same counts in fewer passes);
+    elsewhere the `keras.ops` form, `batch_all_signed_counts_ops`.
     """
+    if _kernels.has_torch_kernels():
+        return _kernels.torch_batch_all_signed_counts(
+            ops.convert_to_tensor(distances),
+            ops.convert_to_tensor(positive_mask),
+            ops.convert_to_tensor(negative_mask),
+            margin,
+        )
+    return batch_all_signed_counts_ops(distances, positive_mask, negative_mask, margin, order)
+
+
+def batch_all_signed_counts_ops(distances, positive_mask, negative_mask, margin, order=None):
+    """`batch_all_signed_counts` in `keras.ops`, on every backend."""
     d = ops.stop_gradient(ops.convert_to_tensor(distances))
     negative_mask = ops.convert_to_tensor(negative_mask)
 
