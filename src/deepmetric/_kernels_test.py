@@ -141,3 +141,30 @@ def test_kernels_equal_the_keras_ops_forms_on_a_p_by_k_batch(ties):
 
 def test_the_kernels_run_on_torch_only():
     assert _kernels.has_torch_kernels() == (_backend.name() == "torch")
+
+
+@pytest.mark.parametrize("loss_name", ["TripletSemiHardLoss", "TripletBatchAllLoss"])
+def test_losses_using_the_kernels_run_under_jit_compile(loss_name):
+    """`compile(jit_compile=True)`: torch.compile on torch (the kernels' Python numbers are
+    graph breaks), XLA on JAX and TensorFlow. The compiled loss equals the eager one before
+    and after a compiled training step, and the step changes the weights."""
+    import keras
+
+    from deepmetric import losses
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = rng.permutation(np.repeat(np.arange(16), 4))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(4), keras.layers.UnitNormalization()]
+    )
+    loss = getattr(losses, loss_name)(margin=0.5)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss, jit_compile=True)
+    before = _np(model.layers[0].kernel).copy()
+    for _ in range(2):
+        compiled_value = model.evaluate(x, y, batch_size=64, verbose=0)
+        np.testing.assert_allclose(compiled_value, float(_np(loss(y, model(x)))), rtol=1e-5)
+        history = model.fit(x, y, batch_size=64, epochs=1, verbose=0).history["loss"]
+        assert np.isfinite(history[0]) and history[0] > 0.0
+    assert not np.allclose(_np(model.layers[0].kernel), before)
