@@ -46,8 +46,11 @@ def torch_semihard_signed_weights(distances, positive_mask, negative_mask, margi
        row of an active pair ties another negative at the chosen distance, the rank falls back
        to the mask `d == chosen` and splits the weight equally, as the `keras.ops` form does.
 
-    The number of ranks and the tie test read one number each from the tensors (as the
-    `keras.ops` loop does in eager PyTorch), so shapes stay those of the inputs.
+    The number of ranks and the tie test are Python numbers read from the tensors, as the
+    `keras.ops` loop reads its trip count in eager PyTorch; the number of ranks is also the
+    width of the (B, steps) thresholds, the one shape here that depends on the data (only
+    PyTorch runs this, eagerly or with graph breaks under `torch.compile`; the traced
+    backends keep the fixed-shape `keras.ops` form).
     """
     import torch
 
