@@ -55,24 +55,18 @@ def torch_semihard_signed_weights(distances, positive_mask, negative_mask, margi
     import torch
 
     d = distances.detach()
-    positive_mask = positive_mask.bool()
     negative_mask = negative_mask.bool()
     w = torch.zeros_like(d)
-    if d.numel() == 0:
+    ranked = _ranked_positives(d, positive_mask)
+    if ranked is None:
         return w
-    steps = int(positive_mask.sum(dim=1, dtype=torch.int32).max())
-    if steps == 0:
-        return w
-    low, high = d.min() - 1.0, d.max() + 1.0
+    # 1. Each row's positive distances.
+    thresholds, positive_index, is_positive, low = ranked
+    steps = thresholds.shape[1]
+    high = d.max() + 1.0
     span = float(2.0 * (high - low))
     # The keras.ops form's chosen value in a row without negatives (`-big`).
     no_negative = -high
-
-    # 1. Each row's positive distances (padded with `low`, which no distance reaches).
-    thresholds, positive_index = torch.topk(
-        torch.where(positive_mask, d, low), steps, dim=1, sorted=False
-    )
-    is_positive = positive_mask.gather(1, positive_index)
 
     # Non-negatives sit at `low`: never farther than a positive, never the farthest negative.
     negative_d = torch.where(negative_mask, d, low)
@@ -114,6 +108,29 @@ def torch_semihard_signed_weights(distances, positive_mask, negative_mask, margi
     return w.scatter_add_(1, positive_index, torch.cat(actives, dim=1))
 
 
+def _ranked_positives(d, positive_mask):
+    """Each row's positive distances, or None if the matrix has no positive pair.
+
+    Returns `(thresholds, positive_index, is_positive, low)`: (B, steps) distances and
+    columns of every row's positives from one `topk`, `steps` the largest number of positives
+    in a row; shorter rows are padded with `low` (below every distance) at columns that are
+    not positives, marked False in `is_positive`.
+    """
+    import torch
+
+    positive_mask = positive_mask.bool()
+    if d.numel() == 0:
+        return None
+    steps = int(positive_mask.sum(dim=1, dtype=torch.int32).max())
+    if steps == 0:
+        return None
+    low = d.min() - 1.0
+    thresholds, positive_index = torch.topk(
+        torch.where(positive_mask, d, low), steps, dim=1, sorted=False
+    )
+    return thresholds, positive_index, positive_mask.gather(1, positive_index), low
+
+
 def _second_smallest(values, smallest_index):
     """(B, 1): each row's smallest value once its smallest entry (by index) is removed.
 
@@ -141,26 +158,19 @@ def torch_batch_all_signed_counts(distances, positive_mask, negative_mask, margi
     import torch
 
     d = distances.detach()
-    positive_mask = positive_mask.bool()
     negative_mask = negative_mask.bool()
     w = torch.zeros_like(d)
-    if d.numel() == 0:
+    ranked = _ranked_positives(d, positive_mask)
+    if ranked is None:
         return w
-    steps = int(positive_mask.sum(dim=1, dtype=torch.int32).max())
-    if steps == 0:
-        return w
-    low = d.min() - 1.0
-    thresholds, positive_index = torch.topk(
-        torch.where(positive_mask, d, low), steps, dim=1, sorted=False
-    )
-    is_positive = positive_mask.gather(1, positive_index)
+    thresholds, positive_index, is_positive, _ = ranked
     # `d < t + margin` as in the keras.ops form; padding ranks compare with -inf (no entry
     # is below it) and non-negatives sit at +inf (above every bound).
     bounds = torch.where(is_positive, thresholds + margin, float("-inf"))
     negative_d = torch.where(negative_mask, d, float("inf"))
     active = torch.empty_like(d)
     counts = []
-    for k in range(steps):
+    for k in range(thresholds.shape[1]):
         torch.lt(negative_d, bounds[:, k : k + 1], out=active)
         counts.append(active.sum(dim=1, keepdim=True))
         w -= active

@@ -211,6 +211,15 @@ def semihard_negatives(distances, positive_mask, negative_mask, order=None):
     )
 
 
+def _on_backend(torch_kernel, ops_form, args):
+    """`torch_kernel(distances, positive_mask, negative_mask, margin)` on PyTorch (which
+    needs no `order`), else `ops_form(*args)`; `args` ends with `margin, order`."""
+    if _kernels.has_torch_kernels():
+        *tensors, margin, _ = args
+        return torch_kernel(*(ops.convert_to_tensor(t) for t in tensors), margin)
+    return ops_form(*args)
+
+
 def semihard_signed_weights(distances, positive_mask, negative_mask, margin, order=None):
     """`semihard_weights` in one matrix: `pos_w - neg_w` (their supports are disjoint).
 
@@ -219,14 +228,11 @@ def semihard_signed_weights(distances, positive_mask, negative_mask, margin, ord
     passes; it needs no `order`); elsewhere the `keras.ops` form,
     `semihard_signed_weights_ops`.
     """
-    if _kernels.has_torch_kernels():
-        return _kernels.torch_semihard_signed_weights(
-            ops.convert_to_tensor(distances),
-            ops.convert_to_tensor(positive_mask),
-            ops.convert_to_tensor(negative_mask),
-            margin,
-        )
-    return semihard_signed_weights_ops(distances, positive_mask, negative_mask, margin, order)
+    return _on_backend(
+        _kernels.torch_semihard_signed_weights,
+        semihard_signed_weights_ops,
+        (distances, positive_mask, negative_mask, margin, order),
+    )
 
 
 def semihard_signed_weights_ops(distances, positive_mask, negative_mask, margin, order=None):
@@ -289,14 +295,11 @@ def batch_all_signed_counts(distances, positive_mask, negative_mask, margin, ord
     `deepmetric._kernels.torch_batch_all_signed_counts` (the same counts in fewer passes);
     elsewhere the `keras.ops` form, `batch_all_signed_counts_ops`.
     """
-    if _kernels.has_torch_kernels():
-        return _kernels.torch_batch_all_signed_counts(
-            ops.convert_to_tensor(distances),
-            ops.convert_to_tensor(positive_mask),
-            ops.convert_to_tensor(negative_mask),
-            margin,
-        )
-    return batch_all_signed_counts_ops(distances, positive_mask, negative_mask, margin, order)
+    return _on_backend(
+        _kernels.torch_batch_all_signed_counts,
+        batch_all_signed_counts_ops,
+        (distances, positive_mask, negative_mask, margin, order),
+    )
 
 
 def batch_all_signed_counts_ops(distances, positive_mask, negative_mask, margin, order=None):
