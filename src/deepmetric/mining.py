@@ -211,13 +211,16 @@ def semihard_negatives(distances, positive_mask, negative_mask, order=None):
     )
 
 
-def _on_backend(torch_kernel, ops_form, args):
-    """`torch_kernel(distances, positive_mask, negative_mask, margin)` on PyTorch (which
-    needs no `order`), else `ops_form(*args)`; `args` ends with `margin, order`."""
+def _on_backend(torch_kernel, ops_form, distances, positive_mask, negative_mask, margin, order):
+    """`torch_kernel` on PyTorch (it needs no `order`), else the `keras.ops` form."""
     if _kernels.has_torch_kernels():
-        *tensors, margin, _ = args
-        return torch_kernel(*(ops.convert_to_tensor(t) for t in tensors), margin)
-    return ops_form(*args)
+        return torch_kernel(
+            ops.convert_to_tensor(distances),
+            ops.convert_to_tensor(positive_mask),
+            ops.convert_to_tensor(negative_mask),
+            margin,
+        )
+    return ops_form(distances, positive_mask, negative_mask, margin, order)
 
 
 def semihard_signed_weights(distances, positive_mask, negative_mask, margin, order=None):
@@ -231,7 +234,11 @@ def semihard_signed_weights(distances, positive_mask, negative_mask, margin, ord
     return _on_backend(
         _kernels.torch_semihard_signed_weights,
         semihard_signed_weights_ops,
-        (distances, positive_mask, negative_mask, margin, order),
+        distances,
+        positive_mask,
+        negative_mask,
+        margin,
+        order,
     )
 
 
@@ -298,7 +305,11 @@ def batch_all_signed_counts(distances, positive_mask, negative_mask, margin, ord
     return _on_backend(
         _kernels.torch_batch_all_signed_counts,
         batch_all_signed_counts_ops,
-        (distances, positive_mask, negative_mask, margin, order),
+        distances,
+        positive_mask,
+        negative_mask,
+        margin,
+        order,
     )
 
 
