@@ -34,7 +34,7 @@ import math
 import keras
 from keras import ops
 
-from deepmetric._api import export
+from deepmetric._api import export, lookup
 from deepmetric._labels import check_embeddings, check_labels, split_inputs
 from deepmetric.distances import _l2_normalize
 from deepmetric.losses.modern import check_number, masked_logsumexp
@@ -442,3 +442,22 @@ class ProxyNCA(_ProxyHead):
 
     def get_config(self):
         return {**super().get_config(), "softmax_scale": self.softmax_scale}
+
+
+def get(identifier):
+    """A head class from its name, or a head from a Keras config dict or an instance.
+
+    A name (`"arcface"`, `"sub_center_arcface"`, `"ProxyNCA"`, with or without `deepmetric>`)
+    gives the class, since every head needs `num_classes`: `get("arcface")(num_classes=10)`.
+    A config `{"class_name": "ArcFace", "config": {"num_classes": 10, "margin": 0.3}}` gives the
+    head itself. Unknown names raise a ValueError that lists the valid ones.
+
+    >>> get("arcface").__name__
+    'ArcFace'
+    """
+    classes = [
+        obj
+        for obj in globals().values()
+        if isinstance(obj, type) and issubclass(obj, _ProxyHead) and obj is not _ProxyHead
+    ]
+    return lookup(identifier, classes, "head", instantiate=False)
