@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["DataError", "Dataset", "load", "load_digits", "pixel_scale_of"]
+__all__ = ["DataError", "Dataset", "class_labels", "load", "load_digits", "pixel_scale_of"]
 
 
 class DataError(ValueError):
@@ -80,24 +80,65 @@ def load_digits() -> Dataset:
     return Dataset(x, y, [str(c) for c in range(10)], 1 / 16)
 
 
+def class_labels(y, name: str = "y") -> np.ndarray:
+    """Class labels as a 1-D numpy array of integers or strings, never through a float.
+
+    The one label normaliser of the numpy side (data sets, samplers, evaluation).
+    Accepts shape (n,) or (n, 1); integer arrays keep their dtype, integer-valued
+    floats become int64, bytes and object arrays of strings become str, object
+    arrays of Python ints become int64.
+
+    Raises:
+      ValueError: the shape is not (n,) or (n, 1), or a float label is not an integer.
+      TypeError: the labels are neither integers nor strings (booleans, a mixture).
+
+    >>> class_labels([[3.0], [1.0]]).tolist(), class_labels([b"a", "b"]).tolist()
+    ([3, 1], ['a', 'b'])
+    """
+    array = np.asarray(y)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise ValueError(
+            f"`{name}` must hold one class label per item, with shape (num_items,) or "
+            f"(num_items, 1). Received: {name}.shape={np.shape(y)}"
+        )
+    if array.dtype.kind == "O":
+        values = [v.decode() if isinstance(v, bytes) else v for v in array.tolist()]
+        if all(isinstance(v, str) for v in values):
+            return np.array(values, dtype=str)
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            return np.array(values, dtype=np.int64)
+        raise TypeError(f"`{name}` must hold integer or string labels, not a mixture.")
+    if array.dtype.kind in "iu":
+        return array
+    if array.dtype.kind in "US":
+        return array.astype(str)
+    if array.dtype.kind == "f":
+        integral = np.isfinite(array) & (array == np.round(array))
+        if not np.all(integral):
+            raise ValueError(
+                f"`{name}` must hold class labels: integers or strings. Float labels must be "
+                f"integer-valued; received values such as {array[~integral][:3].tolist()}"
+            )
+        return array.astype(np.int64)
+    raise TypeError(
+        f"`{name}` must hold integer or string class labels. Received: {name}.dtype={array.dtype}"
+    )
+
+
 def _labels_to_ints(y: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise DataError(f"{name}: labels must be one-dimensional, got shape {y.shape}")
-    if y.dtype.kind in "iu":
-        classes = np.unique(y)
-        if classes.size and classes[0] >= 0 and classes[-1] < 2**31:
-            return y.astype("int64"), [str(c) for c in range(int(classes[-1]) + 1)]
-    if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-        return _labels_to_ints(y.astype("int64"), name)
-    if y.dtype.kind not in "iuUSO":
-        raise DataError(f"{name}: labels must be integers or class names, got dtype {y.dtype}")
-    names = [v.decode() if isinstance(v, bytes) else str(v) for v in y.tolist()]
-    classes_sorted = sorted(set(names))
-    index = {c: i for i, c in enumerate(classes_sorted)}
-    return np.array([index[n] for n in names], dtype="int64"), classes_sorted
+    """Labels 0..n-1 and the name of each: integers in [0, 2^31) are kept as given."""
+    try:
+        labels = class_labels(y, "labels")
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{name}: {e}") from None
+    if labels.dtype.kind in "iu" and labels.size:
+        low, high = int(labels.min()), int(labels.max())
+        if low >= 0 and high < 2**31:
+            return labels.astype("int64"), [str(c) for c in range(high + 1)]
+    classes, codes = np.unique(labels, return_inverse=True)
+    return codes.reshape(-1).astype("int64"), [str(c) for c in classes.tolist()]
 
 
 def _check_lengths(x: np.ndarray, y: np.ndarray, name: str) -> None:

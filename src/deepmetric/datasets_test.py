@@ -155,3 +155,58 @@ def test_pixel_scale_of():
     assert datasets.pixel_scale_of(np.full((1, 2, 2), 0.5)) is None
     assert datasets.pixel_scale_of(np.full((1, 2, 2), 16.0)) == 1 / 16
     assert datasets.pixel_scale_of(np.full((1, 2, 2), 200.0)) == 1 / 255
+
+
+def _npz_with(tmp_path, y):
+    path = tmp_path / "l.npz"
+    np.savez(path, x=np.zeros((len(y), 2)), y=np.asarray(y))
+    return path
+
+
+def test_npz_labels_outside_0_to_2_31_are_numbered_in_order(tmp_path):
+    data = datasets.load(_npz_with(tmp_path, [10, -1, 5, 10]))
+    assert data.y.tolist() == [2, 0, 1, 2] and data.class_names == ["-1", "5", "10"]
+    data = datasets.load(_npz_with(tmp_path, [2.0, 0.0, 2.0]))
+    assert data.y.tolist() == [2, 0, 2] and data.class_names == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    "y, match", [([0.5, 1.0], "integer-valued"), ([True, False], "dtype=bool")]
+)
+def test_npz_bad_labels_are_data_errors(tmp_path, y, match):
+    with pytest.raises(DataError, match=match):
+        datasets.load(_npz_with(tmp_path, y))
+
+
+@pytest.mark.parametrize(
+    "y, expected",
+    [
+        ([[3], [1]], [3, 1]),
+        (np.array([16777217, 16777216], "int64"), [16777217, 16777216]),
+        ([2.0, 7.0], [2, 7]),
+        (np.array(["b", "a"], object), ["b", "a"]),
+        (np.array([b"x", "y"], object), ["x", "y"]),
+        (np.array([4, 5], object), [4, 5]),
+        (np.array([b"p", b"q"]), ["p", "q"]),
+    ],
+)
+def test_class_labels(y, expected):
+    labels = datasets.class_labels(y)
+    assert labels.ndim == 1 and labels.tolist() == expected
+    assert labels.dtype.kind in "iuU"
+
+
+@pytest.mark.parametrize(
+    "y, error, match",
+    [
+        (np.zeros((2, 2)), ValueError, r"y.shape=\(2, 2\)"),
+        ([1.5, 2.0], ValueError, "integer-valued"),
+        ([np.nan], ValueError, "integer-valued"),
+        (np.array([1, "a"], object), TypeError, "mixture"),
+        ([True], TypeError, "bool"),
+        ([1 + 2j], TypeError, "complex"),
+    ],
+)
+def test_class_labels_errors(y, error, match):
+    with pytest.raises(error, match=match):
+        datasets.class_labels(y)

@@ -3,10 +3,10 @@
 `retrieval_metrics` ranks reference embeddings by Euclidean distance to each
 query and scores the rankings with the definitions of "A Metric Learning Reality
 Check" (Musgrave, Belongie and Lim, ECCV 2020), as pytorch-metric-learning's
-`AccuracyCalculator` computes them. The search is an exact k-nearest-neighbour
-search, done in chunks of queries so that memory stays bounded (a 100,000 x 128
-self-retrieval needs a few hundred MB beyond the embeddings), with faiss's
-`IndexFlatL2` when faiss is installed and numpy otherwise.
+`AccuracyCalculator` computes them. The ranking is the exact k-nearest-neighbour
+search of `deepmetric.index`, taken in chunks of queries so that memory stays
+bounded (a 100,000 x 128 self-retrieval needs a few hundred MB beyond the
+embeddings), with faiss's `IndexFlatL2` when faiss is installed and numpy otherwise.
 
 Everything here is numpy: embeddings from any backend (or from `model.predict`)
 are converted to float32 arrays first.
@@ -21,13 +21,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["retrieval_metrics"]
+from deepmetric.datasets import class_labels
+from deepmetric.index import ExactSearch, faiss_installed
 
-# Working memory of one chunk of the search, beyond the inputs.
-_CHUNK_BYTES = 256 * 2**20
-# Columns sampled to estimate each row's k-th smallest distance, and the margin above it.
-_SAMPLE = 8192
-_MARGIN = 1.3
+__all__ = ["retrieval_metrics"]
 
 
 def _as_embeddings(x, name: str) -> np.ndarray:
@@ -35,7 +32,7 @@ def _as_embeddings(x, name: str) -> np.ndarray:
         raise ValueError(f"`{name}` must be a 2-D array of embeddings. Received: {name}=None")
     try:
         array = np.asarray(x)
-    except Exception:  # a tensor that does not convert directly
+    except (TypeError, ValueError, RuntimeError):  # e.g. a torch tensor on GPU or with grad
         import keras
 
         array = np.asarray(keras.ops.convert_to_numpy(x))
@@ -58,40 +55,13 @@ def _as_labels(y, num: int, name: str, embeddings_name: str) -> np.ndarray:
     """Returns labels as a 1-D int64 or str array (never through a float cast)."""
     if y is None:
         raise ValueError(f"`{name}` must be given with `{embeddings_name}`. Received: {name}=None")
-    array = np.asarray(y)
-    if array.ndim == 2 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.ndim != 1:
-        raise ValueError(
-            f"`{name}` must hold one label per item, with shape (num_items,) or (num_items, 1). "
-            f"Received: {name}.shape={np.shape(y)}"
-        )
+    array = class_labels(y, name)
     if array.shape[0] != num:
         raise ValueError(
             f"`{name}` must have one label per row of `{embeddings_name}`: expected {num} "
             f"labels, received {name}.shape={np.shape(y)}"
         )
-    if array.dtype.kind == "O":
-        if all(isinstance(v, str) for v in array):
-            array = array.astype(str)
-        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in array):
-            array = array.astype(np.int64)
-        else:
-            raise TypeError(f"`{name}` must hold integer or string labels, not a mixture.")
-    if array.dtype.kind in "iu":
-        return array.astype(np.int64) if array.dtype.kind == "i" else array
-    if array.dtype.kind in "US":
-        return array.astype(str)
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array) & (array == np.round(array))):
-            raise ValueError(
-                f"`{name}` must hold class labels: integers or strings. Float labels must be "
-                f"integer-valued; received values such as {array[array != np.round(array)][:3]}"
-            )
-        return array.astype(np.int64)
-    raise TypeError(
-        f"`{name}` must hold integer or string class labels. Received: {name}.dtype={array.dtype}"
-    )
+    return array.astype(np.int64) if array.dtype.kind == "i" else array
 
 
 def _encode(query_labels: np.ndarray, reference_labels: np.ndarray | None):
@@ -120,95 +90,18 @@ def _check_recall_at(recall_at) -> tuple[int, ...]:
     return tuple(int(k) for k in values)
 
 
-def _squared_distances(query: np.ndarray, reference: np.ndarray, ref_sq: np.ndarray):
-    """||r||^2 - 2 q.r: the squared distance up to a per-row constant (same ranking)."""
-    d = query @ reference.T
-    d *= -2.0
-    d += ref_sq[None, :]
-    return d
-
-
-def _topk_numpy(d: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k smallest entries of each row, sorted by (value, index).
-
-    A threshold t per row with at least k entries <= t is found cheaply from a
-    fixed subsample of the columns (falling back to an exact partition for rows
-    where it falls short); the entries <= t are then sorted exactly, so ties at
-    the k-th place go to the lower index.
-    """
-    rows_n, n = d.shape
-    if k >= n:
-        cols = np.broadcast_to(np.arange(n), d.shape)
-        return np.lexsort((cols, d), axis=-1)[:, :k]
-    j = int(math.ceil(_MARGIN * k * _SAMPLE / n)) + 16
-    if n >= 4 * _SAMPLE and j < _SAMPLE:
-        subset = np.random.default_rng(0).choice(n, _SAMPLE, replace=False)
-        threshold = np.partition(d[:, subset], j - 1, axis=1)[:, j - 1]
-        mask = d <= threshold[:, None]
-        short = np.flatnonzero(np.count_nonzero(mask, axis=1) < k)
-        if len(short):
-            exact = np.partition(d[short], k - 1, axis=1)[:, k - 1]
-            mask[short] = d[short] <= exact[:, None]
-    else:
-        threshold = np.partition(d, k - 1, axis=1)[:, k - 1]
-        mask = d <= threshold[:, None]
-    rows, cols = np.nonzero(mask)  # row-major: columns ascending within a row
-    del mask
-    counts = np.bincount(rows, minlength=rows_n)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    # Candidates of each row side by side, padded with +inf, then a stable sort:
-    # equal distances keep their ascending column order.
-    slot = np.arange(len(rows)) - starts[rows]
-    padded = np.full((rows_n, int(counts.max())), np.inf, dtype=d.dtype)
-    padded[rows, slot] = d[rows, cols]
-    order = np.argsort(padded, axis=1, kind="stable")[:, :k]
-    return cols[starts[:, None] + order]
-
-
-def _first_relevant_rank(d: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """1-based rank of the first relevant item per row, ties broken by index.
-
-    `d` holds distances with excluded items at +inf; every row has a relevant item.
-    """
-    masked = np.where(relevant, d, np.inf)
-    best = masked.argmin(axis=1)  # first index among equal minima
-    best_d = masked[np.arange(len(d)), best]
-    del masked
-    cols = np.arange(d.shape[1])[None, :]
-    closer = (d < best_d[:, None]) | ((d == best_d[:, None]) & (cols < best[:, None]))
-    return closer.sum(axis=1) + 1
-
-
-def _exact_ranks(q, rows, codes, reference, ref_sq, r_codes, self_search, d=None):
-    """First-relevant ranks over the full ranking, for queries whose k neighbours had none."""
-    step = max(1, _CHUNK_BYTES // (12 * len(reference)))
-    ranks = np.empty(len(rows), dtype=np.float64)
-    for s in range(0, len(rows), step):
-        part = slice(s, s + step)
-        dd = d[part] if d is not None else _squared_distances(q[part], reference, ref_sq)
-        relevant = r_codes[None, :] == codes[part, None]
-        if self_search:
-            n = np.arange(len(rows[part]))
-            dd[n, rows[part]] = np.inf
-            relevant[n, rows[part]] = False
-        ranks[part] = _first_relevant_rank(dd, relevant)
-    return ranks
-
-
-def _faiss_module(use_faiss):
+def _engine(use_faiss) -> str:
     if use_faiss is False:
-        return None
+        return "numpy"
     if use_faiss not in ("auto", True):
         raise ValueError(f"`use_faiss` must be 'auto', True or False. Received: {use_faiss!r}")
-    try:
-        import faiss
-    except ImportError:
-        if use_faiss is True:
-            raise ImportError(
-                "`use_faiss=True` needs faiss: `pip install faiss-cpu`, or pass use_faiss='auto'."
-            ) from None
-        return None
-    return faiss
+    if faiss_installed():
+        return "faiss"
+    if use_faiss is True:
+        raise ImportError(
+            "`use_faiss=True` needs faiss: `pip install faiss-cpu`, or pass use_faiss='auto'."
+        )
+    return "numpy"
 
 
 def retrieval_metrics(
@@ -315,7 +208,7 @@ def retrieval_metrics(
         raise TypeError(f"`chunk_size` must be an int or None. Received: {chunk_size!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer. Received: {chunk_size}")
-    faiss = _faiss_module(use_faiss)
+    engine = _engine(use_faiss)
 
     num_r = len(reference)
     available = num_r - 1 if self_search else num_r
@@ -337,7 +230,7 @@ def retrieval_metrics(
         results.update(
             _ranking_metrics(
                 query, q_codes, reference, r_codes, big_r, valid, ks, self_search,
-                chunk_size, faiss,
+                chunk_size, engine,
             )
         )  # fmt: skip
     if clustering:
@@ -346,40 +239,26 @@ def retrieval_metrics(
 
 
 def _ranking_metrics(
-    query, q_codes, reference, r_codes, big_r, valid, ks, self_search, chunk_size, faiss
+    query, q_codes, reference, r_codes, big_r, valid, ks, self_search, chunk_size, engine
 ) -> dict[str, float]:
     num_r = len(reference)
     available = num_r - 1 if self_search else num_r
     k = int(min(max(int(big_r[valid].max()), max(ks)), available))
-    ref_sq = np.einsum("ij,ij->i", reference, reference)
-    index = None
-    if faiss is not None:
-        index = faiss.IndexFlatL2(reference.shape[1])
-        index.add(reference)
+    search = ExactSearch(reference, r_codes, engine=engine)
     if chunk_size is None:
-        per_row = 40 * (k + 1) if index is not None else 12 * num_r + 48 * k
-        chunk_size = max(1, _CHUNK_BYTES // per_row)
-        if index is not None and chunk_size > 4096:
-            chunk_size -= chunk_size % 4096  # whole blocks of faiss's BLAS search
-        chunk_size = min(len(query), chunk_size)
+        chunk_size = min(len(query), search.chunk_size(k))
     q_idx = np.flatnonzero(valid)
     sums = {"p1": 0.0, "rp": 0.0, "ap": 0.0, "rr": 0.0}
     hits = dict.fromkeys(ks, 0)
     positions = np.arange(1, k + 1)
     for start in range(0, len(q_idx), chunk_size):
         rows = q_idx[start : start + chunk_size]
-        q = query[rows]
-        d = None
-        if index is None:
-            d = _squared_distances(q, reference, ref_sq)
-            if self_search:
-                d[np.arange(len(rows)), rows] = np.inf
-            nn = _topk_numpy(d, k)
-        else:
-            nn = _topk_faiss(index, q, rows, k, self_search)
         codes = q_codes[rows]
+        found = search.search(
+            query[rows], k, exclude=rows if self_search else None, query_labels=codes
+        )
         r = big_r[rows]
-        rel = r_codes[nn] == codes[:, None]
+        rel = r_codes[found.indices] == codes[:, None]
         # Relevant items among the first R: the j-th of them at position i adds
         # P(i) = j / i to the query's AP@R.
         ri, ci = np.nonzero(rel & (positions[None, :] <= r[:, None]))
@@ -391,17 +270,7 @@ def _ranking_metrics(
         sums["ap"] += float((ap / r).sum())
         for kk in ks:
             hits[kk] += int(rel[:, : min(kk, k)].any(axis=1).sum())
-        found = rel.any(axis=1)
-        rank = np.zeros(len(rows), dtype=np.float64)
-        rank[found] = rel[found].argmax(axis=1) + 1
-        missing = np.flatnonzero(~found)
-        if len(missing):
-            rank[missing] = _exact_ranks(
-                q[missing], rows[missing], codes[missing], reference, ref_sq, r_codes,
-                self_search, None if d is None else d[missing],
-            )  # fmt: skip
-        sums["rr"] += float((1.0 / rank).sum())
-        del d
+        sums["rr"] += float((1.0 / found.first_match).sum())
     n = len(q_idx)
     out = {
         "precision_at_1": sums["p1"] / n,
@@ -412,26 +281,6 @@ def _ranking_metrics(
     for kk in ks:
         out[f"recall_at_{kk}"] = hits[kk] / n
     return out
-
-
-def _topk_faiss(index, q, rows, k, self_search):
-    """faiss's k nearest neighbours, self removed, ties re-sorted by index."""
-    dist, nn = index.search(q, k + 1 if self_search else k)
-    if self_search and np.array_equal(nn[:, 0], rows):  # the usual case: self first
-        nn, dist = nn[:, 1:], dist[:, 1:]
-    elif self_search:
-        is_self = nn == rows[:, None]
-        # Skip the query itself, or the last neighbour when it is not among them.
-        pos = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
-        cols = np.arange(k)[None, :]
-        take = cols + (cols >= pos[:, None])
-        nn = np.take_along_axis(nn, take, axis=1)
-        dist = np.take_along_axis(dist, take, axis=1)
-    tied = np.flatnonzero((dist[:, 1:] == dist[:, :-1]).any(axis=1))
-    if len(tied):
-        order = np.lexsort((nn[tied], dist[tied]), axis=-1)
-        nn[tied] = np.take_along_axis(nn[tied], order, axis=1)
-    return nn
 
 
 def _clustering_metrics(query: np.ndarray, q_codes: np.ndarray, seed: int) -> dict[str, Any]:

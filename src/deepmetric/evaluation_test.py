@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from deepmetric import evaluation
+from deepmetric import index
 from deepmetric.evaluation import retrieval_metrics
 
 RANKING_KEYS = ("precision_at_1", "r_precision", "map_at_r", "mrr")
@@ -232,7 +232,7 @@ def test_large_reference_set_uses_sampled_threshold(monkeypatch, margin):
     A margin of 0.2 makes the sampled threshold too low for every row, which
     exercises the exact fallback.
     """
-    monkeypatch.setattr(evaluation, "_MARGIN", margin)
+    monkeypatch.setattr(index, "_MARGIN", margin)
     rng = np.random.default_rng(7)
     ref_y = rng.integers(0, 20, size=40_000)
     ref = (ref_y[:, None] // 4 + rng.integers(0, 12, size=(40_000, 3))).astype(np.float32)

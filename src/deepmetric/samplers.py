@@ -15,6 +15,8 @@ import warnings
 import keras
 import numpy as np
 
+from deepmetric.datasets import class_labels
+
 __all__ = ["PKSampler"]
 
 
@@ -28,31 +30,12 @@ def _positive_int(value, name: str, minimum: int) -> int:
 
 def _labels(y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Returns (labels given to the model, class of each sample, classes)."""
-    array = np.asarray(y)
-    if array.ndim == 2 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.ndim != 1:
-        raise ValueError(
-            "`y` must hold one class label per sample, with shape (num_samples,) or "
-            f"(num_samples, 1). Received: y.shape={np.shape(y)}"
-        )
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array) & (array == np.round(array))):
-            raise ValueError("`y` must hold integer or string labels; float labels must be "
-                             "integer-valued.")  # fmt: skip
-        array = array.astype(np.int64)
-    elif array.dtype.kind == "O":
-        array = array.astype(str)
+    array = class_labels(y, "y")
+    classes, codes = np.unique(array, return_inverse=True)
+    codes = codes.reshape(-1)
     if array.dtype.kind in "iu":
-        classes, codes = np.unique(array, return_inverse=True)
-        return array, codes.reshape(-1), classes
-    if array.dtype.kind in "US":
-        classes, codes = np.unique(array.astype(str), return_inverse=True)
-        codes = codes.reshape(-1)
-        return codes.astype(np.int64), codes, classes
-    raise TypeError(
-        f"`y` must hold integer or string class labels. Received: y.dtype={array.dtype}"
-    )
+        return array, codes, classes
+    return codes.astype(np.int64), codes, classes
 
 
 class PKSampler(keras.utils.PyDataset):
