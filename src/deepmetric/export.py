@@ -22,6 +22,7 @@ __all__ = ["plot_embeddings", "plot_history", "write_projector", "atomic_write"]
 
 MAX_SPRITE_SIZE = 8192
 _MIN_THUMBNAIL = 32
+_FRAME = 160  # grey level of the line around each sprite thumbnail
 
 
 def _umask() -> int:
@@ -120,7 +121,9 @@ def make_sprite(images: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """A square grid of thumbnails in row-major order, at most 8192 x 8192 pixels.
 
     Thumbnails keep the images' aspect ratio; small images are enlarged to about 32
-    pixels so the Projector shows them, large sets are shrunk to fit the limit.
+    pixels so the Projector shows them, large sets are shrunk to fit the limit. Each
+    thumbnail of at least 8 x 8 pixels gets a 1-pixel grey frame on its own edge, so
+    that neighbouring tiles stay apart without changing the grid.
 
     Returns:
       The sprite as a uint8 array (H, W) or (H, W, 3), and the thumbnail size (w, h).
@@ -148,7 +151,13 @@ def make_sprite(images: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
             resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
             thumb = thumb.resize((tw, th), resample)
         sprite.paste(thumb, ((i % grid) * tw, (i // grid) * th))
-    return np.asarray(sprite), (tw, th)
+    pixels = np.array(sprite)
+    if min(tw, th) >= 8:
+        tiles = pixels[: th * (-(-n // grid)), :]  # the rows that hold a thumbnail
+        tiles[::th] = tiles[th - 1 :: th] = _FRAME
+        tiles[:, ::tw] = tiles[:, tw - 1 :: tw] = _FRAME
+        pixels[(n - 1) // grid * th :, (n - 1) % grid * tw + tw :] = 255  # no empty frames
+    return pixels, (tw, th)
 
 
 def write_projector(directory, embeddings, metadata, images=None, class_names=None) -> list[Path]:
@@ -233,8 +242,8 @@ def project_2d(embeddings, method: str = "pca", *, seed: int = 0) -> np.ndarray:
 
         tsne = TSNE(2, perplexity=min(30.0, max(1.0, (len(x) - 1) / 3)), random_state=seed)
         # scikit-learn's t-SNE runs 1000 short OpenMP loops; on a small set the
-        # threads mostly wait for each other (540 points: 3.3 s on one thread, 55 s on
-        # two busy cores), so up to 10,000 points it runs on one thread.
+        # threads mostly wait for each other, so up to 10,000 points it runs on one
+        # thread.
         with threadpool_limits(1 if len(x) <= 10_000 else None):
             out = tsne.fit_transform(x)
     elif method == "umap":
@@ -289,7 +298,11 @@ def plot_embeddings(
             name = class_names[int(c)] if class_names is not None else str(c)
             ax.scatter(*points[keep].T, s=8, color=cmap(i % cmap.N), label=name, alpha=0.8)
         if len(classes) <= 20:
-            ax.legend(markerscale=2, fontsize="small", loc="best")
+            # Beside the axes, where it covers no point; the saved figure grows to hold it.
+            ax.legend(
+                markerscale=2, fontsize="small", loc="upper left",
+                bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False,
+            )  # fmt: skip
         ax.set_title(title or f"{method.upper()} of the embeddings")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -306,9 +319,17 @@ def plot_history(path, history: Mapping[str, Sequence[float]]) -> Path:
 
     One panel for the losses (`loss`, `val_loss`, ...), one for the retrieval metrics
     (keys with precision, map_at_r, recall, mrr, nmi or ami), one for the learning rate
-    (`learning_rate` or `lr`) if logged.
+    (`learning_rate` or `lr`) if logged. Recall@1 equals precision@1 by definition (a
+    relevant item among the first one): where a history holds both with the same
+    values, one line is drawn, labelled with both names.
     """
     history = {k: [float(v) for v in vs] for k, vs in history.items() if k != "epoch"}
+    labels = {k: k for k in history}
+    for key in list(history):
+        twin = key.replace("precision_at_1", "recall_at_1")
+        if key.endswith("precision_at_1") and twin in history and history[twin] == history[key]:
+            del history[twin]
+            labels[key] = f"{key} = {twin}"
     losses = [k for k in history if k.endswith("loss")]
     metrics = [k for k in history if any(w in k for w in _METRIC_WORDS)]
     rates = [k for k in history if k in ("learning_rate", "lr")]
@@ -327,7 +348,7 @@ def plot_history(path, history: Mapping[str, Sequence[float]]) -> Path:
                     range(1, len(values) + 1),
                     values,
                     marker="." if len(values) < 30 else None,
-                    label=key,
+                    label=labels[key],
                 )
             ax.set_title(title)
             ax.set_xlabel("epoch")

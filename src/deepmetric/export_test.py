@@ -94,3 +94,34 @@ def test_plot_history_png(tmp_path):
     path = export.plot_history(tmp_path / "curves.png", history)
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] >= 3 * 400
+
+
+def test_sprite_thumbnails_are_framed_and_the_grid_is_unchanged():
+    """7 black 8 x 8 images: a 3 x 3 grid of 32 px tiles, each framed by grey lines
+    on its own edge; the two unused cells stay white, without frames."""
+    sprite, (w, h) = export.make_sprite(np.zeros((7, 8, 8), "uint8"))
+    assert sprite.shape == (96, 96) and (w, h) == (32, 32)
+    tile = sprite[32:64, 32:64]
+    assert np.all(tile[0] == export._FRAME) and np.all(tile[-1] == export._FRAME)
+    assert np.all(tile[:, 0] == export._FRAME) and np.all(tile[:, -1] == export._FRAME)
+    assert np.all(tile[1:-1, 1:-1] == 0)
+    assert np.all(sprite[64:, 32:] == 255)
+
+
+def test_plot_history_draws_recall_at_1_once_when_it_equals_precision_at_1(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    history = {"val_precision_at_1": [0.8, 0.9], "val_recall_at_1": [0.8, 0.9],
+               "val_recall_at_4": [0.9, 0.95], "loss": [1.0, 0.5]}  # fmt: skip
+    seen = []
+    original = plt.Axes.legend
+
+    def legend(ax, *args, **kwargs):
+        seen.append([line.get_label() for line in ax.get_lines()])
+        return original(ax, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "legend", legend)
+    export.plot_history(tmp_path / "c.png", history)
+    export.plot_history(tmp_path / "d.png", {**history, "val_recall_at_1": [0.7, 0.9]})
+    assert seen[1] == ["val_precision_at_1 = val_recall_at_1", "val_recall_at_4"]
+    assert seen[3] == ["val_precision_at_1", "val_recall_at_1", "val_recall_at_4"]

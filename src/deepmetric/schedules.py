@@ -154,7 +154,8 @@ def build(
     which ramps linearly from 0.
 
     Args:
-        name: One of `"constant"`, `"cosine"`, `"cosine-restarts"`, `"exponential"`.
+        name: One of `"constant"`, `"cosine"`, `"cosine-restarts"`, `"exponential"`
+            (case-insensitive).
         learning_rate: The peak rate, a float > 0.
         total_steps: The number of optimizer steps of the run, an int >= 1.
         warmup_steps: An int >= 0; below `total_steps` for the decaying schedules.
@@ -175,7 +176,8 @@ def build(
     ...
     ValueError: Unknown schedule name: 'linear'. Allowed names: 'constant', 'cosine', 'cosine-restarts', 'exponential'.
     """  # noqa: E501
-    if name not in SCHEDULE_NAMES:
+    key = name.lower() if isinstance(name, str) else name
+    if key not in SCHEDULE_NAMES:
         allowed = ", ".join(repr(n) for n in SCHEDULE_NAMES)
         raise ValueError(f"Unknown schedule name: {name!r}. Allowed names: {allowed}.")
     if not _is_real(learning_rate) or not (
@@ -194,18 +196,18 @@ def build(
         )
     learning_rate = float(learning_rate)
     decay_steps = int(total_steps) - int(warmup_steps)
-    if name != "constant" and decay_steps < 1:
+    if key != "constant" and decay_steps < 1:
         raise ValueError(
-            f"`warmup_steps` must be smaller than `total_steps` for the {name!r} schedule. "
+            f"`warmup_steps` must be smaller than `total_steps` for the {key!r} schedule. "
             f"Received: warmup_steps={warmup_steps!r}, total_steps={total_steps!r}"
         )
     schedules = keras.optimizers.schedules
     schedule: float | keras.optimizers.schedules.LearningRateSchedule
-    if name == "constant":
+    if key == "constant":
         schedule = learning_rate
-    elif name == "cosine":
+    elif key == "cosine":
         schedule = schedules.CosineDecay(learning_rate, decay_steps=decay_steps)
-    elif name == "cosine-restarts":
+    elif key == "cosine-restarts":
         first = max(1, decay_steps // (2**RESTART_CYCLES - 1))
         schedule = schedules.CosineDecayRestarts(learning_rate, first_decay_steps=first)
     else:

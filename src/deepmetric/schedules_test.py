@@ -229,6 +229,14 @@ def test_build_exponential_ends_at_one_hundredth(warmup_steps):
         assert value(schedule, 5) == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("name", ["Cosine", "COSINE-RESTARTS", "Exponential", "Constant"])
+def test_build_accepts_any_case(name):
+    """As `optimizers.build`: names are case-insensitive."""
+    got = schedules.build(name, 0.1, total_steps=70, warmup_steps=7)
+    want = schedules.build(name.lower(), 0.1, total_steps=70, warmup_steps=7)
+    np.testing.assert_allclose(values(got, range(70)), values(want, range(70)))
+
+
 def test_build_errors():
     with pytest.raises(
         ValueError,
