@@ -196,6 +196,9 @@ class ExactSearch:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if exclude is not None:
             exclude = np.asarray(exclude, dtype=np.int64)
+        available = len(self) - (0 if exclude is None else 1)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
+            raise ValueError(f"`k` must be an integer in [1, {available}]. Received: k={k!r}")
         rows = np.arange(len(queries))
         d = None
         if self._faiss is None:

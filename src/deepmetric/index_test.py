@@ -131,6 +131,14 @@ def test_bad_input(args, kwargs, match):
         exact_search(*args, **kwargs)
 
 
+def test_search_checks_k():
+    search = ExactSearch(np.zeros((3, 1)))
+    with pytest.raises(ValueError, match=r"\[1, 2\]"):
+        search.search(np.zeros((1, 1)), 3, exclude=[0])
+    with pytest.raises(ValueError, match=r"\[1, 3\]"):
+        search.search(np.zeros((1, 1)), 0)
+
+
 def test_first_match_needs_labels():
     with pytest.raises(ValueError, match="labels"):
         ExactSearch(np.zeros((3, 1))).search(np.zeros((1, 1)), 1, query_labels=[0])
