@@ -29,7 +29,10 @@ minus the scaled squared distances).
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -37,31 +40,110 @@ from keras import ops
 from deepmetric._api import export, lookup
 from deepmetric._labels import check_embeddings, check_labels, split_inputs
 from deepmetric.distances import _l2_normalize
-from deepmetric.losses.modern import check_number, masked_logsumexp
+from deepmetric.losses.proxy import (
+    check_number,
+    proxy_anchor_loss,
+    proxy_nca_logits,
+    proxy_nca_loss,
+)
+
+__all__ = [
+    "ArcFace",
+    "CosFace",
+    "NormalizedSoftmax",
+    "ProxyAnchor",
+    "ProxyNCA",
+    "SubCenterArcFace",
+    "get",
+    "proxy_anchor_loss",
+    "proxy_nca_loss",
+]
+
+
+class Option(NamedTuple):
+    """A constructor option of a head: its name, the check that returns the value kept (or
+    raises a ValueError / TypeError naming the option), and its default."""
+
+    name: str
+    check: Callable[[str, Any], Any]
+    default: Any
+
+
+def _number(name, value):
+    return check_number(name, value)
+
+
+def _positive(name, value):
+    return check_number(name, value, positive=True)
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    return value
+
+
+def _angle(name, value):
+    """A finite angular margin in [0, pi/2) radians."""
+    number = check_number(name, value)
+    if not 0.0 <= number < math.pi / 2:
+        raise ValueError(f"`{name}` must be in [0, pi/2) radians. Received: {name}={value!r}")
+    return number
+
+
+def _initializer(name, value):
+    return keras.initializers.get(value)
+
+
+_PROXY_INITIALIZER = Option("proxy_initializer", _initializer, "glorot_uniform")
+_SCALE = Option("scale", _positive, 64.0)  # of the margin heads
+
+
+def _embedding_shape(input_shape):
+    """The embeddings' shape of `embeddings` or `[embeddings, labels]`."""
+    if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
+        return input_shape[0]
+    return input_shape
 
 
 class _ProxyHead(keras.layers.Layer):
-    """Base: a (num_classes, D) trainable proxy matrix and the cosine similarities to it.
+    """Base of the heads: a trainable proxy matrix, the options, the inputs and the config.
 
-    `adds_loss` says how to train a head: False, compile the trainer with
-    `SparseCategoricalCrossentropy(from_logits=True)` on the labels; True, the head adds
-    its loss itself (compile with `loss=None`).
+    A head declares its `options` (an `Option` table: name, check, default), taken after
+    `num_classes` by position or by name, checked, kept as attributes and written to
+    `get_config`; and implements `logits(embeddings, labels)` (labels None when the head is
+    called on embeddings alone). `adds_loss` says how to train a head: False, compile the
+    trainer with `SparseCategoricalCrossentropy(from_logits=True)` on the labels; True, the
+    head adds its `loss(labels, embeddings)` with `add_loss` (compile with `loss=None`).
     """
 
     adds_loss = False
+    options: tuple[Option, ...] = (_PROXY_INITIALIZER,)
 
-    def __init__(self, num_classes, proxy_initializer="glorot_uniform", **kwargs):
-        super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(
-                f"`num_classes` must be a positive integer. Received: num_classes={num_classes!r}"
-            )
-        self.num_classes = num_classes
-        self.proxy_initializer = keras.initializers.get(proxy_initializer)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The constructor's signature, for `inspect.signature` and `help`, from the options.
+        param = inspect.Parameter
+        cls.__signature__ = inspect.Signature(
+            [param("num_classes", param.POSITIONAL_OR_KEYWORD)]
+            + [param(o.name, param.POSITIONAL_OR_KEYWORD, default=o.default) for o in cls.options]
+            + [param("kwargs", param.VAR_KEYWORD)]
+        )
+
+    def __init__(self, num_classes, *args, **kwargs):
+        try:
+            given = inspect.signature(type(self)).bind(num_classes, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self).__name__}{inspect.signature(type(self))}: {e}") from None
+        given.apply_defaults()
+        values = given.arguments
+        super().__init__(**values.pop("kwargs"))
+        self.num_classes = _positive_int("num_classes", num_classes)
+        for option in self.options:
+            setattr(self, option.name, option.check(option.name, values[option.name]))
 
     def build(self, input_shape):
-        if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
-            input_shape = input_shape[0]
+        input_shape = _embedding_shape(input_shape)
         dim = input_shape[-1]
         if dim is None:
             raise ValueError(f"The embedding size must be known. Received: shape={input_shape}")
@@ -75,31 +157,59 @@ class _ProxyHead(keras.layers.Layer):
     def _num_proxies(self):
         return self.num_classes
 
+    def call(self, inputs):
+        embeddings, labels = split_inputs(inputs, "A head")
+        embeddings = check_embeddings(embeddings, "embeddings")
+        if labels is not None:
+            labels = check_labels(labels, embeddings.shape[0], "labels")
+            if self.adds_loss:
+                self.add_loss(self.loss(labels, embeddings))
+        return self.logits(embeddings, labels)
+
+    def logits(self, embeddings, labels):
+        """(B, num_classes) logits; `labels` (checked integers) or None, then without margin."""
+        raise NotImplementedError
+
+    def loss(self, labels, embeddings):
+        """The scalar loss a head with `adds_loss` adds."""
+        raise NotImplementedError
+
     def cosine(self, embeddings):
         """(B, num_classes) cosine similarities, float32."""
         x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
         proxies = _l2_normalize(ops.cast(self.proxies, x.dtype))
         return ops.matmul(x, ops.transpose(proxies))
 
-    def _one_hot(self, labels, batch_size):
-        labels = check_labels(labels, batch_size, "labels")
-        return ops.cast(ops.one_hot(ops.cast(labels, "int32"), self.num_classes), "bool")
-
     def compute_output_shape(self, input_shape):
-        if isinstance(input_shape, (list, tuple)) and isinstance(input_shape[0], (list, tuple)):
-            input_shape = input_shape[0]
-        return (input_shape[0], self.num_classes)
+        return (_embedding_shape(input_shape)[0], self.num_classes)
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "num_classes": self.num_classes,
-            "proxy_initializer": keras.initializers.serialize(self.proxy_initializer),
+        options = {
+            o.name: keras.saving.serialize_keras_object(getattr(self, o.name)) for o in self.options
         }
+        return {**super().get_config(), "num_classes": self.num_classes, **options}
+
+
+class _MarginHead(_ProxyHead):
+    """Base of CosFace, ArcFace and sub-centre ArcFace: logits s cos, the target's with margin.
+
+    A subclass implements `margin_cosine(cos)`, the target logit over s (the cosine with its
+    margin), and has the options `scale` (`_SCALE`) and `margin`.
+    """
+
+    def logits(self, embeddings, labels):
+        cos = self.cosine(embeddings)
+        if labels is None:
+            return self.scale * cos
+        target = ops.cast(ops.one_hot(ops.cast(labels, "int32"), self.num_classes), "bool")
+        return self.scale * ops.where(target, self.margin_cosine(cos), cos)
+
+    def margin_cosine(self, cos):
+        raise NotImplementedError
 
 
 @export
-class CosFace(_ProxyHead):
+class CosFace(_MarginHead):
     r"""CosFace / large-margin cosine head (Wang et al., CVPR 2018, arXiv:1801.09414).
 
     Logits $z_{ic} = s\,(\cos\theta_{ic} - m\,[c = y_i])$, where $\theta_{ic}$ is the angle
@@ -119,25 +229,14 @@ class CosFace(_ProxyHead):
     (2, 3)
     """
 
-    def __init__(self, num_classes, scale=64.0, margin=0.35, **kwargs):
-        super().__init__(num_classes, **kwargs)
-        self.scale = check_number("scale", scale, positive=True)
-        self.margin = check_number("margin", margin)
+    options = (_SCALE, Option("margin", _number, 0.35), _PROXY_INITIALIZER)
 
-    def call(self, inputs):
-        embeddings, labels = split_inputs(inputs, "A head")
-        cos = self.cosine(embeddings)
-        if labels is None:
-            return self.scale * cos
-        target = self._one_hot(labels, cos.shape[0])
-        return self.scale * ops.where(target, cos - self.margin, cos)
-
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "margin": self.margin}
+    def margin_cosine(self, cos):
+        return cos - self.margin
 
 
 @export
-class ArcFace(_ProxyHead):
+class ArcFace(_MarginHead):
     r"""ArcFace / additive angular margin head (Deng et al., CVPR 2019, arXiv:1801.07698).
 
     Logits $z_{ic} = s \cos(\theta_{ic} + m\,[c = y_i])$. As in the reference implementation
@@ -158,27 +257,13 @@ class ArcFace(_ProxyHead):
     (2, 3)
     """
 
-    def __init__(self, num_classes, scale=64.0, margin=0.5, **kwargs):
-        super().__init__(num_classes, **kwargs)
-        self.scale = check_number("scale", scale, positive=True)
-        self.margin = check_number("margin", margin)
-        if not 0.0 <= self.margin < math.pi / 2:
-            raise ValueError(f"`margin` must be in [0, pi/2) radians. Received: margin={margin!r}")
+    options: tuple[Option, ...] = (_SCALE, Option("margin", _angle, 0.5), _PROXY_INITIALIZER)
 
-    def call(self, inputs):
-        embeddings, labels = split_inputs(inputs, "A head")
-        cos = self.cosine(embeddings)
-        if labels is None:
-            return self.scale * cos
+    def margin_cosine(self, cos):
         m = self.margin
         sin = ops.sqrt(ops.maximum(1.0 - ops.square(cos), 1e-7))
         shifted = cos * math.cos(m) - sin * math.sin(m)
-        shifted = ops.where(cos > math.cos(math.pi - m), shifted, cos - m * math.sin(m))
-        target = self._one_hot(labels, cos.shape[0])
-        return self.scale * ops.where(target, shifted, cos)
-
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "margin": self.margin}
+        return ops.where(cos > math.cos(math.pi - m), shifted, cos - m * math.sin(m))
 
 
 @export
@@ -209,13 +294,7 @@ class SubCenterArcFace(ArcFace):
     ((2, 3), (6, 4))
     """
 
-    def __init__(self, num_classes, sub_centers=3, scale=64.0, margin=0.5, **kwargs):
-        super().__init__(num_classes, scale=scale, margin=margin, **kwargs)
-        if isinstance(sub_centers, bool) or not isinstance(sub_centers, int) or sub_centers < 1:
-            raise ValueError(
-                f"`sub_centers` must be a positive integer. Received: sub_centers={sub_centers!r}"
-            )
-        self.sub_centers = sub_centers
+    options = (Option("sub_centers", _positive_int, 3), *ArcFace.options)
 
     def _num_proxies(self):
         return self.num_classes * self.sub_centers
@@ -224,9 +303,6 @@ class SubCenterArcFace(ArcFace):
         """(B, num_classes) largest cosine similarity to each class's sub-centres, float32."""
         cos = super().cosine(embeddings)
         return ops.max(ops.reshape(cos, (-1, self.num_classes, self.sub_centers)), axis=2)
-
-    def get_config(self):
-        return {**super().get_config(), "sub_centers": self.sub_centers}
 
 
 @export
@@ -250,64 +326,10 @@ class NormalizedSoftmax(_ProxyHead):
     (2, 3)
     """
 
-    def __init__(self, num_classes, temperature=0.05, **kwargs):
-        super().__init__(num_classes, **kwargs)
-        self.temperature = check_number("temperature", temperature, positive=True)
+    options = (Option("temperature", _positive, 0.05), _PROXY_INITIALIZER)
 
-    def call(self, inputs):
-        embeddings, labels = split_inputs(inputs, "A head")
-        cos = self.cosine(embeddings)
-        if labels is not None:
-            check_labels(labels, cos.shape[0], "labels")
-        return cos / self.temperature
-
-    def get_config(self):
-        return {**super().get_config(), "temperature": self.temperature}
-
-
-def proxy_anchor_loss(labels, embeddings, proxies, *, margin=0.1, alpha=32.0):
-    r"""Proxy-Anchor loss (Kim et al., CVPR 2020, arXiv:2003.13911).
-
-    With cosine similarities $s(x, p)$ of the normalised embeddings and proxies, $P^+$ the
-    proxies of the classes present in the batch, $X_p^+$ / $X_p^-$ the embeddings of / not of
-    class p:
-
-    $$L = \frac{1}{|P^+|}\sum_{p \in P^+}
-            \log\Big(1 + \sum_{x \in X_p^+} e^{-\alpha(s(x,p) - \delta)}\Big)
-        + \frac{1}{|P|}\sum_{p \in P}
-            \log\Big(1 + \sum_{x \in X_p^-} e^{\alpha(s(x,p) + \delta)}\Big)$$
-
-    Same value and gradient as `pytorch_metric_learning.losses.ProxyAnchorLoss` with the same
-    proxies.
-
-    Args:
-      labels: integer labels in [0, num_classes), shape (B,) or (B, 1).
-      embeddings: (B, D) embeddings.
-      proxies: (num_classes, D) proxies.
-      margin: the margin delta.
-      alpha: the scale alpha (> 0).
-
-    Returns:
-      The scalar loss.
-
-    >>> import numpy as np
-    >>> loss = proxy_anchor_loss(np.array([0, 1]), np.eye(2), np.eye(2))
-    >>> round(float(loss), 4)  # log(1 + e^(32 * 0.1)) from the negatives
-    3.24
-    """
-    margin = check_number("margin", margin)
-    alpha = check_number("alpha", alpha, positive=True)
-    x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
-    proxies = _l2_normalize(ops.cast(check_embeddings(proxies, "proxies"), x.dtype))
-    labels = check_labels(labels, x.shape[0], "labels")
-    num_classes = proxies.shape[0]
-    # (C, B): one row per proxy.
-    cos = ops.matmul(proxies, ops.transpose(x))
-    positive = ops.transpose(ops.cast(ops.one_hot(ops.cast(labels, "int32"), num_classes), "bool"))
-    pos_term = masked_logsumexp(-alpha * (cos - margin), positive, add_one=True)
-    neg_term = masked_logsumexp(alpha * (cos + margin), ops.logical_not(positive), add_one=True)
-    with_positives = ops.sum(ops.cast(ops.any(positive, axis=1), cos.dtype))
-    return ops.divide_no_nan(ops.sum(pos_term), with_positives) + ops.sum(neg_term) / num_classes
+    def logits(self, embeddings, labels):
+        return self.cosine(embeddings) / self.temperature
 
 
 @export
@@ -334,73 +356,19 @@ class ProxyAnchor(_ProxyHead):
     """
 
     adds_loss = True
+    options = (
+        Option("margin", _number, 0.1),
+        Option("alpha", _positive, 32.0),
+        _PROXY_INITIALIZER._replace(default="he_normal"),
+    )
 
-    def __init__(
-        self, num_classes, margin=0.1, alpha=32.0, proxy_initializer="he_normal", **kwargs
-    ):
-        super().__init__(num_classes, proxy_initializer=proxy_initializer, **kwargs)
-        self.margin = check_number("margin", margin)
-        self.alpha = check_number("alpha", alpha, positive=True)
-
-    def call(self, inputs):
-        embeddings, labels = split_inputs(inputs, "A head")
-        if labels is not None:
-            self.add_loss(
-                proxy_anchor_loss(
-                    labels, embeddings, self.proxies, margin=self.margin, alpha=self.alpha
-                )
-            )
+    def logits(self, embeddings, labels):
         return self.alpha * self.cosine(embeddings)
 
-    def get_config(self):
-        return {**super().get_config(), "margin": self.margin, "alpha": self.alpha}
-
-
-def _proxy_nca_logits(x, proxies, softmax_scale):
-    """-scale * squared Euclidean distances between already normalised rows, (B, C)."""
-    squared = (
-        ops.sum(ops.square(x), axis=1, keepdims=True)
-        + ops.sum(ops.square(proxies), axis=1)[None, :]
-        - 2.0 * ops.matmul(x, ops.transpose(proxies))
-    )
-    return -softmax_scale * ops.maximum(squared, 0.0)
-
-
-def proxy_nca_loss(labels, embeddings, proxies, *, softmax_scale=1.0):
-    r"""Proxy-NCA loss (Movshovitz-Attias et al., ICCV 2017, arXiv:1703.07464), as PML has it.
-
-    With $d(x, p) = \|\hat x - \hat p\|^2$ the squared Euclidean distance between the
-    L2-normalised embedding and proxy, s the softmax scale and $p_c$ the proxy of class c:
-
-    $$L = \frac{1}{B}\sum_i -\log
-        \frac{e^{-s\,d(x_i, p_{y_i})}}{\sum_{c} e^{-s\,d(x_i, p_c)}}$$
-
-    The same value and gradient as `pytorch_metric_learning.losses.ProxyNCALoss` with the same
-    proxies (PML drops a sample whose softmax underflows to 0; here it keeps its large finite
-    loss).
-
-    Args:
-      labels: integer labels in [0, num_classes), shape (B,) or (B, 1).
-      embeddings: (B, D) embeddings.
-      proxies: (num_classes, D) proxies.
-      softmax_scale: the scale s (> 0).
-
-    Returns:
-      The scalar loss, the mean over the batch.
-
-    >>> import numpy as np
-    >>> loss = proxy_nca_loss(np.array([0, 1]), np.eye(2), np.eye(2))
-    >>> round(float(loss), 4)  # -log(e^0 / (e^0 + e^-2)) = log(1 + e^-2)
-    0.1269
-    """
-    softmax_scale = check_number("softmax_scale", softmax_scale, positive=True)
-    x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
-    proxies = _l2_normalize(ops.cast(check_embeddings(proxies, "proxies"), x.dtype))
-    labels = check_labels(labels, x.shape[0], "labels")
-    logits = _proxy_nca_logits(x, proxies, softmax_scale)
-    target = ops.cast(ops.one_hot(ops.cast(labels, "int32"), proxies.shape[0]), "bool")
-    target_logit = ops.sum(ops.where(target, logits, 0.0), axis=1)
-    return ops.mean(ops.logsumexp(logits, axis=1) - target_logit)
+    def loss(self, labels, embeddings):
+        return proxy_anchor_loss(
+            labels, embeddings, self.proxies, margin=self.margin, alpha=self.alpha
+        )
 
 
 @export
@@ -425,23 +393,13 @@ class ProxyNCA(_ProxyHead):
     """
 
     adds_loss = True
+    options = (Option("softmax_scale", _positive, 1.0), _PROXY_INITIALIZER)
 
-    def __init__(self, num_classes, softmax_scale=1.0, **kwargs):
-        super().__init__(num_classes, **kwargs)
-        self.softmax_scale = check_number("softmax_scale", softmax_scale, positive=True)
+    def logits(self, embeddings, labels):
+        return proxy_nca_logits(embeddings, self.proxies, softmax_scale=self.softmax_scale)
 
-    def call(self, inputs):
-        embeddings, labels = split_inputs(inputs, "A head")
-        if labels is not None:
-            self.add_loss(
-                proxy_nca_loss(labels, embeddings, self.proxies, softmax_scale=self.softmax_scale)
-            )
-        x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
-        proxies = _l2_normalize(ops.cast(self.proxies, x.dtype))
-        return _proxy_nca_logits(x, proxies, self.softmax_scale)
-
-    def get_config(self):
-        return {**super().get_config(), "softmax_scale": self.softmax_scale}
+    def loss(self, labels, embeddings):
+        return proxy_nca_loss(labels, embeddings, self.proxies, softmax_scale=self.softmax_scale)
 
 
 def get(identifier):
@@ -457,7 +415,7 @@ def get(identifier):
     """
     classes = [
         obj
-        for obj in globals().values()
-        if isinstance(obj, type) and issubclass(obj, _ProxyHead) and obj is not _ProxyHead
+        for name, obj in globals().items()
+        if isinstance(obj, type) and issubclass(obj, _ProxyHead) and not name.startswith("_")
     ]
     return lookup(identifier, classes, "head", instantiate=False)
