@@ -48,9 +48,8 @@ def _setup(labels, x, ref_labels, ref_x):
 
 
 def ref_multi_similarity(labels, x, ref_labels=None, ref_x=None, alpha=2.0, beta=50.0, base=0.5):
+    """Every anchor's terms, also in a batch without positive or without negative pairs."""
     (pos, neg), q, r = _setup(labels, x, ref_labels, ref_x)
-    if _degenerate(pos, neg):
-        return 0.0
     losses_ = []
     for i in range(len(q)):
         s_pos = [q[i] @ r[j] for j in pos[i]]
@@ -113,9 +112,8 @@ def ref_nt_xent(labels, x, ref_labels=None, ref_x=None, temperature=0.07):
 
 
 def ref_online_contrastive(labels, x, ref_labels=None, ref_x=None, pos_margin=0.0, neg_margin=1.0):
+    """Both means, also in a batch without positive or without negative pairs."""
     (pos, neg), q, r = _setup(labels, x, ref_labels, ref_x)
-    if _degenerate(pos, neg):
-        return 0.0
     d = lambda i, j: np.linalg.norm(q[i] - r[j])
     pos_losses = [max(d(i, j) - pos_margin, 0) for i in range(len(q)) for j in pos[i]]
     neg_losses = [max(neg_margin - d(i, j), 0) for i in range(len(q)) for j in neg[i]]
@@ -258,15 +256,39 @@ def test_analytic_case(name, options, expected):
     assert value == pytest.approx(expected, rel=1e-5, abs=1e-6)  # float32 log(1 + 1e-4)
 
 
+# The pair losses whose terms of one kind of pair stand alone: a batch with only negative (or
+# only positive) pairs keeps them, as the formulas and pytorch-metric-learning do.
+KEEP_TERMS = ("multi_similarity", "online_contrastive")
+DEGENERATE = {"one-class": [4, 4, 4, 4, 4, 4], "distinct": [0, 1, 2, 3, 4, 5], "one": [7]}
+
+
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize(
-    "labels", [[4, 4, 4, 4, 4, 4], [0, 1, 2, 3, 4, 5], [7]], ids=["one-class", "distinct", "one"]
-)
-def test_degenerate_batch_is_zero_with_finite_gradient(name, labels):
+@pytest.mark.parametrize("case", list(DEGENERATE))
+def test_degenerate_batch_is_zero_with_finite_gradient(name, case):
+    """No term at all (one example; one class or distinct labels for the losses that need a
+    positive and a negative per anchor): loss 0 with zero gradients."""
+    labels = DEGENERATE[case]
+    if name in KEEP_TERMS and case != "one":
+        pytest.skip("has terms: test_terms_of_one_kind_are_kept")
     _, x = batch(0, b=len(labels))
     value, grad = _value_and_grad(name, np.array(labels), x, compiled=True)
     assert value == 0.0
     assert np.all(np.isfinite(grad)) and np.all(grad == 0.0)
+
+
+@pytest.mark.parametrize("name", KEEP_TERMS)
+@pytest.mark.parametrize("case", ["one-class", "distinct"])
+def test_terms_of_one_kind_are_kept(name, case):
+    """Only positive (one class) or only negative (distinct labels) pairs: the formula's terms
+    of those pairs, value and gradient, finite."""
+    labels = np.array(DEGENERATE[case])
+    _, x = batch(0, b=len(labels))
+    value, grad = _value_and_grad(name, labels, x, compiled=True)
+    expected, expected_grad = _reference_value_and_grad(name, labels, x)
+    assert value > 0.0
+    assert value == pytest.approx(expected, rel=1e-4)
+    assert np.all(np.isfinite(grad))
+    _assert_grad_close(grad, expected_grad)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -290,7 +312,9 @@ PML_CLASSES = {
 
 @torch_only
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("case", ["random", "duplicates", "options", "reference", "many"])
+@pytest.mark.parametrize(
+    "case", ["random", "duplicates", "options", "reference", "many", "distinct", "one-class"]
+)
 def test_equals_pytorch_metric_learning(name, case):
     pml = pytest.importorskip("pytorch_metric_learning.losses")
     class_name, pml_options = PML_CLASSES[name]
@@ -299,6 +323,9 @@ def test_equals_pytorch_metric_learning(name, case):
     labels, x = with_duplicates(2) if case == "duplicates" else batch(11)
     if case == "many":  # more classes, some anchors without positives
         labels, x = batch(12, b=20, classes=9)
+    if case in ("distinct", "one-class"):  # no positive pair / no negative pair
+        x = batch(14, b=10)[1]
+        labels = np.arange(10) if case == "distinct" else np.zeros(10, "int64")
     fn = LOSSES[name][0]
     if case == "reference":
         ref_labels, ref_x = batch(13, b=9)
