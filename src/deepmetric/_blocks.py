@@ -94,29 +94,30 @@ def map_rows(
 
 def anchor_rows(
     row_terms,
-    matrix,
+    distance,
     labels,
     embeddings,
     reference_labels=None,
     reference=None,
     mask=None,
     *,
-    one_block=False,
+    farther_is_larger=False,
     with_order=False,
 ):
-    """Per-anchor outputs of `row_terms(m, positives, negatives)` over blocks of anchors.
+    """The row driver of the batch losses: `row_terms(m, positives, negatives)` per anchor.
 
-    `m` is a (b, R) block of `matrix(query_rows, reference, index)`, where `index` is the
-    block's position in the batch when the batch is compared with itself (`reference` None)
-    and None when there is a separate reference set. `positives` / `negatives` are the block's
-    label masks: an example with itself is in neither, and where `mask` ((R,) per reference row
-    or (B, R) per pair, boolean) is False a pair is in neither. Inputs are already checked.
-    `row_terms` returns a tuple of per-row float tensors; they come back for all B anchors.
-    `one_block` keeps the whole batch in one block (for a `matrix` that cannot build rows).
-    With `with_order`, `row_terms` gets a fourth argument, the block's
+    `m` is a (b, R) block of rows of `distance.matrix` (a `deepmetric.distances.Distance`)
+    between the block's anchors and the reference set, or the batch itself when `reference` is
+    None; with `farther_is_larger`, a similarity is negated so that larger is farther.
+    `positives` / `negatives` are the block's label masks: an example with itself is in neither,
+    and where `mask` ((R,) per reference row or (B, R) per pair, boolean) is False a pair is in
+    neither. Inputs are already checked. `row_terms` returns a tuple of per-row float tensors;
+    they come back for all B anchors. A distance that is not `blockable` (a callable) runs as
+    one block. With `with_order`, `row_terms` gets a fourth argument, the block's
     `mining.PositiveOrder` (the ranks of the positives from the labels).
     """
     same = reference is None
+    negate = farther_is_larger and distance.larger_is_closer
     rows = [embeddings, labels]
     shared = [embeddings, labels] if same else [reference, reference_labels]
     per_pair_mask = mask is not None and len(mask.shape) == 2
@@ -138,15 +139,17 @@ def anchor_rows(
         else:
             ref, ref_labels, *column_mask = rest
             pair_mask = ops.expand_dims(column_mask[0], 0) if column_mask else None
-        positives, negatives = mining.label_masks(
-            query_labels, ref_labels, anchor_index=index if same else None
-        )
+        self_index = index if same else None
+        positives, negatives = mining.label_masks(query_labels, ref_labels, anchor_index=self_index)
         if pair_mask is not None:
             positives = ops.logical_and(positives, pair_mask)
             negatives = ops.logical_and(negatives, pair_mask)
-        m = matrix(query, ref, index if same else None)
+        m = distance.matrix(query, ref, self_index=self_index)
+        if negate:
+            m = -m
         if with_order:
             return tuple(row_terms(m, positives, negatives, order))
         return tuple(row_terms(m, positives, negatives))
 
+    one_block = not distance.blockable
     return map_rows(block, rows, shared, max_entries=_UNLIMITED if one_block else None)

@@ -96,11 +96,6 @@ def check_labels(labels, batch_size=None, name: str = "y_true"):
     return ops.cast(labels, "int64" if dtype == "float64" else "int32")
 
 
-def static_batch_size(x):
-    """The static first dimension of `x`, or None under tracing with an unknown batch."""
-    return x.shape[0]
-
-
 def split_inputs(inputs, layer: str):
     """`embeddings` or `[embeddings, labels]`, as the training-only layers take them.
 

@@ -3,7 +3,8 @@
 Two functions keep TensorFlow Addons' exact semantics (`pairwise_distance`,
 `angular_distance`); small serializable `Distance` objects serve the losses,
 mining and evaluation, each knowing whether a larger value means closer.
-Everything is computed in float32 (float64 stays float64), and the square root
+Everything is computed in float32; a float64 tensor stays float64 where the backend keeps it
+(TensorFlow and PyTorch do; JAX without `jax_enable_x64` turns it into float32). The square root
 has a zero, finite gradient where two embeddings coincide.
 """
 
@@ -44,11 +45,6 @@ def is_self(index, num_references):
     return ops.equal(ops.expand_dims(ops.cast(index, "int32"), 1), ops.expand_dims(columns, 0))
 
 
-def _zero_diagonal(matrix):
-    n = ops.shape(matrix)[0]
-    return ops.where(is_self(ops.arange(n, dtype="int32"), n), 0.0, matrix)
-
-
 def _l2_normalize(x, epsilon=1e-12):
     """x / max(||x||, sqrt(epsilon)), as `tf.math.l2_normalize`."""
     return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
@@ -66,18 +62,14 @@ def pairwise_distance(embeddings, squared=False):
       squared: return squared distances.
 
     Returns:
-      float32 tensor of shape (B, B) (float64 for float64 input).
+      float32 tensor of shape (B, B) (float64 for a float64 tensor the backend keeps).
 
     >>> import numpy as np
     >>> d = pairwise_distance(np.array([[0.0, 0.0], [3.0, 4.0]]))
     >>> np.round(keras.ops.convert_to_numpy(d), 4).tolist()
     [[0.0, 5.0], [5.0, 0.0]]
     """
-    x = check_embeddings(embeddings, "embeddings")
-    sq = _squared_euclidean(x, x)
-    if squared:
-        return _zero_diagonal(sq)
-    return _zero_diagonal(_safe_sqrt(sq))
+    return EuclideanDistance(squared=squared).matrix(check_embeddings(embeddings, "embeddings"))
 
 
 def angular_distance(embeddings):
@@ -88,39 +80,53 @@ def angular_distance(embeddings):
     >>> np.round(keras.ops.convert_to_numpy(d), 4).tolist()
     [[0.0, 1.0], [1.0, 0.0]]
     """
-    x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
-    return ops.maximum(1.0 - ops.matmul(x, ops.transpose(x)), 0.0)
+    return AngularDistance().matrix(check_embeddings(embeddings, "embeddings"))
 
 
 class Distance:
     """Base class: a distance or similarity between query and reference rows.
 
-    `distance(query, reference=None)` returns the (Q, R) matrix; with no
-    reference, the query is compared with itself. `distance.paired(x, y)`
-    returns the row-wise values (x[i] against y[i]). `larger_is_closer` is True
-    for similarities, so that a loss or miner is written once for both kinds.
+    `distance(query, reference=None)` checks its inputs and returns the (Q, R) matrix; with no
+    reference, the query is compared with itself. `distance.matrix(...)` is the same on tensors
+    that are already checked, and also builds a block of rows of a self-comparison.
+    `distance.paired(x, y)` returns the row-wise values (x[i] against y[i]).
+    `larger_is_closer` is True for similarities, so that a loss or miner is written once for
+    both kinds. A subclass implements `_matrix` and `_paired`.
     """
 
     larger_is_closer = False
-    # `rows` can compute a block of rows of the self-comparison on its own.
+    # `matrix` can build a block of rows of the self-comparison on its own.
     blockable = True
 
     def __call__(self, query, reference=None):
         query = check_embeddings(query, "query")
-        reference = query if reference is None else check_embeddings(reference, "reference")
-        return self.matrix(query, reference, same=reference is query)
+        if reference is None:
+            return self.matrix(query)
+        return self.matrix(query, check_embeddings(reference, "reference"))
 
-    def matrix(self, query, reference, same):
-        raise NotImplementedError
+    def matrix(self, query, reference=None, *, self_index=None):
+        """The (Q, R) matrix of checked float tensors: the one entry point of the losses.
+
+        Args:
+          query: (Q, D) rows.
+          reference: (R, D) rows; None compares `query` with itself.
+          self_index: int32 (Q,) positions of the query rows in `reference` when `query` is
+            `reference[self_index]` (a block of rows of a self-comparison); the pair of an
+            example with itself then gets its exact self-value (0 for the Euclidean distance).
+            Implied (all rows) when `reference` is None.
+        """
+        if reference is None:
+            reference = query
+            self_index = ops.arange(ops.shape(query)[0], dtype="int32")
+        return self._matrix(query, reference, self_index)
 
     def rows(self, query, reference, index):
-        """Rows `index` of `self(reference)`, where `query` is `reference[index]`.
+        """Rows `index` of `self(reference)`, where `query` is `reference[index]`: the same as
+        `matrix(query, reference, self_index=index)`."""
+        return self.matrix(query, reference, self_index=index)
 
-        The same values as those rows of the full self-comparison (an example with itself
-        included), built from the (b, R) block alone; the losses use it to work block by
-        block (`deepmetric._blocks`). Takes float tensors that are already checked.
-        """
-        return self.matrix(query, reference, same=False)
+    def _matrix(self, query, reference, self_index):
+        raise NotImplementedError
 
     def paired(self, x, y):
         """Row-wise values between `x[i]` and `y[i]` (any leading shape, last axis D)."""
@@ -156,15 +162,10 @@ class EuclideanDistance(Distance):
     def __init__(self, squared=False):
         self.squared = bool(squared)
 
-    def matrix(self, query, reference, same):
+    def _matrix(self, query, reference, self_index):
         sq = _squared_euclidean(query, reference)
-        if same:
-            sq = _zero_diagonal(sq)
-        return sq if self.squared else _safe_sqrt(sq)
-
-    def rows(self, query, reference, index):
-        sq = _squared_euclidean(query, reference)
-        sq = ops.where(is_self(index, ops.shape(reference)[0]), 0.0, sq)
+        if self_index is not None:
+            sq = ops.where(is_self(self_index, ops.shape(reference)[0]), 0.0, sq)
         return sq if self.squared else _safe_sqrt(sq)
 
     def _paired(self, x, y):
@@ -182,7 +183,7 @@ class EuclideanDistance(Distance):
 class AngularDistance(Distance):
     """`1 - cos(x, y)` clamped at 0 (TFA's "angular" distance)."""
 
-    def matrix(self, query, reference, same):
+    def _matrix(self, query, reference, self_index):
         q, r = _l2_normalize(query), _l2_normalize(reference)
         return ops.maximum(1.0 - ops.matmul(q, ops.transpose(r)), 0.0)
 
@@ -196,7 +197,7 @@ class CosineSimilarity(Distance):
 
     larger_is_closer = True
 
-    def matrix(self, query, reference, same):
+    def _matrix(self, query, reference, self_index):
         return ops.matmul(_l2_normalize(query), ops.transpose(_l2_normalize(reference)))
 
     def _paired(self, x, y):
@@ -209,7 +210,7 @@ class DotProductSimilarity(Distance):
 
     larger_is_closer = True
 
-    def matrix(self, query, reference, same):
+    def _matrix(self, query, reference, self_index):
         return ops.matmul(query, ops.transpose(reference))
 
     def _paired(self, x, y):
@@ -228,12 +229,17 @@ class _CallableDistance(Distance):
         self.fn = fn
 
     def __call__(self, query, reference=None):
-        if reference is not None:
+        return self.matrix(check_embeddings(query, "query"), reference)
+
+    def _matrix(self, query, reference, self_index):
+        # Only the whole self-comparison: `query` is the batch (a loss with a callable
+        # distance runs as one block, so `reference[self_index]` is `reference` itself).
+        if self_index is None:
             raise ValueError(
                 "A callable `distance_metric` takes one batch of embeddings and cannot "
                 "compare against reference embeddings; pass a `deepmetric.distances.Distance`."
             )
-        return ops.cast(self.fn(check_embeddings(query, "query")), "float32")
+        return ops.cast(self.fn(reference), "float32")
 
     def __repr__(self):
         return f"_CallableDistance({self.fn!r})"

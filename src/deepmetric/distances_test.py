@@ -100,3 +100,31 @@ def test_get_lists_valid_names():
 def test_embeddings_must_be_rank_two():
     with pytest.raises(ValueError, match=r"rank-2.*embeddings.shape=\(2, 3, 4\)"):
         distances.pairwise_distance(np.zeros((2, 3, 4), "float32"))
+
+
+@pytest.mark.parametrize("name", ["L2", "squared-L2", "angular", "cosine", "dot"])
+def test_matrix_rows_of_a_self_comparison_equal_the_whole_matrix(name):
+    """`matrix(x[index], x, self_index=index)` is those rows of `matrix(x)` (self-pairs
+    included, exactly 0 for the Euclidean distances); `rows` is the same entry point."""
+    x = ops.convert_to_tensor(_x(6, b=7))
+    distance = distances.get(name)
+    whole = ops.convert_to_numpy(distance.matrix(x))
+    index = np.array([5, 0, 3], "int32")
+    block = distance.matrix(ops.take(x, index, axis=0), x, self_index=index)
+    np.testing.assert_allclose(ops.convert_to_numpy(block), whole[index], rtol=1e-6, atol=1e-6)
+    rows = distance.rows(ops.take(x, index, axis=0), x, index)
+    np.testing.assert_array_equal(ops.convert_to_numpy(rows), ops.convert_to_numpy(block))
+    np.testing.assert_allclose(ops.convert_to_numpy(distance(x)), whole, rtol=1e-6, atol=1e-6)
+    if name in ("L2", "squared-L2"):
+        assert np.all(np.diag(whole) == 0.0)
+
+
+def test_a_callable_distance_builds_only_the_whole_batch():
+    distance = distances.get(lambda v: distances.pairwise_distance(v))
+    x = _x(7, b=4)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(distance(x)),
+        ops.convert_to_numpy(distances.pairwise_distance(x)),
+    )
+    with pytest.raises(ValueError, match="cannot compare against reference embeddings"):
+        distance(x, x)

@@ -7,7 +7,8 @@ from keras import ops
 
 from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels
-from deepmetric.losses.triplet import _batch_all_terms, _check_margin
+from deepmetric.losses.base import check_number
+from deepmetric.losses.triplet import _batch_all_terms
 
 
 @export
@@ -26,7 +27,7 @@ class FractionPositiveTriplets(keras.metrics.Mean):
 
     def __init__(self, margin=1.0, squared=False, name="fraction_positive_triplets", dtype=None):
         super().__init__(name=name, dtype=dtype)
-        self.margin = _check_margin(margin)
+        self.margin = check_number("margin", margin)
         self.squared = bool(squared)
 
     def update_state(self, y_true, y_pred, sample_weight=None):

@@ -43,11 +43,6 @@ def label_masks(labels, reference_labels=None, anchor_index=None):
     return ops.logical_and(same, not_self), ops.logical_not(same)
 
 
-def has_pairs(positive_mask, negative_mask):
-    """Scalar: there is at least one positive pair and one negative pair."""
-    return ops.logical_and(ops.any(positive_mask), ops.any(negative_mask))
-
-
 def rows_with_pairs(positive_mask, negative_mask):
     """Per row, as float32 0 / 1: whether it has a positive, and whether it has a negative.
 
@@ -60,7 +55,8 @@ def rows_with_pairs(positive_mask, negative_mask):
 
 
 def any_pairs(has_positive, has_negative):
-    """`has_pairs` from the per-row flags of `rows_with_pairs`."""
+    """Scalar: the batch has a positive pair and a negative pair, from the per-row flags of
+    `rows_with_pairs`."""
     return ops.logical_and(ops.any(has_positive > 0.0), ops.any(has_negative > 0.0))
 
 

@@ -158,3 +158,67 @@ def test_positive_order_gives_the_same_mining(reference, ties):
     expected_index, expected_outside = mining.semihard_negatives(d, pos, neg)
     np.testing.assert_array_equal(_np(outside), _np(expected_outside))
     np.testing.assert_array_equal(_np(index)[_np(outside)], _np(expected_index)[_np(outside)])
+
+
+# --- The per-row selections of the composable triplet loss. ---
+
+
+def test_masked_argmax_and_argmin():
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(6, 7)).astype("float32")
+    mask = rng.random((6, 7)) < 0.4
+    mask[2] = False
+    index, nonempty = mining.masked_argmax(data, mask)
+    low_index, _ = mining.masked_argmin(data, mask)
+    for row in range(6):
+        assert bool(_np(nonempty)[row]) == mask[row].any()
+        if mask[row].any():
+            cols = np.flatnonzero(mask[row])
+            assert _np(index)[row] == cols[np.argmax(data[row, cols])]
+            assert _np(low_index)[row] == cols[np.argmin(data[row, cols])]
+
+
+def test_semihard_negative_per_row():
+    rng = np.random.default_rng(1)
+    d = rng.random((8, 8)).astype("float32")
+    negatives = rng.random((8, 8)) < 0.5
+    negatives[:, 0] = True
+    threshold = rng.random(8).astype("float32")
+    threshold[3] = 2.0  # no negative farther: the farthest negative
+    index = _np(mining.semihard_negative_per_row(d, threshold, negatives))
+    for row in range(8):
+        cols = np.flatnonzero(negatives[row])
+        farther = [c for c in cols if d[row, c] > threshold[row]]
+        expected = (
+            min(farther, key=lambda c: d[row, c]) if farther else cols[np.argmax(d[row, cols])]
+        )
+        assert index[row] == expected
+
+
+def test_batch_all_soft_terms():
+    rng = np.random.default_rng(6)
+    labels, x = rng.integers(0, 3, 12), rng.normal(size=(12, 5)).astype("float32")
+    x = x.astype(np.float64)
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)).astype("float32")
+    positives, negatives = mining.label_masks(ops.convert_to_tensor(labels))
+    values, w_pos, w_neg, count = (
+        _np(t) for t in mining.batch_all_soft_terms(ops.convert_to_tensor(d), positives, negatives)
+    )
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))
+    expected = np.zeros(len(labels))
+    expected_pos, expected_neg = np.zeros_like(d), np.zeros_like(d)
+    n_triplets = 0
+    for a in range(len(labels)):
+        for p in range(len(labels)):
+            if p == a or labels[p] != labels[a]:
+                continue
+            for n in np.flatnonzero(labels != labels[a]):
+                z = float(d[a, p]) - float(d[a, n])
+                expected[a] += np.logaddexp(0.0, z)
+                expected_pos[a, p] += sigmoid(z)
+                expected_neg[a, n] += sigmoid(z)
+                n_triplets += 1
+    np.testing.assert_allclose(values, expected, rtol=1e-5)
+    np.testing.assert_allclose(w_pos, expected_pos, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w_neg, expected_neg, rtol=1e-5, atol=1e-6)
+    assert float(np.sum(count)) == n_triplets

@@ -30,11 +30,22 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from deepmetric import losses as losses_lib
 from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels, split_inputs
-from deepmetric.losses._base import reduce_losses
+from deepmetric.losses.base import reduce_losses
 
 _SCALAR_REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight")
+
+
+def _reference_losses():
+    """The names of the public losses that have the `call_with_reference` hook."""
+    return [
+        name
+        for name in losses_lib.__all__
+        if isinstance(cls := getattr(losses_lib, name), type)
+        and callable(getattr(cls, "call_with_reference", None))
+    ]
 
 
 def _check_loss(loss):
@@ -43,8 +54,7 @@ def _check_loss(loss):
     if not callable(getattr(loss, "call_with_reference", None)):
         raise TypeError(
             "`loss` must be a deepmetric loss that accepts reference embeddings and a "
-            "reference mask (MultiSimilarityLoss, CircleLoss, SupConLoss, NTXentLoss, "
-            f"OnlineContrastiveLoss, TripletLoss). Received: loss={loss!r}"
+            f"reference mask ({', '.join(_reference_losses())}). Received: loss={loss!r}"
         )
     if loss.reduction not in _SCALAR_REDUCTIONS:
         raise ValueError(

@@ -1,31 +1,48 @@
-"""deepmetric's losses: TFA-compatible, batch-all, explicit triplets, modern batch losses."""
+"""deepmetric's losses, one module per family, on one shared base.
+
+- `base`: the shared layer: `MetricLoss` (the base of every labels-and-embeddings loss, with
+  its option table), `Option` and its builders, the number / choice / input / reference-mask
+  checks, `masked_logsumexp`, Keras' reduction.
+- `triplet`: TFA's online-mined triplet losses (semi-hard, hard) and Moindrot's batch-all.
+- `triplet_composable`: `TripletLoss`, any distance with composable positive / negative mining.
+- `triplet_explicit`: explicit (anchor, positive, negative) triplets, torch semantics.
+- `contrastive`: TFA's pair-distance contrastive loss, the all-pairs `OnlineContrastiveLoss`,
+  and TFA's lifted structured loss.
+- `softmax`: log-sum-exp / soft-max losses on cosine similarities: multi-similarity, circle,
+  SupCon, NT-Xent.
+- `npairs`: N-pairs losses on a given similarity matrix (TFA).
+
+Every public loss function and class is registered with Keras under `deepmetric>`, so
+`compile(loss=deepmetric.losses.contrastive_loss)` saves and reloads in safe mode, and
+`keras.losses.get({"class_name": "deepmetric>TripletSemiHardLoss", "config": {}})` resolves.
+"""
 
 import keras
 
 from deepmetric._api import lookup
-from deepmetric.losses.explicit import TripletMarginLoss, triplet_margin_with_distance_loss
-from deepmetric.losses.general import TripletLoss, triplet_loss
-from deepmetric.losses.modern import (
+from deepmetric.losses.contrastive import (
+    ContrastiveLoss,
+    LiftedStructLoss,
+    OnlineContrastiveLoss,
+    contrastive_loss,
+    lifted_struct_loss,
+    online_contrastive_loss,
+)
+from deepmetric.losses.npairs import (
+    NpairsLoss,
+    NpairsMultilabelLoss,
+    npairs_loss,
+    npairs_multilabel_loss,
+)
+from deepmetric.losses.softmax import (
     CircleLoss,
     MultiSimilarityLoss,
     NTXentLoss,
-    OnlineContrastiveLoss,
     SupConLoss,
     circle_loss,
     multi_similarity_loss,
     nt_xent_loss,
-    online_contrastive_loss,
     sup_con_loss,
-)
-from deepmetric.losses.pairs import (
-    ContrastiveLoss,
-    LiftedStructLoss,
-    NpairsLoss,
-    NpairsMultilabelLoss,
-    contrastive_loss,
-    lifted_struct_loss,
-    npairs_loss,
-    npairs_multilabel_loss,
 )
 from deepmetric.losses.triplet import (
     TripletBatchAllLoss,
@@ -35,6 +52,8 @@ from deepmetric.losses.triplet import (
     triplet_hard_loss,
     triplet_semihard_loss,
 )
+from deepmetric.losses.triplet_composable import TripletLoss, triplet_loss
+from deepmetric.losses.triplet_explicit import TripletMarginLoss, triplet_margin_with_distance_loss
 
 __all__ = [
     "get",

@@ -200,3 +200,49 @@ def test_bad_embeddings_and_options_are_named():
         losses.TripletSemiHardLoss(distance_metric="L1")
     with pytest.raises(TypeError, match=r"`margin` must be a number. Received: margin='1'"):
         losses.TripletHardLoss(margin="1")
+
+
+# --- Keras' registry: every public loss function and class by its registered name. ---
+
+PUBLIC = [getattr(losses, name) for name in losses.__all__ if name != "get"]
+FUNCTIONS = [obj for obj in PUBLIC if not isinstance(obj, type)]
+CLASSES = [obj for obj in PUBLIC if isinstance(obj, type)]
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_keras_losses_get_resolves_every_class(cls):
+    loss = keras.losses.get({"class_name": f"deepmetric>{cls.__name__}", "config": {}})
+    assert type(loss) is cls
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS, ids=lambda f: f.__name__)
+def test_every_function_is_registered(fn):
+    name = f"deepmetric>{fn.__name__}"
+    assert keras.saving.get_registered_name(fn) == name
+    assert keras.saving.get_registered_object(name) is fn
+
+
+def test_a_loss_function_saves_and_reloads_in_safe_mode(tmp_path):
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss=losses.contrastive_loss)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert loaded.loss is losses.contrastive_loss
+
+
+def test_metric_loss_is_every_labels_and_embeddings_loss():
+    """`issubclass(cls, MetricLoss)`: the losses of (labels, embeddings) batches, and no other."""
+    metric = {cls.__name__ for cls in CLASSES if issubclass(cls, losses.base.MetricLoss)}
+    assert metric == {
+        "CircleLoss",
+        "LiftedStructLoss",
+        "MultiSimilarityLoss",
+        "NTXentLoss",
+        "OnlineContrastiveLoss",
+        "SupConLoss",
+        "TripletBatchAllLoss",
+        "TripletHardLoss",
+        "TripletLoss",
+        "TripletSemiHardLoss",
+    }

@@ -13,49 +13,27 @@ from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels
-from deepmetric.losses._base import MetricLoss, per_anchor_share
+from deepmetric.losses.base import (
+    MetricLoss,
+    check_number,
+    distance_option,
+    flag_option,
+    loss_inputs,
+    number_option,
+    per_anchor_share,
+)
 
 
-def _check_margin(margin):
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-        raise TypeError(f"`margin` must be a number. Received: margin={margin!r}")
-    return float(margin)
-
-
-def anchor_rows(row_terms, labels, embeddings, distance):
-    """Per-anchor outputs of `row_terms(d, positives, negatives, order)`, block by block.
-
-    `d` is a (b, B) block of rows of the distance matrix in which larger means farther
-    (similarities are negated), `positives` / `negatives` its label masks (an example with
-    itself in neither), `order` its `mining.PositiveOrder`. `row_terms` returns a tuple of
-    per-row float tensors; they come back for all B anchors. See `deepmetric._blocks` for
-    when the batch is split.
-    """
-    distance = distances_lib.get(distance, "distance_metric")
+def _rows(row_terms, labels, embeddings, distance):
+    """`_blocks.anchor_rows` on the batch, larger farther, with the positives' order."""
     return _blocks.anchor_rows(
         row_terms,
-        distance_rows(distance),
+        distances_lib.get(distance, "distance_metric"),
         labels,
         embeddings,
-        one_block=not distance.blockable,
+        farther_is_larger=True,
         with_order=True,
     )
-
-
-def distance_rows(distance):
-    """`matrix(query, reference, index)` for `_blocks.anchor_rows`: rows of `distance` in which
-    larger is farther (similarities negated); `index` None for a separate reference set."""
-
-    def matrix(query, reference, index):
-        if index is None:
-            m = distance.matrix(query, reference, same=False)
-        elif distance.blockable:
-            m = distance.rows(query, reference, index)
-        else:
-            m = distance(query)  # a callable: the whole batch, always one block
-        return -m if distance.larger_is_closer else m
-
-    return matrix
 
 
 def _inputs(y_true, y_pred):
@@ -70,13 +48,21 @@ def _semihard_terms(labels, embeddings, margin, distance_metric):
         num_positives = ops.sum(ops.cast(positives, d.dtype), axis=1)
         return (per_anchor, num_positives, *mining.rows_with_pairs(positives, negatives))
 
-    per_anchor, num_positives, has_positive, has_negative = anchor_rows(
+    per_anchor, num_positives, has_positive, has_negative = _rows(
         rows, labels, embeddings, distance_metric
     )
     per_anchor = ops.where(mining.any_pairs(has_positive, has_negative), per_anchor, 0.0)
     return per_anchor, ops.sum(num_positives)
 
 
+def _semihard_shares(labels, embeddings, *, margin=1.0, distance_metric="L2"):
+    """Per-anchor shares of `triplet_semihard_loss` (their mean is the loss)."""
+    labels, embeddings, _, _ = loss_inputs(labels, embeddings)
+    margin = check_number("margin", margin)
+    return per_anchor_share(*_semihard_terms(labels, embeddings, margin, distance_metric))
+
+
+@export
 def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
     r"""Triplet loss with FaceNet's semi-hard negative mining (TFA semantics).
 
@@ -115,7 +101,7 @@ def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
     """
     labels, embeddings = _inputs(y_true, y_pred)
     per_anchor, num_positives = _semihard_terms(
-        labels, embeddings, _check_margin(margin), distance_metric
+        labels, embeddings, check_number("margin", margin), distance_metric
     )
     return ops.divide_no_nan(ops.sum(per_anchor), num_positives)
 
@@ -128,10 +114,18 @@ def _hard_terms(labels, embeddings, margin, soft, distance_metric):
         loss = ops.softplus(gap) if soft else ops.relu(gap + margin)
         return (loss, *mining.rows_with_pairs(positives, negatives))
 
-    loss, has_positive, has_negative = anchor_rows(rows, labels, embeddings, distance_metric)
+    loss, has_positive, has_negative = _rows(rows, labels, embeddings, distance_metric)
     return ops.where(mining.any_pairs(has_positive, has_negative), loss, 0.0)
 
 
+def _hard_shares(labels, embeddings, *, margin=1.0, soft=False, distance_metric="L2"):
+    """Per-anchor losses of `triplet_hard_loss` (their mean is the loss)."""
+    labels, embeddings, _, _ = loss_inputs(labels, embeddings)
+    margin = check_number("margin", margin)
+    return _hard_terms(labels, embeddings, margin, bool(soft), distance_metric)
+
+
+@export
 def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L2"):
     r"""Triplet loss with batch-hard mining (Hermans et al., 2017, TFA semantics).
 
@@ -163,9 +157,8 @@ def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L
     0.0
     """
     labels, embeddings = _inputs(y_true, y_pred)
-    return ops.mean(
-        _hard_terms(labels, embeddings, _check_margin(margin), bool(soft), distance_metric)
-    )
+    margin = check_number("margin", margin)
+    return ops.mean(_hard_terms(labels, embeddings, margin, bool(soft), distance_metric))
 
 
 def _batch_all_terms(labels, embeddings, margin, squared):
@@ -176,12 +169,21 @@ def _batch_all_terms(labels, embeddings, margin, squared):
         num_valid = ops.sum(pos_f, axis=1) * ops.sum(neg_f, axis=1)
         return contributions, ops.sum(ops.relu(w), axis=1), num_valid
 
-    contributions, num_active, num_valid = anchor_rows(
+    contributions, num_active, num_valid = _rows(
         rows, labels, embeddings, distances_lib.EuclideanDistance(squared=squared)
     )
     return contributions, ops.sum(num_active), ops.sum(num_valid)
 
 
+def _batch_all_shares(labels, embeddings, *, margin=1.0, squared=False):
+    """Per-anchor shares of `triplet_batch_all_loss` (their mean is the loss)."""
+    labels, embeddings, _, _ = loss_inputs(labels, embeddings)
+    margin = check_number("margin", margin)
+    contributions, num_active, _ = _batch_all_terms(labels, embeddings, margin, bool(squared))
+    return per_anchor_share(contributions, num_active)
+
+
+@export
 def triplet_batch_all_loss(y_true, y_pred, margin=1.0, squared=False, return_fraction=False):
     r"""Batch-all triplet loss (Moindrot's "triplet loss and online triplet mining").
 
@@ -206,7 +208,7 @@ def triplet_batch_all_loss(y_true, y_pred, margin=1.0, squared=False, return_fra
     """
     labels, embeddings = _inputs(y_true, y_pred)
     contributions, num_active, num_valid = _batch_all_terms(
-        labels, embeddings, _check_margin(margin), bool(squared)
+        labels, embeddings, check_number("margin", margin), bool(squared)
     )
     loss = ops.divide_no_nan(ops.sum(contributions), num_active)
     if return_fraction:
@@ -214,29 +216,8 @@ def triplet_batch_all_loss(y_true, y_pred, margin=1.0, squared=False, return_fra
     return loss
 
 
-class _TripletBase(MetricLoss):
-    def __init__(self, margin=1.0, distance_metric="L2", name=None, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.margin = _check_margin(margin)
-        distances_lib.get(distance_metric, "distance_metric")  # fails early on a bad name
-        self.distance_metric = distance_metric
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            margin=self.margin, distance_metric=distances_lib.serialize(self.distance_metric)
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["distance_metric"] = distances_lib.deserialize(config.get("distance_metric", "L2"))
-        return cls(**config)
-
-
 @export
-class TripletSemiHardLoss(_TripletBase):
+class TripletSemiHardLoss(MetricLoss):
     """Triplet loss with semi-hard negative mining; see `triplet_semihard_loss`.
 
     A drop-in replacement for `tfa.losses.TripletSemiHardLoss`:
@@ -250,35 +231,28 @@ class TripletSemiHardLoss(_TripletBase):
     scales the share of that anchor's triplets.
     """
 
-    def __init__(self, margin=1.0, distance_metric="L2", name="triplet_semihard_loss", **kwargs):
-        super().__init__(margin=margin, distance_metric=distance_metric, name=name, **kwargs)
-
-    def call(self, labels, embeddings):
-        per_anchor, num_positives = _semihard_terms(
-            labels, embeddings, self.margin, self.distance_metric
-        )
-        return per_anchor_share(per_anchor, num_positives)
+    function = staticmethod(_semihard_shares)
+    default_name = "triplet_semihard_loss"
+    options = (number_option("margin", 1.0), distance_option("distance_metric", "L2"))
+    takes_reference = False
 
 
 @export
-class TripletHardLoss(_TripletBase):
+class TripletHardLoss(MetricLoss):
     """Triplet loss with batch-hard mining; see `triplet_hard_loss`.
 
     A drop-in replacement for `tfa.losses.TripletHardLoss`; `call` returns the
     loss of each anchor and Keras averages them.
     """
 
-    def __init__(
-        self, margin=1.0, soft=False, distance_metric="L2", name="triplet_hard_loss", **kwargs
-    ):
-        super().__init__(margin=margin, distance_metric=distance_metric, name=name, **kwargs)
-        self.soft = bool(soft)
-
-    def call(self, labels, embeddings):
-        return _hard_terms(labels, embeddings, self.margin, self.soft, self.distance_metric)
-
-    def get_config(self):
-        return {**super().get_config(), "soft": self.soft}
+    function = staticmethod(_hard_shares)
+    default_name = "triplet_hard_loss"
+    options = (
+        number_option("margin", 1.0),
+        flag_option("soft", False),
+        distance_option("distance_metric", "L2"),
+    )
+    takes_reference = False
 
 
 @export
@@ -290,16 +264,7 @@ class TripletBatchAllLoss(MetricLoss):
     margin to `compile(metrics=[...])`.
     """
 
-    def __init__(self, margin=1.0, squared=False, name="triplet_batch_all_loss", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.margin = _check_margin(margin)
-        self.squared = bool(squared)
-
-    def call(self, labels, embeddings):
-        contributions, num_active, _ = _batch_all_terms(
-            labels, embeddings, self.margin, self.squared
-        )
-        return per_anchor_share(contributions, num_active)
-
-    def get_config(self):
-        return {**super().get_config(), "margin": self.margin, "squared": self.squared}
+    function = staticmethod(_batch_all_shares)
+    default_name = "triplet_batch_all_loss"
+    options = (number_option("margin", 1.0), flag_option("squared", False))
+    takes_reference = False

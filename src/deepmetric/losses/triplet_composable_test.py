@@ -1,11 +1,11 @@
-"""TripletLoss with composable mining, and the mining functions it adds, against brute force."""
+"""TripletLoss with composable mining against brute force."""
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
-from deepmetric import _backend, losses, mining
+from deepmetric import _backend, losses
 from deepmetric.distances import CosineSimilarity
 
 POSITIVE = ["all", "hard", "easy"]
@@ -21,6 +21,10 @@ def pk_batch(seed, p=3, k=4, d=5):
     """P classes x K samples: every anchor has a positive."""
     rng = np.random.default_rng(seed)
     return np.repeat(np.arange(p), k), rng.normal(size=(p * k, d)).astype("float32")
+
+
+def _np(x):
+    return ops.convert_to_numpy(x)
 
 
 # --- Brute force: enumerate the selected triplets one by one. ---
@@ -212,72 +216,6 @@ def test_all_all_nonzero_preset_equals_triplet_batch_all_loss(squared):
     )
     assert ours[0] == pytest.approx(float(theirs[0]), rel=1e-5)
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-4, atol=1e-6)
-
-
-# --- The mining functions added for it. ---
-
-
-def _np(x):
-    return ops.convert_to_numpy(x)
-
-
-def test_masked_argmax_and_argmin():
-    rng = np.random.default_rng(0)
-    data = rng.normal(size=(6, 7)).astype("float32")
-    mask = rng.random((6, 7)) < 0.4
-    mask[2] = False
-    index, nonempty = mining.masked_argmax(data, mask)
-    low_index, _ = mining.masked_argmin(data, mask)
-    for row in range(6):
-        assert bool(_np(nonempty)[row]) == mask[row].any()
-        if mask[row].any():
-            cols = np.flatnonzero(mask[row])
-            assert _np(index)[row] == cols[np.argmax(data[row, cols])]
-            assert _np(low_index)[row] == cols[np.argmin(data[row, cols])]
-
-
-def test_semihard_negative_per_row():
-    rng = np.random.default_rng(1)
-    d = rng.random((8, 8)).astype("float32")
-    negatives = rng.random((8, 8)) < 0.5
-    negatives[:, 0] = True
-    threshold = rng.random(8).astype("float32")
-    threshold[3] = 2.0  # no negative farther: the farthest negative
-    index = _np(mining.semihard_negative_per_row(d, threshold, negatives))
-    for row in range(8):
-        cols = np.flatnonzero(negatives[row])
-        farther = [c for c in cols if d[row, c] > threshold[row]]
-        expected = (
-            min(farther, key=lambda c: d[row, c]) if farther else cols[np.argmax(d[row, cols])]
-        )
-        assert index[row] == expected
-
-
-def test_batch_all_soft_terms():
-    labels, x = batch(6)
-    d = _matrix(x, x, "L2").astype("float32")
-    positives, negatives = mining.label_masks(ops.convert_to_tensor(labels))
-    values, w_pos, w_neg, count = (
-        _np(t) for t in mining.batch_all_soft_terms(ops.convert_to_tensor(d), positives, negatives)
-    )
-    sigmoid = lambda z: 1 / (1 + np.exp(-z))
-    expected = np.zeros(len(labels))
-    expected_pos, expected_neg = np.zeros_like(d), np.zeros_like(d)
-    n_triplets = 0
-    for a in range(len(labels)):
-        for p in range(len(labels)):
-            if p == a or labels[p] != labels[a]:
-                continue
-            for n in np.flatnonzero(labels != labels[a]):
-                z = float(d[a, p]) - float(d[a, n])
-                expected[a] += np.logaddexp(0.0, z)
-                expected_pos[a, p] += sigmoid(z)
-                expected_neg[a, n] += sigmoid(z)
-                n_triplets += 1
-    np.testing.assert_allclose(values, expected, rtol=1e-5)
-    np.testing.assert_allclose(w_pos, expected_pos, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(w_neg, expected_neg, rtol=1e-5, atol=1e-6)
-    assert float(np.sum(count)) == n_triplets
 
 
 # --- Invariants and Keras integration. ---

@@ -1,4 +1,9 @@
-"""Contrastive, lifted-structure and N-pairs losses (TFA semantics)."""
+"""Contrastive losses on distances with margins: TFA's pair loss, all pairs, lifted structure.
+
+`contrastive_loss` takes the distance of each pair (TFA); `online_contrastive_loss` takes class
+labels and embeddings and uses all pairs of the batch (pytorch-metric-learning's
+`ContrastiveLoss`); `lifted_struct_loss` is TFA's lifted structured loss.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,28 @@ from keras import ops
 from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
-from deepmetric._labels import check_embeddings, check_labels
-from deepmetric.losses._base import MetricLoss, per_anchor_share, reduce_losses
-from deepmetric.losses.triplet import _check_margin
+from deepmetric.losses.base import (
+    MetricLoss,
+    check_number,
+    count_positive,
+    loss_inputs,
+    number_option,
+    per_anchor_share,
+)
+from deepmetric.losses.softmax import normalized_rows
+
+# Squared Euclidean distances of unit vectors below this are rounding noise of
+# |x|^2 + |y|^2 - 2 x.y in float32 (about 1e-7 per term): they are taken as 0.
+_SQUARED_DISTANCE_FLOOR = 1e-6
+
+
+class _UnitEuclidean(distances_lib.Distance):
+    """Euclidean distances of L2-normalised rows; squared values below the noise floor are 0."""
+
+    def _matrix(self, query, reference, self_index):
+        squared = distances_lib._squared_euclidean(query, reference)
+        squared = ops.where(ops.greater(squared, _SQUARED_DISTANCE_FLOOR), squared, 0.0)
+        return distances_lib._safe_sqrt(squared)
 
 
 def _as_vector(x, name):
@@ -26,6 +50,7 @@ def _as_vector(x, name):
     return x
 
 
+@export
 def contrastive_loss(y_true, y_pred, margin=1.0):
     r"""Contrastive loss of pairs (Hadsell, Chopra and LeCun, 2006; TFA semantics).
 
@@ -46,7 +71,7 @@ def contrastive_loss(y_true, y_pred, margin=1.0):
     [0.25, 0.5625]
     """
     d = _as_vector(y_pred, "y_pred")
-    if "float64" not in str(d.dtype):
+    if "float64" not in str(d.dtype):  # float32, or float64 where the backend keeps it
         d = ops.cast(d, "float32")
     y = _as_vector(y_true, "y_true")
     if y.shape[0] is not None and d.shape[0] is not None and y.shape[0] != d.shape[0]:
@@ -55,7 +80,7 @@ def contrastive_loss(y_true, y_pred, margin=1.0):
             f"y_true.shape={tuple(y.shape)}, y_pred.shape={tuple(d.shape)}"
         )
     y = ops.cast(y, d.dtype)
-    margin = _check_margin(margin)
+    margin = check_number("margin", margin)
     return y * ops.square(d) + (1.0 - y) * ops.square(ops.relu(margin - d))
 
 
@@ -71,7 +96,7 @@ class ContrastiveLoss(keras.losses.Loss):
         self, margin=1.0, reduction="sum_over_batch_size", name="contrastive_loss", **kwargs
     ):
         super().__init__(name=name, reduction=reduction, **kwargs)
-        self.margin = _check_margin(margin)
+        self.margin = check_number("margin", margin)
 
     def call(self, y_true, y_pred):
         return contrastive_loss(y_true, y_pred, self.margin)
@@ -110,7 +135,7 @@ def _lifted_terms(labels, embeddings, margin):
     rows, whole = (embeddings, labels), (embeddings, labels)
 
     def block(index, anchors, anchor_labels, embeddings, labels):
-        return distance.rows(anchors, embeddings, index), mining.label_masks(
+        return distance.matrix(anchors, embeddings, self_index=index), mining.label_masks(
             anchor_labels, labels, anchor_index=index
         )
 
@@ -137,6 +162,7 @@ def _lifted_terms(labels, embeddings, margin):
     return per_anchor, ops.sum(num_positives)
 
 
+@export
 def lifted_struct_loss(labels, embeddings, margin=1.0):
     r"""Lifted structured loss (Oh Song et al., 2016, arXiv:1511.06452; TFA semantics).
 
@@ -159,132 +185,110 @@ def lifted_struct_loss(labels, embeddings, margin=1.0):
     Returns:
       Scalar loss.
     """
-    embeddings = check_embeddings(embeddings, "embeddings")
-    labels = check_labels(labels, embeddings.shape[0], "labels")
-    per_anchor, num_positives = _lifted_terms(labels, embeddings, _check_margin(margin))
+    labels, embeddings, _, _ = loss_inputs(labels, embeddings)
+    per_anchor, num_positives = _lifted_terms(labels, embeddings, check_number("margin", margin))
     return ops.divide_no_nan(ops.sum(per_anchor), num_positives)
+
+
+def _lifted_shares(labels, embeddings, *, margin=1.0):
+    """Per-anchor shares of `lifted_struct_loss` (their mean is the loss)."""
+    labels, embeddings, _, _ = loss_inputs(labels, embeddings)
+    margin = check_number("margin", margin)
+    return per_anchor_share(*_lifted_terms(labels, embeddings, margin))
 
 
 @export
 class LiftedStructLoss(MetricLoss):
     """Lifted structured loss; see `lifted_struct_loss`. Replaces `tfa.losses.LiftedStructLoss`."""
 
-    def __init__(self, margin=1.0, name="lifted_struct_loss", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.margin = _check_margin(margin)
-
-    def call(self, labels, embeddings):
-        per_anchor, num_positives = _lifted_terms(labels, embeddings, self.margin)
-        return per_anchor_share(per_anchor, num_positives)
-
-    def get_config(self):
-        return {**super().get_config(), "margin": self.margin}
+    function = staticmethod(_lifted_shares)
+    default_name = "lifted_struct_loss"
+    options = (number_option("margin", 1.0),)
+    takes_reference = False
 
 
-def _check_similarity(y_pred):
-    sim = check_embeddings(y_pred, "y_pred")
-    rows, cols = sim.shape
-    if rows is not None and cols is not None and rows != cols:
-        raise ValueError(
-            "`y_pred` must be the (batch_size, batch_size) similarity matrix of the batch. "
-            f"Received: y_pred.shape={tuple(sim.shape)}"
-        )
-    return sim
+@export
+def online_contrastive_loss(
+    labels,
+    embeddings,
+    *,
+    pos_margin=0.0,
+    neg_margin=1.0,
+    reference_embeddings=None,
+    reference_labels=None,
+    reference_mask=None,
+):
+    r"""Contrastive loss over all pairs of the batch, per anchor (Hadsell et al., 2006).
 
+    On Euclidean distances $d_{ij}$ of the L2-normalised embeddings, over the ordered pairs
+    ((i, j) and (j, i) both count):
 
-def _softmax_cross_entropy(targets, logits):
-    return -ops.sum(targets * ops.log_softmax(logits, axis=1), axis=1)
+    $$L = \operatorname{mean}_{\ell^+ > 0}\,[d_{ip} - m_+]_+
+        + \operatorname{mean}_{\ell^- > 0}\,[m_- - d_{in}]_+$$
 
-
-def _npairs_rows(labels, similarity):
-    same = ops.cast(
-        ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0)), similarity.dtype
-    )
-    targets = same / ops.sum(same, axis=1, keepdims=True)
-    return _softmax_cross_entropy(targets, similarity)
-
-
-def npairs_loss(y_true, y_pred):
-    r"""N-pairs loss (Sohn, 2016; TFA semantics) on a given similarity matrix.
-
-    Each row i of the (B, B) similarity matrix `y_pred` is a set of logits; the
-    target distribution is uniform over the columns j with $y_j = y_i$. The loss
-    is the mean over rows of the softmax cross-entropy. Labels are compared as
-    integers (TFA compares them after a float cast).
+    each mean taken over the pairs whose loss is non-zero (0 if there is none): a batch without
+    positive pairs keeps the negative-pair mean, a single-class batch the positive-pair mean.
+    The hinge is not squared (unlike the TFA-compatible `contrastive_loss`, which takes
+    precomputed pair distances). Same value and gradient as
+    `pytorch_metric_learning.losses.ContrastiveLoss()`, except that squared distances below 1e-6
+    (float32 rounding noise for unit vectors) count as 0. Paper:
+    "Dimensionality Reduction by Learning an Invariant Mapping", CVPR 2006.
 
     Args:
-      y_true: integer labels, shape (B,) or (B, 1).
-      y_pred: (B, B) similarity matrix, for example `a @ b.T` for the anchors
-        and positives of N pairs.
+      labels: integer class labels, shape (B,) or (B, 1).
+      embeddings: float embeddings, shape (B, D); normalised inside.
+      pos_margin: positive pairs closer than this are not penalised.
+      neg_margin: negative pairs farther than this are not penalised.
+      reference_embeddings, reference_labels: compare each anchor with this set instead of
+        the rest of the batch.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
-      Scalar loss.
+      (B,) per-anchor shares; their mean is the batch loss.
 
     >>> import numpy as np
-    >>> loss = npairs_loss(np.array([0, 1]), np.array([[10.0, 0.0], [0.0, 10.0]]))
-    >>> round(float(loss), 4)
-    0.0
+    >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
+    >>> loss = online_contrastive_loss(np.array([0, 0, 1, 1]), x)
+    >>> round(float(ops.mean(loss)), 4)
+    1.131
     """
-    sim = _check_similarity(y_pred)
-    labels = check_labels(y_true, sim.shape[0], "y_true")
-    return ops.mean(_npairs_rows(labels, sim))
+    pos_margin = check_number("pos_margin", pos_margin)
+    neg_margin = check_number("neg_margin", neg_margin)
 
-
-def _multilabel_rows(y_true, similarity):
-    y = ops.cast(ops.convert_to_tensor(y_true), similarity.dtype)
-    if len(y.shape) != 2:
-        raise ValueError(
-            "`y_true` must be a (batch_size, num_classes) binary indicator matrix. "
-            f"Received: y_true.shape={tuple(y.shape)}"
+    def rows(d, positives, negatives):
+        pos_loss = ops.where(positives, ops.relu(d - pos_margin), 0.0)
+        neg_loss = ops.where(negatives, ops.relu(neg_margin - d), 0.0)
+        return (
+            ops.sum(pos_loss, axis=1),
+            count_positive(pos_loss, axis=1),
+            ops.sum(neg_loss, axis=1),
+            count_positive(neg_loss, axis=1),
         )
-    overlap = ops.matmul(y, ops.transpose(y))
-    targets = ops.divide_no_nan(overlap, ops.sum(overlap, axis=1, keepdims=True))
-    return _softmax_cross_entropy(targets, similarity)
 
-
-def npairs_multilabel_loss(y_true, y_pred):
-    r"""N-pairs loss for multi-label data (TFA semantics).
-
-    The target of row i is proportional to $|labels(i) \cap labels(j)|$.
-    An example without any label contributes 0 (TFA gives NaN).
-
-    Args:
-      y_true: (B, C) binary indicators, `y_true[i, c] = 1` if i is in class c.
-      y_pred: (B, B) similarity matrix.
-
-    Returns:
-      Scalar loss.
-    """
-    sim = _check_similarity(y_pred)
-    return ops.mean(_multilabel_rows(y_true, sim))
+    pos_sum, pos_count, neg_sum, neg_count = normalized_rows(
+        rows,
+        labels,
+        embeddings,
+        reference_embeddings,
+        reference_labels,
+        reference_mask,
+        distance=_UnitEuclidean(),
+    )
+    return per_anchor_share(pos_sum, ops.sum(pos_count)) + per_anchor_share(
+        neg_sum, ops.sum(neg_count)
+    )
 
 
 @export
-class NpairsLoss(MetricLoss):
-    """N-pairs loss; see `npairs_loss`. Replaces `tfa.losses.NpairsLoss`.
+class OnlineContrastiveLoss(MetricLoss):
+    """Contrastive loss over all pairs of the batch; see `online_contrastive_loss`.
 
-    `y_pred` is the (B, B) similarity matrix, as in TFA.
+    ```python
+    model.compile(optimizer="adam", loss=deepmetric.losses.OnlineContrastiveLoss())
+    ```
     """
 
-    def __init__(self, name="npairs_loss", **kwargs):
-        super().__init__(name=name, **kwargs)
-
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        with keras.name_scope(self.name):
-            sim = _check_similarity(y_pred)
-            labels = check_labels(y_true, sim.shape[0], "y_true")
-            return reduce_losses(_npairs_rows(labels, sim), sample_weight, self.reduction)
-
-    def call(self, labels, similarity):
-        return _npairs_rows(labels, similarity)
-
-
-@export
-class NpairsMultilabelLoss(keras.losses.Loss):
-    """Multi-label N-pairs loss; see `npairs_multilabel_loss`."""
-
-    def __init__(self, name="npairs_multilabel_loss", **kwargs):
-        super().__init__(name=name, **kwargs)
-
-    def call(self, y_true, y_pred):
-        return _multilabel_rows(y_true, _check_similarity(y_pred))
+    function = staticmethod(online_contrastive_loss)
+    options = (number_option("pos_margin", 0.0), number_option("neg_margin", 1.0))

@@ -14,21 +14,22 @@ from keras import ops
 from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
-from deepmetric.losses._base import MetricLoss, per_anchor_share
-from deepmetric.losses.modern import check_number, check_reference_mask, loss_inputs
-from deepmetric.losses.triplet import distance_rows
+from deepmetric.losses.base import (
+    MetricLoss,
+    check_choice,
+    check_number,
+    check_reference_mask,
+    choice_option,
+    count_positive,
+    distance_option,
+    flag_option,
+    loss_inputs,
+    number_option,
+    per_anchor_share,
+)
 
 POSITIVE_MINING = ("all", "hard", "easy")
 NEGATIVE_MINING = ("all", "semi-hard", "hard", "easy")
-
-
-def _check_choice(name, value, allowed):
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(
-            f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}. "
-            f"Received: {name}={value!r}"
-        )
-    return value
 
 
 def _gather(matrix, index):
@@ -36,6 +37,7 @@ def _gather(matrix, index):
     return ops.squeeze(ops.take_along_axis(matrix, ops.expand_dims(index, 1), axis=1), axis=1)
 
 
+@export
 def triplet_loss(
     labels,
     embeddings,
@@ -97,8 +99,8 @@ def triplet_loss(
     1.2205
     """
     margin = check_number("margin", margin)
-    positive_mining = _check_choice("positive_mining", positive_mining, POSITIVE_MINING)
-    negative_mining = _check_choice("negative_mining", negative_mining, NEGATIVE_MINING)
+    positive_mining = check_choice("positive_mining", positive_mining, POSITIVE_MINING)
+    negative_mining = check_choice("negative_mining", negative_mining, NEGATIVE_MINING)
     distance = distances_lib.get(distance, "distance")
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
@@ -107,9 +109,6 @@ def triplet_loss(
 
     def cost(gap):
         return ops.softplus(gap) if soft_margin else ops.relu(gap + margin)
-
-    def count_positive(values, axis=None):
-        return ops.sum(ops.cast(ops.greater(ops.stop_gradient(values), 0.0), "float32"), axis=axis)
 
     def rows(d, positives, negatives, order):
         """Per anchor: its contribution, its triplets with a positive loss, its triplets."""
@@ -166,13 +165,13 @@ def triplet_loss(
 
     contributions, num_nonzero, num_triplets = _blocks.anchor_rows(
         rows,
-        distance_rows(distance),
+        distance,
         labels,
         embeddings,
         ref_labels,
         reference,
         mask,
-        one_block=not distance.blockable,
+        farther_is_larger=True,
         with_order=True,
     )
     return per_anchor_share(
@@ -193,66 +192,12 @@ class TripletLoss(MetricLoss):
     ```
     """
 
-    def __init__(
-        self,
-        margin=0.1,
-        distance="L2",
-        positive_mining="all",
-        negative_mining="all",
-        soft_margin=False,
-        average_nonzero=False,
-        name="triplet_loss",
-        **kwargs,
-    ):
-        super().__init__(name=name, **kwargs)
-        self.margin = check_number("margin", margin)
-        distances_lib.get(distance, "distance")  # fails early on a bad name
-        self.distance = distance
-        self.positive_mining = _check_choice("positive_mining", positive_mining, POSITIVE_MINING)
-        self.negative_mining = _check_choice("negative_mining", negative_mining, NEGATIVE_MINING)
-        self.soft_margin = bool(soft_margin)
-        self.average_nonzero = bool(average_nonzero)
-
-    def _options(self):
-        return {
-            "margin": self.margin,
-            "distance": self.distance,
-            "positive_mining": self.positive_mining,
-            "negative_mining": self.negative_mining,
-            "soft_margin": self.soft_margin,
-            "average_nonzero": self.average_nonzero,
-        }
-
-    def call(self, labels, embeddings):
-        return triplet_loss(labels, embeddings, **self._options())
-
-    def call_with_reference(
-        self, labels, embeddings, reference_embeddings, reference_labels, reference_mask=None
-    ):
-        """Per-anchor losses against a reference set: the `deepmetric.xbm.CrossBatchMemory`
-        hook (see `triplet_loss`)."""
-        return triplet_loss(
-            labels,
-            embeddings,
-            reference_embeddings=reference_embeddings,
-            reference_labels=reference_labels,
-            reference_mask=reference_mask,
-            **self._options(),
-        )
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "margin": self.margin,
-            "distance": distances_lib.serialize(self.distance),
-            "positive_mining": self.positive_mining,
-            "negative_mining": self.negative_mining,
-            "soft_margin": self.soft_margin,
-            "average_nonzero": self.average_nonzero,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["distance"] = distances_lib.deserialize(config.get("distance", "L2"))
-        return cls(**config)
+    function = staticmethod(triplet_loss)
+    options = (
+        number_option("margin", 0.1),
+        distance_option("distance", "L2"),
+        choice_option("positive_mining", "all", POSITIVE_MINING),
+        choice_option("negative_mining", "all", NEGATIVE_MINING),
+        flag_option("soft_margin", False),
+        flag_option("average_nonzero", False),
+    )

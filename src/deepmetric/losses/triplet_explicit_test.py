@@ -89,3 +89,32 @@ def test_errors_name_the_argument():
         losses.triplet_margin_with_distance_loss(a, p, n, margin=0.0)
     with pytest.raises(ValueError, match="Unknown `distance_function`: 'manhattan'"):
         losses.triplet_margin_with_distance_loss(a, p, n, distance_function="manhattan")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_swap_splits_the_gradient_of_a_tie(reduction):
+    """d(a, n) == d(p, n) exactly (a = (0, 0), p = (2, 0), n = (1, 3): both sqrt(10)).
+
+    torch's `minimum` splits the gradient of a tie, so the loss moves like
+    d(a, p) - (d(a, n) + d(p, n)) / 2 + m: half of each negative distance's gradient.
+    """
+    a = np.array([[0.0, 0.0]], "float32")
+    p = np.array([[2.0, 0.0]], "float32")
+    n = np.array([[1.0, 3.0]], "float32")
+
+    def loss(anchor, positive, negative):
+        return losses.triplet_margin_with_distance_loss(
+            anchor, positive, negative, distance_function="L2", margin=2.0, swap=True,
+            reduction=reduction,
+        )  # fmt: skip
+
+    unit = lambda v: v / np.linalg.norm(v)  # the gradient of ||v|| in v
+    cases = [
+        (lambda v: loss(v, p, n), a, unit(a - p) - 0.5 * unit(a - n)),
+        (lambda v: loss(a, v, n), p, unit(p - a) - 0.5 * unit(p - n)),
+        (lambda v: loss(a, p, v), n, -0.5 * unit(n - a) - 0.5 * unit(n - p)),
+    ]
+    for fn, x, expected in cases:
+        value, grad = _backend.value_and_grad(fn, x)
+        assert float(value) == pytest.approx(2.0 - np.sqrt(10.0) + 2.0, rel=1e-6)
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)

@@ -7,8 +7,7 @@ from keras import ops
 
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
-from deepmetric.losses._base import reduce_losses
-from deepmetric.losses.triplet import _check_margin
+from deepmetric.losses.base import check_number, reduce_losses
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -34,6 +33,15 @@ def _resolve_distance(distance_function):
     )
 
 
+def tie_splitting_minimum(x, y):
+    """`minimum(x, y)` whose gradient is split equally between x and y where they are equal.
+
+    torch's `minimum` splits the gradient of a tie; TensorFlow's gives it all to one side. The
+    value is the minimum exactly (at a tie `0.5 * (x + y)` is `x`).
+    """
+    return ops.where(ops.equal(x, y), 0.5 * (x + y), ops.minimum(x, y))
+
+
 def _check_reduction(reduction):
     if reduction not in _REDUCTIONS:
         raise ValueError(
@@ -42,6 +50,7 @@ def _check_reduction(reduction):
         )
 
 
+@export
 def triplet_margin_with_distance_loss(
     anchor, positive, negative, *, distance_function=None, margin=1.0, swap=False, reduction="mean"
 ):
@@ -50,7 +59,8 @@ def triplet_margin_with_distance_loss(
     Same value and gradients as `torch.nn.functional.triplet_margin_with_distance_loss`.
 
     Per triplet $\ell = \max(d(a, p) - d(a, n) + m, 0)$; with `swap` (Balntas et
-    al., 2016) $d(a, n)$ is replaced by $\min(d(a, n), d(p, n))$. The default
+    al., 2016) $d(a, n)$ is replaced by $\min(d(a, n), d(p, n))$, whose gradient is split
+    equally where the two are equal (as torch's `minimum`) on every backend. The default
     distance is torch's `pairwise_distance`, $\|x_1 - x_2 + 10^{-6}\|_2$ along
     the last axis.
 
@@ -72,7 +82,7 @@ def triplet_margin_with_distance_loss(
     0.0
     """
     _check_reduction(reduction)
-    margin = _check_margin(margin)
+    margin = check_number("margin", margin)
     if margin <= 0:
         raise ValueError(f"`margin` must be greater than 0. Received: margin={margin}")
     tensors = [ops.convert_to_tensor(t) for t in (anchor, positive, negative)]
@@ -83,12 +93,13 @@ def triplet_margin_with_distance_loss(
             f"Received: anchor.shape={tuple(tensors[0].shape)}, "
             f"positive.shape={tuple(tensors[1].shape)}, negative.shape={tuple(tensors[2].shape)}"
         )
+    # float32, or float64 where the backend keeps it (TensorFlow, PyTorch; not JAX by default).
     a, p, n = (t if "float64" in str(t.dtype) else ops.cast(t, "float32") for t in tensors)
     distance = _resolve_distance(distance_function)
     d_ap = distance(a, p)
     d_an = distance(a, n)
     if swap:
-        d_an = ops.minimum(d_an, distance(p, n))
+        d_an = tie_splitting_minimum(d_an, distance(p, n))
     losses = ops.relu(margin + d_ap - d_an)
     if reduction == "none":
         return losses
@@ -118,7 +129,7 @@ class TripletMarginLoss(keras.losses.Loss):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        self.margin = _check_margin(margin)
+        self.margin = check_number("margin", margin)
         if self.margin <= 0:
             raise ValueError(f"`margin` must be greater than 0. Received: margin={margin}")
         _resolve_distance(distance_function)

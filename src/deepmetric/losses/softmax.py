@@ -1,0 +1,375 @@
+"""Losses on the cosine similarities of a batch: multi-similarity, circle, SupCon, NT-Xent.
+
+Each loss weighs the pairs of an anchor through a (masked) log-sum-exp or soft-max over its
+row of cosine similarities. Each is a function `name_loss(labels, embeddings, *, ...,
+reference_embeddings=None, reference_labels=None, reference_mask=None)` that returns one value
+per anchor (the row of `embeddings`) and a thin `MetricLoss` class over it. The per-anchor values
+are scaled so that their mean, Keras' default reduction, is the batch loss of
+pytorch-metric-learning 2.9 with its default distance and reducer (see docs/losses.md).
+Everything is built from (B, R) matrices: memory grows as B * R. An optional `reference_mask`
+removes reference rows (or single pairs) from both the positives and the negatives.
+
+Numerics: masks enter log-sum-exp as `where(mask, x, -large)` with a finite `large`, the row
+maximum is a stopped-gradient shift, and empty rows are replaced before any `log(0)`, so no inf
+or NaN reaches a gradient. Circle, SupCon and NT-Xent give 0 with zero gradients in a batch
+without any positive pair or without any negative pair (they have no term there); the
+multi-similarity loss keeps the terms it has.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+from deepmetric import _blocks
+from deepmetric import distances as distances_lib
+from deepmetric._api import export
+from deepmetric.losses.base import (
+    MetricLoss,
+    check_number,
+    check_reference_mask,
+    count_positive,
+    loss_inputs,
+    masked_logsumexp,
+    number_option,
+    per_anchor_share,
+)
+from deepmetric.mining import any_pairs, rows_with_pairs
+
+# Cosine similarity of rows that are L2-normalised before the blocks are built.
+_INNER_PRODUCT = distances_lib.DotProductSimilarity()
+
+
+def normalized_rows(
+    row_terms,
+    labels,
+    embeddings,
+    reference_embeddings=None,
+    reference_labels=None,
+    reference_mask=None,
+    *,
+    distance=_INNER_PRODUCT,
+):
+    """The preamble of the losses on L2-normalised embeddings, then the row driver.
+
+    Checks the inputs and the reference set, L2-normalises the embeddings, and runs
+    `_blocks.anchor_rows` with `distance` on the normalised rows (their inner product, the
+    cosine similarity, by default).
+    """
+    labels, embeddings, ref_labels, reference = loss_inputs(
+        labels, embeddings, reference_embeddings, reference_labels
+    )
+    mask = check_reference_mask(reference_mask, embeddings, reference)
+    query = distances_lib._l2_normalize(embeddings)
+    if reference is not None:
+        reference = distances_lib._l2_normalize(reference)
+    return _blocks.anchor_rows(row_terms, distance, labels, query, ref_labels, reference, mask)
+
+
+@export
+def multi_similarity_loss(
+    labels,
+    embeddings,
+    *,
+    alpha=2.0,
+    beta=50.0,
+    base=0.5,
+    reference_embeddings=None,
+    reference_labels=None,
+    reference_mask=None,
+):
+    r"""Multi-similarity loss, per anchor (Wang et al., 2019).
+
+    On cosine similarities $s_{ij}$ of the L2-normalised embeddings, for anchor $i$ with
+    positives $P_i$ and negatives $N_i$:
+
+    $$\ell_i = \frac{1}{\alpha}\log\Big(1 + \sum_{p \in P_i} e^{-\alpha (s_{ip} - \lambda)}\Big)
+             + \frac{1}{\beta}\log\Big(1 + \sum_{n \in N_i} e^{\beta (s_{in} - \lambda)}\Big)$$
+
+    with $\lambda$ = `base` (an empty sum gives a term 0); the batch loss is the mean over
+    anchors. A batch without positive pairs keeps the negative-pair terms and a single-class
+    batch the positive-pair terms; only a batch without any pair gives 0. Same value and
+    gradient as `pytorch_metric_learning.losses.MultiSimilarityLoss()` (no miner). Paper:
+    "Multi-Similarity Loss with General Pair Weighting for Deep Metric Learning", CVPR 2019,
+    arXiv:1904.06627.
+
+    Args:
+      labels: integer class labels, shape (B,) or (B, 1).
+      embeddings: float embeddings, shape (B, D); normalised inside.
+      alpha: weight of the positive pairs (> 0).
+      beta: weight of the negative pairs (> 0).
+      base: the similarity margin $\lambda$.
+      reference_embeddings, reference_labels: compare each anchor with this set (R, D) / (R,)
+        instead of the rest of the batch; no pair is excluded then.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
+
+    Returns:
+      (B,) per-anchor losses; their mean is the batch loss.
+
+    >>> import numpy as np
+    >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
+    >>> loss = multi_similarity_loss(np.array([0, 0, 1, 1]), x)
+    >>> round(float(ops.mean(loss)), 4)
+    0.4089
+    """
+    alpha = check_number("alpha", alpha, positive=True)
+    beta = check_number("beta", beta, positive=True)
+    base = check_number("base", base)
+
+    def rows(s, positives, negatives):
+        pos_term = masked_logsumexp(alpha * (base - s), positives, add_one=True) / alpha
+        neg_term = masked_logsumexp(beta * (s - base), negatives, add_one=True) / beta
+        return (pos_term + neg_term,)
+
+    (loss,) = normalized_rows(
+        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
+    )
+    return loss
+
+
+@export
+def circle_loss(
+    labels,
+    embeddings,
+    *,
+    margin=0.4,
+    gamma=80.0,
+    reference_embeddings=None,
+    reference_labels=None,
+    reference_mask=None,
+):
+    r"""Circle loss for class labels, per anchor (Sun et al., 2020).
+
+    On cosine similarities of the L2-normalised embeddings, with $O_p = 1 + m$, $O_n = -m$,
+    $\Delta_p = 1 - m$, $\Delta_n = m$ and the weights $\alpha$ treated as constants
+    (no gradient), for anchor $i$:
+
+    $$\ell_i = \operatorname{softplus}\Big(
+        \log\sum_{p} e^{-\gamma [O_p - s_{ip}]_+ (s_{ip} - \Delta_p)}
+      + \log\sum_{n} e^{\gamma [s_{in} - O_n]_+ (s_{in} - \Delta_n)}\Big)$$
+
+    and 0 for an anchor without positive or without negative; the batch loss is the mean over
+    the anchors whose loss is non-zero. Same value and gradient as
+    `pytorch_metric_learning.losses.CircleLoss()` (AvgNonZeroReducer); same value as
+    `keras.losses.Circle()` on L2-normalised embeddings (Keras does not stop the gradient
+    through the weights, so its gradient differs). Paper: "Circle Loss: A Unified Perspective
+    of Pair Similarity Optimization", CVPR 2020, arXiv:2002.10857.
+
+    Args:
+      labels: integer class labels, shape (B,) or (B, 1).
+      embeddings: float embeddings, shape (B, D); normalised inside.
+      margin: the relaxation m.
+      gamma: the scale (> 0).
+      reference_embeddings, reference_labels: compare each anchor with this set instead of
+        the rest of the batch.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
+
+    Returns:
+      (B,) per-anchor shares; their mean is the batch loss.
+
+    >>> import numpy as np
+    >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
+    >>> loss = circle_loss(np.array([0, 0, 1, 1]), x)
+    >>> round(float(ops.mean(loss)), 4)
+    16.9733
+    """
+    margin = check_number("margin", margin)
+    gamma = check_number("gamma", gamma, positive=True)
+
+    def rows(s, positives, negatives):
+        fixed = ops.stop_gradient(s)
+        pos_logits = -gamma * ops.relu(1.0 + margin - fixed) * (s - (1.0 - margin))
+        neg_logits = gamma * ops.relu(fixed + margin) * (s - margin)
+        loss = ops.softplus(
+            masked_logsumexp(pos_logits, positives) + masked_logsumexp(neg_logits, negatives)
+        )
+        valid = ops.logical_and(ops.any(positives, axis=1), ops.any(negatives, axis=1))
+        return (ops.where(valid, loss, 0.0),)
+
+    (loss,) = normalized_rows(
+        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
+    )
+    return per_anchor_share(loss, count_positive(loss))
+
+
+@export
+def sup_con_loss(
+    labels,
+    embeddings,
+    *,
+    temperature=0.1,
+    reference_embeddings=None,
+    reference_labels=None,
+    reference_mask=None,
+):
+    r"""Supervised contrastive loss, per anchor (Khosla et al., 2020).
+
+    On cosine similarities of the L2-normalised embeddings, with temperature $\tau$, for
+    anchor $i$ with positives $P_i$ and all other examples $A_i$:
+
+    $$\ell_i = -\frac{1}{|P_i|}\sum_{p \in P_i}
+        \log\frac{e^{s_{ip}/\tau}}{\sum_{a \in A_i} e^{s_{ia}/\tau}}$$
+
+    (0 without positives); the batch loss is the mean over the anchors whose loss is non-zero
+    (the "L_out" form). Same value and gradient as `pytorch_metric_learning.losses.SupConLoss()`.
+    Paper: "Supervised Contrastive Learning", NeurIPS 2020, arXiv:2004.11362.
+
+    Args:
+      labels: integer class labels, shape (B,) or (B, 1).
+      embeddings: float embeddings, shape (B, D); normalised inside.
+      temperature: the temperature $\tau$ (> 0).
+      reference_embeddings, reference_labels: compare each anchor with this set instead of
+        the rest of the batch.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
+
+    Returns:
+      (B,) per-anchor shares; their mean is the batch loss.
+
+    >>> import numpy as np
+    >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
+    >>> loss = sup_con_loss(np.array([0, 0, 1, 1]), x)
+    >>> round(float(ops.mean(loss)), 4)
+    0.7083
+    """
+    temperature = check_number("temperature", temperature, positive=True)
+
+    def rows(s, positives, negatives):
+        logits = s / temperature
+        log_prob = logits - ops.expand_dims(
+            masked_logsumexp(logits, ops.logical_or(positives, negatives)), 1
+        )
+        num_positives = ops.sum(ops.cast(positives, logits.dtype), axis=1)
+        loss = -ops.divide_no_nan(
+            ops.sum(ops.where(positives, log_prob, 0.0), axis=1), num_positives
+        )
+        return (loss, *rows_with_pairs(positives, negatives))
+
+    loss, has_positive, has_negative = normalized_rows(
+        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
+    )
+    loss = ops.where(any_pairs(has_positive, has_negative), loss, 0.0)
+    return per_anchor_share(loss, count_positive(loss))
+
+
+@export
+def nt_xent_loss(
+    labels,
+    embeddings,
+    *,
+    temperature=0.07,
+    reference_embeddings=None,
+    reference_labels=None,
+    reference_mask=None,
+):
+    r"""NT-Xent (normalised temperature-scaled cross entropy) loss, per anchor.
+
+    On cosine similarities of the L2-normalised embeddings, for every positive pair (a, p)
+    (both orders), with negatives $N_a$ of the anchor:
+
+    $$\ell_{ap} = -\log\frac{e^{s_{ap}/\tau}}{e^{s_{ap}/\tau} + \sum_{n \in N_a} e^{s_{an}/\tau}}
+               = \operatorname{softplus}\Big(\log\sum_{n \in N_a} e^{s_{an}/\tau}
+                 - s_{ap}/\tau\Big)$$
+
+    The batch loss is the mean over all positive pairs. The log-sum-exp over the negatives is
+    computed once per anchor, so memory is O(B^2), where pytorch-metric-learning builds a
+    (positive pairs x negative pairs) matrix. Same value and gradient as
+    `pytorch_metric_learning.losses.NTXentLoss()`. Papers: SimCLR, "A Simple Framework for
+    Contrastive Learning of Visual Representations", ICML 2020, arXiv:2002.05709; Sohn, "Improved
+    Deep Metric Learning with Multi-class N-pair Loss Objective", NeurIPS 2016.
+
+    Args:
+      labels: integer class labels, shape (B,) or (B, 1); for SimCLR, the index of the image
+        both augmented views come from.
+      embeddings: float embeddings, shape (B, D); normalised inside.
+      temperature: the temperature $\tau$ (> 0).
+      reference_embeddings, reference_labels: compare each anchor with this set instead of
+        the rest of the batch.
+      reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
+        a pair whose entry is False is neither positive nor negative (for example the
+        unfilled slots of a `CrossBatchMemory`). Needs the reference set.
+
+    Returns:
+      (B,) per-anchor shares; their mean is the batch loss.
+
+    >>> import numpy as np
+    >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
+    >>> loss = nt_xent_loss(np.array([0, 0, 1, 1]), x)
+    >>> round(float(ops.mean(loss)), 4)
+    0.9019
+    """
+    temperature = check_number("temperature", temperature, positive=True)
+
+    def rows(s, positives, negatives):
+        logits = s / temperature
+        negative_lse = ops.expand_dims(masked_logsumexp(logits, negatives), 1)
+        active = ops.logical_and(positives, ops.any(negatives, axis=1, keepdims=True))
+        per_pair = ops.where(active, ops.softplus(negative_lse - logits), 0.0)
+        num_positives = ops.sum(ops.cast(positives, logits.dtype), axis=1)
+        return (ops.sum(per_pair, axis=1), num_positives, *rows_with_pairs(positives, negatives))
+
+    contributions, num_positives, has_positive, has_negative = normalized_rows(
+        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
+    )
+    contributions = ops.where(any_pairs(has_positive, has_negative), contributions, 0.0)
+    return per_anchor_share(contributions, ops.sum(num_positives))
+
+
+@export
+class MultiSimilarityLoss(MetricLoss):
+    """Multi-similarity loss; see `multi_similarity_loss`.
+
+    ```python
+    model.compile(optimizer="adam", loss=deepmetric.losses.MultiSimilarityLoss())
+    ```
+    """
+
+    function = staticmethod(multi_similarity_loss)
+    options = (
+        number_option("alpha", 2.0, positive=True),
+        number_option("beta", 50.0, positive=True),
+        number_option("base", 0.5),
+    )
+
+
+@export
+class CircleLoss(MetricLoss):
+    """Circle loss for class labels; see `circle_loss`.
+
+    ```python
+    model.compile(optimizer="adam", loss=deepmetric.losses.CircleLoss(margin=0.25, gamma=256))
+    ```
+    """
+
+    function = staticmethod(circle_loss)
+    options = (number_option("margin", 0.4), number_option("gamma", 80.0, positive=True))
+
+
+@export
+class SupConLoss(MetricLoss):
+    """Supervised contrastive loss; see `sup_con_loss`.
+
+    ```python
+    model.compile(optimizer="adam", loss=deepmetric.losses.SupConLoss(temperature=0.1))
+    ```
+    """
+
+    function = staticmethod(sup_con_loss)
+    options = (number_option("temperature", 0.1, positive=True),)
+
+
+@export
+class NTXentLoss(MetricLoss):
+    """NT-Xent loss; see `nt_xent_loss`.
+
+    ```python
+    model.compile(optimizer="adam", loss=deepmetric.losses.NTXentLoss(temperature=0.07))
+    ```
+    """
+
+    function = staticmethod(nt_xent_loss)
+    options = (number_option("temperature", 0.07, positive=True),)
