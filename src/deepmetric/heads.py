@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -40,8 +38,14 @@ from keras import ops
 from deepmetric._api import export, lookup
 from deepmetric._labels import check_embeddings, check_labels, split_inputs
 from deepmetric.distances import _l2_normalize
-from deepmetric.losses.proxy import (
+from deepmetric.losses.base import (
+    Option,
     check_number,
+    options_config,
+    options_signature,
+    store_options,
+)
+from deepmetric.losses.proxy import (
     proxy_anchor_loss,
     proxy_nca_logits,
     proxy_nca_loss,
@@ -58,15 +62,6 @@ __all__ = [
     "proxy_anchor_loss",
     "proxy_nca_loss",
 ]
-
-
-class Option(NamedTuple):
-    """A constructor option of a head: its name, the check that returns the value kept (or
-    raises a ValueError / TypeError naming the option), and its default."""
-
-    name: str
-    check: Callable[[str, Any], Any]
-    default: Any
 
 
 def _number(name, value):
@@ -95,8 +90,10 @@ def _initializer(name, value):
     return keras.initializers.get(value)
 
 
-_PROXY_INITIALIZER = Option("proxy_initializer", _initializer, "glorot_uniform")
-_SCALE = Option("scale", _positive, 64.0)  # of the margin heads
+_PROXY_INITIALIZER = Option(
+    "proxy_initializer", "glorot_uniform", _initializer, keras.initializers.serialize
+)
+_SCALE = Option("scale", 64.0, _positive)  # of the margin heads
 
 
 def _embedding_shape(input_shape):
@@ -123,12 +120,8 @@ class _ProxyHead(keras.layers.Layer):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         # The constructor's signature, for `inspect.signature` and `help`, from the options.
-        param = inspect.Parameter
-        cls.__signature__ = inspect.Signature(
-            [param("num_classes", param.POSITIONAL_OR_KEYWORD)]
-            + [param(o.name, param.POSITIONAL_OR_KEYWORD, default=o.default) for o in cls.options]
-            + [param("kwargs", param.VAR_KEYWORD)]
-        )
+        num_classes = inspect.Parameter("num_classes", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        cls.__signature__ = options_signature(cls.options, before=[num_classes])
 
     def __init__(self, num_classes, *args, **kwargs):
         try:
@@ -139,8 +132,7 @@ class _ProxyHead(keras.layers.Layer):
         values = given.arguments
         super().__init__(**values.pop("kwargs"))
         self.num_classes = _positive_int("num_classes", num_classes)
-        for option in self.options:
-            setattr(self, option.name, option.check(option.name, values[option.name]))
+        store_options(self, self.options, values)
 
     def build(self, input_shape):
         input_shape = _embedding_shape(input_shape)
@@ -184,10 +176,11 @@ class _ProxyHead(keras.layers.Layer):
         return (_embedding_shape(input_shape)[0], self.num_classes)
 
     def get_config(self):
-        options = {
-            o.name: keras.saving.serialize_keras_object(getattr(self, o.name)) for o in self.options
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            **options_config(self, self.options),
         }
-        return {**super().get_config(), "num_classes": self.num_classes, **options}
 
 
 class _MarginHead(_ProxyHead):
@@ -229,7 +222,7 @@ class CosFace(_MarginHead):
     (2, 3)
     """
 
-    options = (_SCALE, Option("margin", _number, 0.35), _PROXY_INITIALIZER)
+    options = (_SCALE, Option("margin", 0.35, _number), _PROXY_INITIALIZER)
 
     def margin_cosine(self, cos):
         return cos - self.margin
@@ -257,7 +250,7 @@ class ArcFace(_MarginHead):
     (2, 3)
     """
 
-    options: tuple[Option, ...] = (_SCALE, Option("margin", _angle, 0.5), _PROXY_INITIALIZER)
+    options: tuple[Option, ...] = (_SCALE, Option("margin", 0.5, _angle), _PROXY_INITIALIZER)
 
     def margin_cosine(self, cos):
         m = self.margin
@@ -294,7 +287,7 @@ class SubCenterArcFace(ArcFace):
     ((2, 3), (6, 4))
     """
 
-    options = (Option("sub_centers", _positive_int, 3), *ArcFace.options)
+    options = (Option("sub_centers", 3, _positive_int), *ArcFace.options)
 
     def _num_proxies(self):
         return self.num_classes * self.sub_centers
@@ -326,7 +319,7 @@ class NormalizedSoftmax(_ProxyHead):
     (2, 3)
     """
 
-    options = (Option("temperature", _positive, 0.05), _PROXY_INITIALIZER)
+    options = (Option("temperature", 0.05, _positive), _PROXY_INITIALIZER)
 
     def logits(self, embeddings, labels):
         return self.cosine(embeddings) / self.temperature
@@ -357,8 +350,8 @@ class ProxyAnchor(_ProxyHead):
 
     adds_loss = True
     options = (
-        Option("margin", _number, 0.1),
-        Option("alpha", _positive, 32.0),
+        Option("margin", 0.1, _number),
+        Option("alpha", 32.0, _positive),
         _PROXY_INITIALIZER._replace(default="he_normal"),
     )
 
@@ -393,7 +386,7 @@ class ProxyNCA(_ProxyHead):
     """
 
     adds_loss = True
-    options = (Option("softmax_scale", _positive, 1.0), _PROXY_INITIALIZER)
+    options = (Option("softmax_scale", 1.0, _positive), _PROXY_INITIALIZER)
 
     def logits(self, embeddings, labels):
         return proxy_nca_logits(embeddings, self.proxies, softmax_scale=self.softmax_scale)

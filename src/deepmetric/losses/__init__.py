@@ -11,6 +11,8 @@
 - `softmax`: log-sum-exp / soft-max losses on cosine similarities: multi-similarity, circle,
   SupCon, NT-Xent.
 - `npairs`: N-pairs losses on a given similarity matrix (TFA).
+- `proxy`: the losses of the proxy heads (Proxy-Anchor, Proxy-NCA) on given proxies; the
+  trainable heads are in `deepmetric.heads`.
 
 Every public loss function and class is registered with Keras under `deepmetric>`, so
 `compile(loss=deepmetric.losses.contrastive_loss)` saves and reloads in safe mode, and
@@ -34,6 +36,7 @@ from deepmetric.losses.npairs import (
     npairs_loss,
     npairs_multilabel_loss,
 )
+from deepmetric.losses.proxy import proxy_anchor_loss, proxy_nca_loss
 from deepmetric.losses.softmax import (
     CircleLoss,
     MultiSimilarityLoss,
@@ -79,6 +82,8 @@ __all__ = [
     "npairs_multilabel_loss",
     "nt_xent_loss",
     "online_contrastive_loss",
+    "proxy_anchor_loss",
+    "proxy_nca_loss",
     "sup_con_loss",
     "triplet_batch_all_loss",
     "triplet_hard_loss",

@@ -182,6 +182,35 @@ class Option(NamedTuple):
     deserialize: Callable[[Any], Any] | None = None
 
 
+def options_signature(options, *, before=(), after=()) -> inspect.Signature:
+    """A constructor's signature: `before`, the options (by position or name, with their
+    defaults) in table order, `after`, then `**kwargs` (passed on to Keras)."""
+    param = inspect.Parameter
+    return inspect.Signature(
+        [
+            *before,
+            *(param(o.name, param.POSITIONAL_OR_KEYWORD, default=o.default) for o in options),
+            *after,
+            param("kwargs", param.VAR_KEYWORD),
+        ]
+    )
+
+
+def store_options(obj, options, values) -> None:
+    """Checks each option's value in `values` and keeps it as an attribute of `obj`."""
+    for option in options:
+        setattr(obj, option.name, option.check(option.name, values[option.name]))
+
+
+def options_config(obj, options) -> dict[str, Any]:
+    """The options of `obj` as config entries (each serialised by its `serialize`)."""
+    config = {}
+    for option in options:
+        value = getattr(obj, option.name)
+        config[option.name] = option.serialize(value) if option.serialize else value
+    return config
+
+
 def number_option(name, default, *, positive=False) -> Option:
     """A float option (finite; > 0 with `positive`)."""
     return Option(name, default, lambda key, value: check_number(key, value, positive=positive))
@@ -243,18 +272,15 @@ class MetricLoss(keras.losses.Loss):
         if "options" not in cls.__dict__ and "function" not in cls.__dict__:
             return
         default_name = cls.default_name or cls.function.__name__
-        parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        parameters += [
-            inspect.Parameter(o.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=o.default)
-            for o in cls.options
-        ]
-        parameters += [
-            inspect.Parameter(
-                "name", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default_name
-            ),
-            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
-        ]
-        signature = inspect.Signature(parameters)
+        signature = options_signature(
+            cls.options,
+            before=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)],
+            after=[
+                inspect.Parameter(
+                    "name", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default_name
+                )
+            ],
+        )
 
         def __init__(self, *args, **kwargs):
             bound = signature.bind(self, *args, **kwargs)
@@ -270,8 +296,7 @@ class MetricLoss(keras.losses.Loss):
 
     def _setup(self, name, values, extra):
         super().__init__(name=name, **extra)
-        for option in self.options:
-            setattr(self, option.name, option.check(option.name, values[option.name]))
+        store_options(self, self.options, values)
 
     def option_values(self) -> dict[str, Any]:
         """The options as keyword arguments of `function`."""
@@ -305,11 +330,11 @@ class MetricLoss(keras.losses.Loss):
         )
 
     def get_config(self):
-        config = {"name": self.name, "reduction": self.reduction}
-        for option in self.options:
-            value = getattr(self, option.name)
-            config[option.name] = option.serialize(value) if option.serialize else value
-        return config
+        return {
+            "name": self.name,
+            "reduction": self.reduction,
+            **options_config(self, self.options),
+        }
 
     @classmethod
     def from_config(cls, config):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from keras import ops
 
+from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels
 from deepmetric.distances import _l2_normalize
-from deepmetric.losses.modern import check_number, masked_logsumexp
+from deepmetric.losses.base import check_number, masked_logsumexp
 
 
 def _normalized(embeddings, proxies):
@@ -24,6 +25,7 @@ def _one_hot(labels, num_classes):
     return ops.cast(ops.one_hot(ops.cast(labels, "int32"), num_classes), "bool")
 
 
+@export
 def proxy_anchor_loss(labels, embeddings, proxies, *, margin=0.1, alpha=32.0):
     r"""Proxy-Anchor loss (Kim et al., CVPR 2020, arXiv:2003.13911).
 
@@ -99,6 +101,7 @@ def proxy_nca_logits(embeddings, proxies, *, softmax_scale=1.0):
     return _nca_logits(*_normalized(embeddings, proxies), softmax_scale)
 
 
+@export
 def proxy_nca_loss(labels, embeddings, proxies, *, softmax_scale=1.0):
     r"""Proxy-NCA loss (Movshovitz-Attias et al., ICCV 2017, arXiv:1703.07464), as PML has it.
 
