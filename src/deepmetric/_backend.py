@@ -83,3 +83,56 @@ def compiled(fn: Callable, *example_args):
         ]
         return tf.function(fn, input_signature=signature)
     return fn
+
+
+# ---------------------------------------------------------------------------
+# The command line: seeding and torch threads
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, numpy and the backend, as `keras.utils.set_random_seed` does.
+
+    `set_random_seed` imports TensorFlow whenever it is installed, to seed it; on the jax
+    and torch backends that is not needed (Keras' initializers and dropout draw their
+    default seeds from Python's `random`), so TensorFlow is seeded only when it is the
+    backend or already imported.
+    """
+    backend = name()
+    if backend == "tensorflow" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if backend == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """On torch: runs the block with `threads` intra-op threads, then restores the number.
+
+    Without `threads`, one thread unless `OMP_NUM_THREADS` is set: small models train
+    several times faster on one thread than on all cores (docs/cli.md). Other backends:
+    nothing changes.
+    """
+    if name() != "torch":
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -207,3 +207,30 @@ class PKSampler(keras.utils.PyDataset):
                     cursor[c] = start + k
                 batches[b, slot * k : (slot + 1) * k] = picks
         return batches
+
+
+class ClassIndexBatches(keras.utils.PyDataset):
+    """The batches of a sampler with the labels as indices into `classes`, for a head.
+
+    A head has one proxy per class: the batch `(x, y)` of `sampler` becomes
+    `((x, i), i)` (or `((x, i),)` without `with_targets`, for a head that adds its own
+    loss), `i` the index of each label in the sorted array `classes`, as int32.
+    The epochs follow the sampler's (`on_epoch_end` is passed on).
+    """
+
+    def __init__(self, sampler, classes, *, with_targets: bool = True):
+        super().__init__()
+        self.sampler = sampler
+        self.classes = np.asarray(classes)
+        self.with_targets = with_targets
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __getitem__(self, index):
+        x, y = self.sampler[index]
+        i = np.searchsorted(self.classes, y).astype("int32")
+        return ((x, i), i) if self.with_targets else ((x, i),)
+
+    def on_epoch_end(self):
+        self.sampler.on_epoch_end()

@@ -1,0 +1,98 @@
+"""Data, models and metrics as the commands use them: bad input becomes a CliError."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import keras
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from deepmetric import datasets
+from deepmetric.cli.parser import CliError, note
+from deepmetric.evaluation import retrieval_metrics
+
+
+def load_data(spec: str) -> datasets.Dataset:
+    """`deepmetric.datasets.load(spec)`; an unreadable image is noted, not fatal."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = datasets.load(spec)
+    except datasets.DataError as e:
+        raise CliError(str(e)) from None
+    for w in caught:
+        if "skipping unreadable image" in str(w.message):
+            note(f"warning: {w.message}")
+    return data
+
+
+def split(data, test_size: float, seed: int):
+    """The stratified train/test split of `deepmetric train`: x_train, x_test, y_train, y_test."""
+    counts = np.bincount(data.y)
+    present = counts[counts > 0]
+    if len(present) < 2:
+        raise CliError(f"the data has {len(present)} class; metric learning needs at least 2")
+    if present.min() < 2:
+        raise CliError(
+            "every class needs at least 2 examples for the stratified split; "
+            f"{int((present < 2).sum())} classes have 1"
+        )
+    try:
+        return train_test_split(
+            data.x, data.y, test_size=test_size, stratify=data.y, random_state=seed
+        )
+    except ValueError as e:
+        raise CliError(f"cannot split the data with --test-size {test_size}: {e}") from None
+
+
+def select(data, part: str, test_size: float, seed: int):
+    """(x, y) of `part`: "all", or the "train" / "test" part of `split`."""
+    if part == "all":
+        return data.x, data.y
+    x_train, x_test, y_train, y_test = split(data, test_size, seed)
+    return (x_train, y_train) if part == "train" else (x_test, y_test)
+
+
+def load_model(path: str) -> keras.Model:
+    """The saved model at `path`, loaded in safe mode without compiling it."""
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such model file")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:
+        raise CliError(f"{path}: cannot load the model ({type(e).__name__}: {e})") from None
+
+
+def embed(model, x, batch_size: int = 256) -> np.ndarray:
+    """The model's float32 embeddings of `x`; CliError if the shapes do not match."""
+    expected = tuple(model.input_shape[1:])
+    if len(expected) != x.ndim - 1 or any(
+        e is not None and e != s for e, s in zip(expected, x.shape[1:], strict=True)
+    ):
+        raise CliError(
+            f"the model takes inputs of shape {expected}, the data has shape {x.shape[1:]}"
+        )
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype="float32")
+
+
+def metrics(embeddings, labels, *, recall_at=(1, 2, 4, 8), seed=0) -> dict[str, float]:
+    """The retrieval and clustering metrics of `deepmetric.evaluation`, as floats."""
+    values = retrieval_metrics(
+        embeddings, labels, recall_at=tuple(recall_at), clustering=True, seed=seed
+    )
+    return {k: float(v) for k, v in values.items()}
+
+
+def format_table(columns: dict[str, dict[str, float]]) -> str:
+    """A text table: one row per metric, one column per dict."""
+    rows = list(dict.fromkeys(k for col in columns.values() for k in col))
+    width = max([len("metric"), *map(len, rows)])
+    lines = ["metric".ljust(width) + "".join(f"  {h:>8}" for h in columns)]
+    for name in rows:
+        cells = "".join(
+            f"  {col[name]:8.4f}" if name in col else f"  {'-':>8}" for col in columns.values()
+        )
+        lines.append(name.ljust(width) + cells)
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""The names `--loss`, `--optimizer` and `--schedule` accept, without importing keras.
+
+The command line checks its arguments before keras is imported, so the names it offers are
+written here rather than read from the library; `names_test.py` checks that they are exactly
+what `deepmetric.losses.get`, `deepmetric.heads.get`, `deepmetric.optimizers.build` and
+`deepmetric.schedules.build` offer.
+"""
+
+from __future__ import annotations
+
+# The losses of deepmetric.losses that take labels and embeddings (every `MetricLoss` but
+# `NpairsLoss`, which takes a similarity matrix), by command-line name: the snake_case class
+# name without `Loss`.
+LOSSES = {
+    "circle": "CircleLoss",
+    "lifted_struct": "LiftedStructLoss",
+    "multi_similarity": "MultiSimilarityLoss",
+    "nt_xent": "NTXentLoss",
+    "online_contrastive": "OnlineContrastiveLoss",
+    "sup_con": "SupConLoss",
+    "triplet": "TripletLoss",
+    "triplet_batch_all": "TripletBatchAllLoss",
+    "triplet_hard": "TripletHardLoss",
+    "triplet_semihard": "TripletSemiHardLoss",
+}
+
+# The heads of deepmetric.heads, trained on top of the embedding model.
+HEADS = {
+    "arcface": "ArcFace",
+    "cosface": "CosFace",
+    "normalized_softmax": "NormalizedSoftmax",
+    "proxy_anchor": "ProxyAnchor",
+    "proxy_nca": "ProxyNCA",
+    "sub_center_arcface": "SubCenterArcFace",
+}
+
+# The heads with a `margin` option; the others refuse --margin.
+HEADS_WITH_MARGIN = ("arcface", "cosface", "proxy_anchor", "sub_center_arcface")
+
+# The margin used when --margin is not given, for losses on L2-normalised embeddings whose
+# TFA default (1.0, meant for unnormalised embeddings) trains worse: distances between unit
+# vectors lie in [0, 2]. Tuned on the digits (docs/cli.md). Other losses keep their defaults.
+DEFAULT_MARGINS = {
+    "triplet_semihard": 0.2,
+    "triplet_hard": 0.2,
+    "triplet_batch_all": 0.2,
+    "triplet": 0.2,
+}
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adabelief")
+SCHEDULES = ("constant", "cosine", "cosine-restarts", "exponential")
+
+
+def normalize(text: str) -> str:
+    """The key names are compared by, as `deepmetric.losses.get` compares them.
+
+    Lower case, no `-` or `_`, no `deepmetric>` prefix, no `loss` suffix:
+    `"triplet-semihard-loss"` and `"TripletSemiHardLoss"` both give `"tripletsemihard"`.
+    """
+    key = text.strip().lower()
+    key = key.removeprefix("deepmetric>").replace("-", "").replace("_", "")
+    if key.endswith("loss") and len(key) > len("loss"):
+        key = key[: -len("loss")]
+    return key
+
+
+def resolve(text: str) -> tuple[str, bool]:
+    """(command-line name, is a head) of the loss or head `text` names; ValueError if none.
+
+    >>> resolve("TripletSemiHardLoss")
+    ('triplet_semihard', False)
+    >>> resolve("proxy-anchor")
+    ('proxy_anchor', True)
+    """
+    wanted = normalize(text)
+    for table, is_head in ((LOSSES, False), (HEADS, True)):
+        for name, class_name in table.items():
+            if wanted in (normalize(name), normalize(class_name)):
+                return name, is_head
+    raise ValueError(
+        f"unknown loss {text!r}; valid names: {', '.join(LOSSES)}; heads: {', '.join(HEADS)}"
+    )
+
+
+def check_head_margin(name: str, margin: float | None) -> None:
+    """ValueError if --margin is given for a head without one (a batch loss only notes it).
+
+    A head without a margin (normalised softmax, Proxy-NCA) has no margin in its logits to
+    set, and the scale or temperature that stands in for one is another quantity.
+    """
+    if margin is not None and name in HEADS and name not in HEADS_WITH_MARGIN:
+        raise ValueError(
+            f"--margin: the {name} head has no margin "
+            f"(heads with one: {', '.join(HEADS_WITH_MARGIN)})"
+        )

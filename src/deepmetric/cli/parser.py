@@ -1,0 +1,261 @@
+"""The arguments of the `deepmetric` command: the parser, their types and the checks of a run.
+
+Nothing here imports keras: `--help` and bad arguments are answered before a backend loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+from deepmetric.cli import names
+
+PROG = "deepmetric"
+BACKENDS = ("jax", "tensorflow", "torch")
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Defaults of `deepmetric train`, tuned on the digits (see docs/cli.md).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "data": "digits",
+    "loss": "triplet_semihard",
+    "margin": None,  # the loss's own default
+    "epochs": 40,
+    "classes_per_batch": None,  # min(10, classes of the training split)
+    "samples_per_class": 16,
+    "steps_per_epoch": None,  # PKSampler's default: about one pass over the data
+    "embedding_dim": 64,
+    "learning_rate": 3e-3,
+    "optimizer": "adam",
+    "schedule": "constant",
+    "warmup_steps": 0,
+    "seed": 0,
+    "test_size": 0.3,
+    "map_method": "pca",
+}
+
+
+class CliError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+def note(message: str) -> None:
+    """A line `deepmetric: message` on stderr."""
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CliError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _float_in(low: float, *, low_open: bool, high: float = math.inf, high_open: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (value > low if low_open else value >= low)
+        ok = ok and (value < high if high_open else value <= high)
+        if not ok:
+            lo = f"{'(' if low_open else '['}{low:g}"
+            hi = f"{high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"expected a number in {lo}, {hi}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _float_in(0.0, low_open=True)
+_nonnegative_float = _float_in(0.0, low_open=False)
+_fraction = _float_in(0.0, low_open=True, high=1.0)
+
+
+def _run_name(text: str) -> str:
+    if not text or text in (".", "..") or "/" in text or "\\" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(
+            f"expected a plain directory name (no '/', not starting with '.'), got {text!r}"
+        )
+    return text
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="Keras backend (default: $KERAS_BACKEND, else jax); set before keras is imported",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no tables")
+
+
+def _add_data_split(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (default), an image folder, an .npz with x and y, or IDX files",
+    )
+    p.add_argument(
+        "--split",
+        choices=("all", "train", "test"),
+        default="all",
+        help="which part of the data: all (default), or the train/test part of the split "
+        "that `deepmetric train` makes with the same --seed and --test-size",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    p.add_argument(
+        "--test-size", type=_fraction, default=0.3, help="held-out fraction (default 0.3)"
+    )
+
+
+def _add_train(t: argparse.ArgumentParser) -> None:
+    d = TRAIN_DEFAULTS
+    # Defaults are None here and filled in by RunDirectory.open, so that --resume can tell
+    # the options given on the command line from the saved ones.
+    t.add_argument("--data", help=f"data set (default: {d['data']})")
+    t.add_argument(
+        "--loss",
+        help=f"loss of deepmetric.losses or head of deepmetric.heads ({', '.join(names.HEADS)}), "
+        f"by snake_case or class name (default: {d['loss']})",
+    )
+    t.add_argument(
+        "--margin",
+        type=_nonnegative_float,
+        help="margin of the loss, if it has one (default: 0.2 for the triplet losses, "
+        "otherwise the loss's own default); for a head: arcface and sub_center_arcface in "
+        "radians in [0, pi/2), cosface, proxy_anchor; normalized_softmax and proxy_nca have "
+        "none and refuse it",
+    )
+    t.add_argument("--epochs", type=_positive_int, help=f"epochs (default: {d['epochs']})")
+    t.add_argument(
+        "--classes-per-batch",
+        type=_positive_int,
+        help="P, classes per batch (default: min(10, classes))",
+    )
+    t.add_argument(
+        "--samples-per-class",
+        type=_positive_int,
+        help=f"K, samples per class and batch (default: {d['samples_per_class']})",
+    )
+    t.add_argument(
+        "--steps-per-epoch",
+        type=_positive_int,
+        help="batches per epoch (default: ceil(training examples / (P * K)))",
+    )
+    t.add_argument("--embedding-dim", type=_positive_int, help=f"default: {d['embedding_dim']}")
+    t.add_argument("--learning-rate", type=_positive_float, help=f"default: {d['learning_rate']}")
+    t.add_argument("--optimizer", help=f"{', '.join(names.OPTIMIZERS)} (default: adam)")
+    t.add_argument("--schedule", help=f"{', '.join(names.SCHEDULES)} (default: constant)")
+    t.add_argument(
+        "--warmup-steps", type=_nonnegative_int, help="linear warm-up steps (default: 0)"
+    )
+    t.add_argument("--seed", type=int, help="seed of the split, the weights, the batches")
+    t.add_argument(
+        "--test-size", type=_fraction, help="held-out fraction of the data (default 0.3)"
+    )
+    t.add_argument(
+        "--map-method",
+        choices=("pca", "tsne", "umap"),
+        help="2-D projection of the maps (default: pca)",
+    )
+    t.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch backend: intra-op threads (default: 1 unless OMP_NUM_THREADS is set)",
+    )
+    t.add_argument("--out", default="runs", help="parent directory of runs (default: runs)")
+    t.add_argument("--name", type=_run_name, help="run directory name (default: a timestamp)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run <out>/<name>.partial (the newest one without --name)",
+    )
+    _add_common(t)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `deepmetric` command."""
+    parser = _Parser(prog=PROG, description="Deep metric learning for Keras 3, offline.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    _add_train(
+        sub.add_parser(
+            "train",
+            help="train, evaluate and export an embedding model",
+            description="Train an embedding model with a metric-learning loss on P x K "
+            "batches, evaluate retrieval on a held-out split before and after, and write the "
+            "run directory <out>/<name>/.",
+        )
+    )
+
+    e = sub.add_parser("evaluate", help="retrieval metrics of a saved model on data")
+    e.add_argument("model", help="a saved .keras model")
+    _add_data_split(e)
+    e.add_argument(
+        "--recall-at",
+        type=_positive_int,
+        nargs="+",
+        default=[1, 2, 4, 8],
+        help="k of recall@k (default: 1 2 4 8)",
+    )
+    e.add_argument("--json", help="also write the metrics to this JSON file")
+    _add_common(e)
+
+    m = sub.add_parser("embed", help="embeddings of data by a saved model, as .npy or .tsv")
+    m.add_argument("model", help="a saved .keras model")
+    _add_data_split(m)
+    m.add_argument(
+        "--output", default="embeddings.npy", help=".npy (default: embeddings.npy) or .tsv"
+    )
+    m.add_argument("--batch-size", type=_positive_int, default=256)
+    _add_common(m)
+
+    x = sub.add_parser("export", help="Embedding Projector files and a 2-D map of data")
+    x.add_argument("model", help="a saved .keras model")
+    _add_data_split(x)
+    x.add_argument("--out", default="projector", help="output folder (default: projector)")
+    x.add_argument("--map-method", choices=("pca", "tsne", "umap"), default="pca")
+    _add_common(x)
+    return parser
+
+
+def check_train_config(config: dict[str, Any]) -> None:
+    """The checks of a training configuration that need neither keras nor the data."""
+    try:
+        name, _ = names.resolve(config["loss"])
+        names.check_head_margin(name, config["margin"])
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    optimizer = config["optimizer"]
+    if optimizer.lower() not in names.OPTIMIZERS:
+        allowed = ", ".join(repr(n) for n in names.OPTIMIZERS)
+        raise CliError(
+            f"--optimizer: Unknown optimizer name: {optimizer!r}. Allowed names: {allowed}."
+        )
+    if config["schedule"] not in names.SCHEDULES:
+        allowed = ", ".join(repr(n) for n in names.SCHEDULES)
+        raise CliError(
+            f"--schedule: Unknown schedule name: {config['schedule']!r}. Allowed names: {allowed}."
+        )

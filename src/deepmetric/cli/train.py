@@ -1,0 +1,211 @@
+"""`deepmetric train`: train an embedding model, evaluate it before and after, write the run.
+
+The steps: the objective (loss or head) of --loss, the data and its stratified split, P x K
+batches, the model (new, or the checkpoint of an interrupted run), `fit` with a checkpoint
+after every epoch, the metrics after training, and the atomic commit of the run directory.
+See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from deepmetric import _backend, optimizers, schedules
+from deepmetric.callbacks import RetrievalEvaluation
+from deepmetric.cli import data
+from deepmetric.cli.objective import Objective
+from deepmetric.cli.parser import EXIT_INTERRUPTED, PROG, CliError, note
+from deepmetric.cli.rundir import RunDirectory
+from deepmetric.models import build_embedding_model
+from deepmetric.samplers import PKSampler
+
+
+def run(args) -> int:
+    """Trains the run `args.run` (a RunDirectory checked before keras was imported)."""
+    with _backend.torch_threads(args.threads):
+        return train(args.run, verbose=not args.quiet)
+
+
+def train(run: RunDirectory, *, verbose: bool = True) -> int:
+    config = run.config
+    objective = Objective(config["loss"], config["margin"])
+    if objective.is_head and not run.resuming:
+        objective.head(2)  # a bad --margin fails before the data load
+    dataset = data.load_data(config["data"])
+    x_train, x_test, y_train, y_test = data.split(dataset, config["test_size"], config["seed"])
+    classes = np.unique(y_train)  # a head has one proxy per training class
+    _backend.seed_everything(config["seed"])
+    sampler = _sampler(config, x_train, y_train, len(classes))
+
+    if run.resuming:
+        trainer, model = _load_checkpoint(run, sampler, verbose)
+        before_embeddings = None
+    else:
+        model = build_embedding_model(
+            x_train.shape[1:],
+            config["embedding_dim"],
+            pixel_scale=dataset.pixel_scale,
+            standardize=None if dataset.is_image else _feature_stats(x_train),
+        )
+        trainer = objective.trainer(model, len(classes))
+        objective.compile(trainer, _optimizer(config, len(sampler) * config["epochs"]))
+        before_embeddings = data.embed(model, x_test)
+        run.start(
+            loss=objective.name,
+            backend=keras.backend.backend(),
+            before=data.metrics(before_embeddings, y_test, seed=config["seed"]),
+            embedder=model.name if objective.is_head else None,
+        )
+    assert run.state is not None
+    if verbose:
+        print(
+            f"training on {len(x_train)} examples ({len(np.unique(dataset.y))} classes), held "
+            f"out {len(x_test)}; loss {objective.name}, {config['epochs']} epochs x "
+            f"{len(sampler)} batches of {config['classes_per_batch']} x "
+            f"{config['samples_per_class']}, backend {keras.backend.backend()}"
+        )
+    embedder = model if objective.is_head else None
+    try:
+        trainer.fit(
+            objective.batches(sampler, classes),
+            epochs=config["epochs"],
+            initial_epoch=run.state["epoch"],
+            callbacks=callbacks(run, x_test, y_test, before_embeddings, embedder),
+            verbose=1 if verbose else 0,
+        )
+    except KeyboardInterrupt:
+        _note_interrupted(run)
+        return EXIT_INTERRUPTED
+
+    embeddings = data.embed(model, x_test)
+    after = data.metrics(embeddings, y_test, seed=config["seed"])
+    if verbose:
+        print(f"\nretrieval on the {len(x_test)} held-out examples")
+        print(data.format_table({"before": run.state["before"], "after": after}))
+        print(f"training took {run.state['train_seconds']:.1f} s")
+    run.commit(
+        model, embeddings=embeddings, after=after, x_test=x_test, y_test=y_test, data=dataset
+    )
+    if verbose:
+        print(f"wrote {run.path}")
+    return 0
+
+
+def _sampler(config: dict, x_train, y_train, train_classes: int) -> PKSampler:
+    """The P x K batches of the run (P filled in `config`); CliError for a bad P or warm-up."""
+    p = config["classes_per_batch"] or min(10, train_classes)
+    if p > train_classes:
+        raise CliError(
+            f"--classes-per-batch {p} is more than the {train_classes} classes of the "
+            "training split"
+        )
+    if p < 2:
+        raise CliError("--classes-per-batch must be at least 2 (negatives come from other classes)")
+    config["classes_per_batch"] = p
+    sampler = PKSampler(
+        x_train,
+        y_train,
+        p,
+        config["samples_per_class"],
+        batches_per_epoch=config["steps_per_epoch"],
+        seed=config["seed"],
+    )
+    total_steps = len(sampler) * config["epochs"]
+    if config["warmup_steps"] >= total_steps and config["schedule"] != "constant":
+        raise CliError(
+            f"--warmup-steps {config['warmup_steps']} must be below the {total_steps} steps "
+            "of the run"
+        )
+    return sampler
+
+
+def _optimizer(config: dict, total_steps: int) -> keras.optimizers.Optimizer:
+    try:
+        rate = schedules.build(
+            config["schedule"], config["learning_rate"], total_steps, config["warmup_steps"]
+        )
+        return optimizers.build(config["optimizer"], rate)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _load_checkpoint(run: RunDirectory, sampler: PKSampler, verbose: bool):
+    """(trainer, embedding model) of the last completed epoch; the sampler moves past it."""
+    assert run.state is not None
+    try:
+        trainer = keras.saving.load_model(run.checkpoint_model, safe_mode=True)
+        embedder = run.state.get("embedder")
+        model = trainer.get_layer(embedder) if embedder else trainer
+    except Exception as e:
+        raise CliError(
+            f"{run.partial}: cannot load the checkpoint ({type(e).__name__}: {e})"
+        ) from None
+    for _ in range(run.state["epoch"]):
+        sampler.on_epoch_end()
+    if verbose:
+        print(f"resuming {run.partial} after epoch {run.state['epoch']}")
+    return trainer, model
+
+
+def _feature_stats(x):
+    flat = x.reshape(len(x), -1).astype("float64")
+    return flat.mean(axis=0).tolist(), np.maximum(flat.var(axis=0), 1e-12).tolist()
+
+
+def _note_interrupted(run: RunDirectory) -> None:
+    assert run.state is not None
+    done = run.state["epoch"]
+    if not done:
+        note("interrupted; saved 0 completed epochs in nothing (no epoch completed)")
+        return
+    note(
+        f"interrupted; saved {done} completed epochs in {run.partial}; continue with: "
+        f"{PROG} train --resume --name {run.name} --out {run.out}"
+    )
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Logs the optimizer's learning rate of each epoch as `learning_rate`."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            rate = self.model.optimizer.learning_rate
+            logs["learning_rate"] = float(np.asarray(keras.ops.convert_to_numpy(rate)))
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """Checkpoints the model being fitted into the run after each epoch.
+
+    With a head that is the trainer (proxies and optimizer state included).
+    """
+
+    def __init__(self, run: RunDirectory, before_embeddings=None):
+        super().__init__()
+        self.run = run
+        self.before_embeddings = before_embeddings
+
+    def on_train_begin(self, logs=None):
+        self.run.begin_epochs()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.run.save_epoch(self.model, epoch, logs, self.before_embeddings)
+
+
+def callbacks(run: RunDirectory, x_test, y_test, before_embeddings, embedder=None) -> list:
+    """Learning-rate logging, per-epoch retrieval metrics, and the checkpoint.
+
+    `embedder` is the model to evaluate when the fitted model is a head's trainer.
+    """
+    return [
+        LearningRateLogger(),
+        RetrievalEvaluation(
+            x_test,
+            y_test,
+            prefix="val_",
+            recall_at=(1,),
+            clustering=False,
+            embedding_model=embedder,
+        ),
+        Checkpoint(run, before_embeddings),
+    ]
