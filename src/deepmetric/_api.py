@@ -1,8 +1,10 @@
-"""One decorator that marks a name public and registers it for serialization, and `get()`."""
+"""One decorator that marks a name public and registers it for serialization, and `get()`.
+
+Importing this module does not import keras (the command line compares names with
+`normalize_name` before any backend is loaded); `export` imports it when first called.
+"""
 
 from __future__ import annotations
-
-import keras
 
 PACKAGE = "deepmetric"
 
@@ -14,6 +16,8 @@ def export(obj):
     `.keras` and loads back with `keras.saving.load_model(path)` in safe mode,
     without `custom_objects`, once `deepmetric` has been imported.
     """
+    import keras
+
     return keras.saving.register_keras_serializable(package=PACKAGE)(obj)
 
 

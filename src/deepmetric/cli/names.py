@@ -8,6 +8,8 @@ what `deepmetric.losses.get`, `deepmetric.heads.get`, `deepmetric.optimizers.bui
 
 from __future__ import annotations
 
+from deepmetric._api import normalize_name
+
 # The losses of deepmetric.losses that take labels and embeddings (every `MetricLoss` but
 # `NpairsLoss`, which takes a similarity matrix), by command-line name: the snake_case class
 # name without `Loss`.
@@ -51,19 +53,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adabelief")
 SCHEDULES = ("constant", "cosine", "cosine-restarts", "exponential")
 
 
-def normalize(text: str) -> str:
-    """The key names are compared by, as `deepmetric.losses.get` compares them.
-
-    Lower case, no `-` or `_`, no `deepmetric>` prefix, no `loss` suffix:
-    `"triplet-semihard-loss"` and `"TripletSemiHardLoss"` both give `"tripletsemihard"`.
-    """
-    key = text.strip().lower()
-    key = key.removeprefix("deepmetric>").replace("-", "").replace("_", "")
-    if key.endswith("loss") and len(key) > len("loss"):
-        key = key[: -len("loss")]
-    return key
-
-
 def resolve(text: str) -> tuple[str, bool]:
     """(command-line name, is a head) of the loss or head `text` names; ValueError if none.
 
@@ -72,10 +61,10 @@ def resolve(text: str) -> tuple[str, bool]:
     >>> resolve("proxy-anchor")
     ('proxy_anchor', True)
     """
-    wanted = normalize(text)
+    wanted = normalize_name(text)
     for table, is_head in ((LOSSES, False), (HEADS, True)):
         for name, class_name in table.items():
-            if wanted in (normalize(name), normalize(class_name)):
+            if wanted in (normalize_name(name), normalize_name(class_name)):
                 return name, is_head
     raise ValueError(
         f"unknown loss {text!r}; valid names: {', '.join(LOSSES)}; heads: {', '.join(HEADS)}"
