@@ -14,10 +14,12 @@ from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
 from deepmetric.losses.base import (
+    LARGE,
     MetricLoss,
     check_number,
     count_positive,
     loss_inputs,
+    masked_logsumexp,
     number_option,
     per_anchor_share,
 )
@@ -106,27 +108,23 @@ class ContrastiveLoss(keras.losses.Loss):
 
 
 def _lifted_row_stats(d, negatives, margin):
-    """Per row i: the largest `margin - d(i, k)` over its negatives k (TFA's stabiliser, the
-    row minimum of `margin - d` without negatives) and sum_k exp(margin - d(i, k) - that)."""
-    diff = margin - d
-    row_max = mining.masked_maximum(diff, negatives)
-    shifted = ops.where(negatives, diff - row_max, 0.0)
-    row_sums = ops.sum(ops.where(negatives, ops.exp(shifted), 0.0), axis=1)
-    return ops.squeeze(row_max, axis=1), row_sums
+    """Per row i: `L_i = log sum_k exp(margin - d(i, k))` over its negatives k, and whether
+    it has any (a row without negatives gets the finite stand-in `-LARGE`)."""
+    has_negatives = ops.any(negatives, axis=1)
+    lse = masked_logsumexp(margin - d, negatives)
+    return ops.where(has_negatives, lse, -LARGE), has_negatives
 
 
-def _lifted_pairs(d, positives, row_max, row_sums, all_row_max, all_row_sums):
+def _lifted_pairs(d, positives, row_lse, row_has, all_lse, all_has):
     """Per anchor i of a block, half the sum of max(J_ij, 0)^2 over its positives j.
 
-    `log(sum_k e^{m - d_ik} + sum_l e^{m - d_jl})` is computed from both rows' statistics,
-    shifted by the larger of the two maxima: O(B) per row instead of TFA's tiled O(B^2).
+    `J_ij = log(sum_k e^{m - d_ik} + sum_l e^{m - d_jl}) + d_ij = logaddexp(L_i, L_j) + d_ij`
+    from the two rows' log-sum-exps: one transcendental per pair, O(B) memory per row
+    instead of TFA's tiled O(B^2). Pairs where neither row has a negative have no term.
     """
-    pair_max = ops.maximum(ops.expand_dims(row_max, 1), ops.expand_dims(all_row_max, 0))
-    total = ops.exp(ops.expand_dims(all_row_max, 0) - pair_max) * ops.expand_dims(
-        all_row_sums, 0
-    ) + ops.exp(ops.expand_dims(row_max, 1) - pair_max) * ops.expand_dims(row_sums, 1)
-    valid = ops.logical_and(positives, ops.greater(total, 0.0))
-    j = pair_max + ops.log(ops.where(valid, total, 1.0)) + d
+    has = ops.logical_or(ops.expand_dims(row_has, 1), ops.expand_dims(all_has, 0))
+    valid = ops.logical_and(positives, has)
+    j = ops.logaddexp(ops.expand_dims(row_lse, 1), ops.expand_dims(all_lse, 0)) + d
     return 0.5 * ops.sum(ops.where(valid, ops.square(ops.relu(j)), 0.0), axis=1)
 
 
@@ -143,21 +141,21 @@ def _lifted_terms(labels, embeddings, margin):
         d, (_, negatives) = block(index, *args)
         return _lifted_row_stats(d, negatives, margin)
 
-    def pairs(index, anchors, anchor_labels, row_max, row_sums, *rest):
+    def pairs(index, anchors, anchor_labels, row_lse, row_has, *rest):
         d, (positives, _) = block(index, anchors, anchor_labels, *rest[:2])
-        per_anchor = _lifted_pairs(d, positives, row_max, row_sums, *rest[2:])
+        per_anchor = _lifted_pairs(d, positives, row_lse, row_has, *rest[2:])
         return per_anchor, ops.sum(ops.cast(positives, d.dtype), axis=1)
 
     if _blocks.block_size(embeddings.shape[0], embeddings.shape[0]) is None:
         # One block: the distance matrix is built once for both passes.
         index = ops.arange(ops.shape(embeddings)[0], dtype="int32")
         d, (positives, negatives) = block(index, *rows, *whole)
-        row_max, row_sums = _lifted_row_stats(d, negatives, margin)
-        per_anchor = _lifted_pairs(d, positives, row_max, row_sums, row_max, row_sums)
+        row_lse, row_has = _lifted_row_stats(d, negatives, margin)
+        per_anchor = _lifted_pairs(d, positives, row_lse, row_has, row_lse, row_has)
         return per_anchor, ops.sum(ops.cast(positives, d.dtype))
-    row_max, row_sums = _blocks.map_rows(stats, rows, whole)
+    row_lse, row_has = _blocks.map_rows(stats, rows, whole)
     per_anchor, num_positives = _blocks.map_rows(
-        pairs, (*rows, row_max, row_sums), (*whole, row_max, row_sums)
+        pairs, (*rows, row_lse, row_has), (*whole, row_lse, row_has)
     )
     return per_anchor, ops.sum(num_positives)
 
