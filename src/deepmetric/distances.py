@@ -3,8 +3,8 @@
 Two functions keep TensorFlow Addons' exact semantics (`pairwise_distance`,
 `angular_distance`); small serializable `Distance` objects serve the losses,
 mining and evaluation, each knowing whether a larger value means closer.
-Everything is computed in float32; a float64 tensor stays float64 where the backend keeps it
-(TensorFlow and PyTorch do; JAX without `jax_enable_x64` turns it into float32). The square root
+Everything is computed in float32; float64 input gives float64 distances on TensorFlow only
+(JAX turns it into float32, and on PyTorch `keras.ops.matmul` returns float32). The square root
 has a zero, finite gradient where two embeddings coincide.
 """
 
@@ -62,7 +62,7 @@ def pairwise_distance(embeddings, squared=False):
       squared: return squared distances.
 
     Returns:
-      float32 tensor of shape (B, B) (float64 for a float64 tensor the backend keeps).
+      float32 tensor of shape (B, B) (float64 for float64 input on TensorFlow).
 
     >>> import numpy as np
     >>> d = pairwise_distance(np.array([[0.0, 0.0], [3.0, 4.0]]))

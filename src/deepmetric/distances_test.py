@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+import deepmetric
 from deepmetric import _backend, distances
 from deepmetric import _reference as ref
 
@@ -128,3 +129,17 @@ def test_a_callable_distance_builds_only_the_whole_batch():
     )
     with pytest.raises(ValueError, match="cannot compare against reference embeddings"):
         distance(x, x)
+
+
+def test_float64_input_keeps_float64_on_tensorflow_only():
+    """What docs/losses.md says: JAX converts float64 input to float32, PyTorch's matmul
+    returns float32 for it, TensorFlow keeps float64 (distances and losses alike)."""
+    x = np.random.default_rng(0).normal(size=(8, 4))
+    labels = np.repeat(np.arange(4), 2)
+    expected = "float64" if keras.backend.backend() == "tensorflow" else "float32"
+    for value in (
+        distances.pairwise_distance(x),
+        deepmetric.losses.TripletSemiHardLoss()(labels, x),
+        deepmetric.losses.multi_similarity_loss(labels, x),
+    ):
+        assert keras.backend.standardize_dtype(value.dtype) == expected

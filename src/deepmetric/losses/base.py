@@ -51,9 +51,9 @@ def loss_inputs(labels, embeddings, reference_embeddings=None, reference_labels=
     """Checked (labels, embeddings, reference_labels, reference_embeddings).
 
     The references are None when not given (the batch is compared with itself
-    and each example with itself is excluded). Embeddings are float32 (a float64
-    tensor stays float64 where the backend keeps it: TensorFlow and PyTorch do, JAX
-    without `jax_enable_x64` does not); labels stay integers.
+    and each example with itself is excluded). Embeddings are float32 (float64 input
+    stays float64 on TensorFlow only: JAX turns it into float32, and PyTorch's
+    `keras.ops.matmul` returns float32); labels stay integers.
     """
     embeddings = check_embeddings(embeddings, "embeddings")
     labels = check_labels(labels, embeddings.shape[0], "labels")
