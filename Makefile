@@ -32,10 +32,9 @@ test: install lint
 demo: install
 	$(BIN)/deepmetric train
 
+# Each backend's table, then one table with a column group per backend.
 bench: install
-	@for backend in jax torch tensorflow; do \
-		KERAS_BACKEND=$$backend $(BIN)/python benchmarks/losses.py; \
-	done
+	$(BIN)/python benchmarks/losses.py --backends jax,tensorflow,torch
 
 clean:
 	rm -rf $(VENV) runs
