@@ -9,7 +9,8 @@ For a loss (a `keras.losses.Loss` called as `loss(labels, embeddings)`):
 - `large_labels`: labels 16777216 + k (16777216 and 16777217 are one float32) give the value and
   gradient of labels k, also as a (B, 1) column;
 - `bfloat16_labels`: under the `mixed_bfloat16` policy, labels 1000 + k (1000 and 1001 are one
-  bfloat16) and bfloat16 embeddings give a float32 value equal to the float32 one;
+  bfloat16) and bfloat16 embeddings give a float32 value equal to the float32 one; likewise
+  under `mixed_float16` with labels 4097 + k;
 - `eager_equals_compiled`: the compiled forward + backward (`jax.jit`, `tf.function` with an
   unknown batch dimension) equals the eager one, and the compiled value at a second batch size
   equals the eager value;
@@ -22,7 +23,8 @@ For a loss (a `keras.losses.Loss` called as `loss(labels, embeddings)`):
 - `degenerate`: a batch of one example (no pair at all) gives 0 and a zero gradient; a batch of
   one class and a batch of distinct labels (each with a duplicate embedding) give a finite value
   and gradient, and 0 with a zero gradient unless the loss keeps the terms of one kind of pair
-  (`one_sided`: multi-similarity and online contrastive keep the negative pairs' terms).
+  (`one_sided`: multi-similarity and online contrastive keep the negative pairs' terms); each
+  eager and compiled. An all-zero embedding in the batch gives a finite value and gradient.
 
 For a head (a layer called as `head([embeddings, labels])` with a `proxies` weight), the same
 invariants on its training objective (the loss it adds, or the cross-entropy of its logits),
@@ -129,20 +131,26 @@ def _loss_value(loss, labels, x):
 
 def check_large_labels(loss, labels, x):
     expected = _loss_grad(loss, labels, x)
+    assert float(expected[0]) != 0.0, "large_labels: the batch gives 0, nothing to compare"
     big = labels.astype("int64") + LARGE
     _same(_loss_grad(loss, big, x), expected, "large_labels: labels 2^24 + k")
     _close(_loss_value(loss, big.reshape(-1, 1), x), expected[0], "large_labels: (B, 1) labels")
 
 
 def check_bfloat16_labels(loss, labels, x):
-    x = _np(ops.cast(ops.cast(x, "bfloat16"), "float32"))
-    expected = _loss_value(loss, labels, x)
-    with _policy("mixed_bfloat16"):
-        restored = type(loss).from_config(loss.get_config())
-        value = restored(labels + 1000, ops.cast(x, "bfloat16"))
-        dtype = keras.backend.standardize_dtype(value.dtype)
-        assert dtype == "float32", f"bfloat16_labels: the value is {dtype}, not float32"
-        _close(float(_np(value)), expected, "bfloat16_labels: labels 1000 + k")
+    """Also under `mixed_float16` with labels 4097 + k (4097 and 4098 are one float16)."""
+    for policy, dtype, offset in [
+        ("mixed_bfloat16", "bfloat16", 1000),
+        ("mixed_float16", "float16", 4097),
+    ]:
+        rounded = _np(ops.cast(ops.cast(x, dtype), "float32"))
+        expected = _loss_value(loss, labels, rounded)
+        with _policy(policy):
+            restored = type(loss).from_config(loss.get_config())
+            value = restored(labels + offset, ops.cast(rounded, dtype))
+            got = keras.backend.standardize_dtype(value.dtype)
+            assert got == "float32", f"bfloat16_labels: the value is {got} under {policy}"
+            _close(float(_np(value)), expected, f"bfloat16_labels: labels {offset} + k, {policy}")
 
 
 def check_eager_equals_compiled(loss, labels, x):
@@ -203,15 +211,19 @@ def check_keras_save_load(loss, labels, x):
 def check_degenerate(loss, labels, x, one_sided=False):
     x = x[:6].copy()
     x[1] = x[0]  # a duplicate: zero distance, where a square root has no gradient
-    value, grad = _loss_grad(loss, np.zeros(1, "int64"), x[:1])
-    assert float(value) == 0.0, f"degenerate: one example gives {float(value)}, not 0"
-    assert np.all(grad == 0.0), "degenerate: one example gives a non-zero gradient"
-    for name, lab in [("one class", np.zeros(6, "int64")), ("distinct", np.arange(6))]:
-        value, grad = _loss_grad(loss, lab, x)
-        assert np.isfinite(value) and np.all(np.isfinite(grad)), f"degenerate: {name} not finite"
-        if not one_sided:
-            assert float(value) == 0.0, f"degenerate: {name} gives {float(value)}, not 0"
-            assert np.all(grad == 0.0), f"degenerate: {name} gives a non-zero gradient"
+    cases = [("one example", np.zeros(1, "int64")), ("one class", np.zeros(6, "int64"))]
+    cases.append(("distinct", np.arange(6)))
+    for name, lab in cases:
+        for compiled_ in (False, True):
+            what = f"degenerate: {name}{', compiled' if compiled_ else ''}"
+            value, grad = _loss_grad(loss, lab, x[: len(lab)], compiled_)
+            assert np.isfinite(value) and np.all(np.isfinite(grad)), f"{what}: not finite"
+            if name == "one example" or not one_sided:
+                assert float(value) == 0.0, f"{what} gives {float(value)}, not 0"
+                assert np.all(grad == 0.0), f"{what} gives a non-zero gradient"
+    x[2] = 0.0
+    value, grad = _loss_grad(loss, labels[:6], x)
+    assert np.isfinite(value) and np.all(np.isfinite(grad)), "degenerate: a zero embedding"
 
 
 LOSS_CHECKS = {
