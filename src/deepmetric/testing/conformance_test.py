@@ -20,7 +20,7 @@ HEADS = testing.proxy_heads()
 # Options other than the defaults, through the invariants that do not compile (the defaults
 # go through all of them): the mining choices of `TripletLoss`, the soft and angular
 # batch-hard loss, and one non-default setting of every other option family.
-VARIANTS = {
+VARIANTS: dict[str, list[dict[str, object]]] = {
     "TripletLoss": [
         {"negative_mining": "semi-hard"},
         {"negative_mining": "hard", "positive_mining": "hard", "distance": "cosine"},
@@ -39,6 +39,7 @@ VARIANTS = {
 }
 VARIANT_CHECKS = [
     "large_labels",
+    "bfloat16_labels",
     "permutation",
     "relabelling",
     "config_round_trip",
