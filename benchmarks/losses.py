@@ -1,12 +1,14 @@
 """Time and peak memory of deepmetric's batch losses against B, on the current backend.
 
-For every loss of `deepmetric.losses` that takes (labels, embeddings), and for B in
+For every loss of `deepmetric.losses` that takes (labels, embeddings)
+(`deepmetric.testing.metric_losses`), and for B in
 {256, 1024, 4096, 16384}, D = 128, labels in groups of K = 4 (B / 4 classes) and
 random normal L2-normalised embeddings, prints:
 
 - the median time of one forward + backward step, compiled as `fit` compiles it
   (`jax.jit` of `jax.value_and_grad`; `tf.function` with an unknown batch
-  dimension; torch eager), and its ratio to the floor: forward + backward of
+  dimension; torch eager: `deepmetric.testing.gradient_step`, the gradients of the
+  tests), and its ratio to the floor: forward + backward of
   `sum(pairwise_distance(embeddings))`, the B x B matrix every loss builds;
 - the peak memory of the step: every (loss, B) runs in a fresh subprocess, which
   reports its peak resident set size (the kernel's high-water mark, VmHWM, the
@@ -35,6 +37,8 @@ A configuration whose first step takes longer than `--step-limit` seconds is
 reported as "slow-skip"; one whose subprocess runs past `--timeout` as "timeout".
 
     KERAS_BACKEND=jax python benchmarks/losses.py
+    python benchmarks/losses.py --backends jax,tensorflow,torch   # then one table side by side
+    python benchmarks/losses.py --render jax.json,tensorflow.json,torch.json
     python benchmarks/losses.py --backend torch --sizes 256,1024 --losses TripletSemiHardLoss
     python benchmarks/losses.py --backend torch --losses NTXentLoss,SupConLoss --pml --no-naive
     python benchmarks/losses.py --check    # naive forms == library, small B; on torch also
@@ -60,6 +64,7 @@ PML = "pml"  # kind of a pytorch-metric-learning loss; its rows read "pml: <name
 # pairs) matrix, SupCon's B x B matrices.
 PML_LOSSES = {"NTXentLoss": 3, "SupConLoss": 2}
 DIM, GROUP = 128, 4
+BACKENDS = ("jax", "tensorflow", "torch")
 
 
 # ----------------------------------------------------------------------------- memory
@@ -114,32 +119,11 @@ def make_inputs(batch, dim=DIM, group=GROUP, seed=0):
 
 
 def discover_losses():
-    """Names of the `deepmetric.losses` classes that take (labels, embeddings).
+    """Names of the `deepmetric.losses` classes that take (labels, embeddings), sorted
+    (`deepmetric.testing.metric_losses`: the subclasses of `MetricLoss`, not `NpairsLoss`)."""
+    from deepmetric import testing
 
-    A class qualifies when it is a `keras.losses.Loss`, builds with its default
-    arguments and returns a finite scalar for integer labels of shape (B,) and
-    (B, D) embeddings with D != B (this leaves out the N-pairs losses, which take
-    a similarity matrix, the contrastive loss, which takes pair distances, and
-    the explicit-triplet loss, which takes (B, 3, D)).
-    """
-    import keras
-    import numpy as np
-
-    import deepmetric.losses as losses_module
-
-    labels, x = make_inputs(8, dim=16)
-    found = []
-    for name in sorted(dir(losses_module)):
-        cls = getattr(losses_module, name)
-        if not (isinstance(cls, type) and issubclass(cls, keras.losses.Loss)):
-            continue
-        try:
-            value = keras.ops.convert_to_numpy(cls()(labels, x))
-        except Exception:
-            continue
-        if np.shape(value) == () and np.isfinite(value):
-            found.append(name)
-    return found
+    return sorted(cls.__name__ for cls in testing.metric_losses())
 
 
 def _pml_loss(name):
@@ -170,42 +154,11 @@ def _loss_fn(kind, name):
 
 
 def _step(fn, labels, x):
-    """A no-argument callable running one compiled forward + backward and waiting for it."""
-    import keras
+    """A no-argument callable running one compiled forward + backward and waiting for it
+    (`deepmetric.testing.gradient_step`, as the tests compute gradients)."""
+    from deepmetric import testing
 
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        f = jax.jit(jax.value_and_grad(lambda v, y: fn(y, v)))
-        xv, yv = jax.device_put(x), jax.device_put(labels)
-        return lambda: jax.block_until_ready(f(xv, yv))
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        def run(v, y):
-            with tf.GradientTape() as tape:
-                tape.watch(v)
-                value = fn(y, v)
-            return value, tape.gradient(value, v)
-
-        signature = [tf.TensorSpec([None, x.shape[1]], tf.float32), tf.TensorSpec([None], tf.int32)]
-        f = tf.function(run, input_signature=signature)
-        xv, yv = tf.constant(x), tf.constant(labels)
-        return lambda: [t.numpy() for t in f(xv, yv)]
-    if backend == "torch":
-        import torch
-
-        xv = torch.tensor(x, requires_grad=True)
-        yv = torch.tensor(labels)
-
-        def run():
-            value = fn(yv, xv)
-            (grad,) = torch.autograd.grad(value, xv)
-            return value.item(), grad
-
-        return run
-    raise NotImplementedError(f"No benchmark step for the {backend} backend")
+    return testing.gradient_step(lambda v, y: fn(y, v), x, labels, compiled=True)
 
 
 def child(spec):
@@ -340,32 +293,69 @@ def _row(name, batch, result, floor, naive):
 HEADER = ["loss", "B", "time ms", "x floor", "peak MB", "naive ms", "speed-up vs naive", "naive MB"]
 
 
-def print_table(rows, out=sys.stdout):
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+def print_table(rows, out=sys.stdout, header=HEADER):
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    print(line(HEADER), file=out)
+    print(line(header), file=out)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
     for r in rows:
         print(line(r), file=out)
     out.flush()
 
 
-def render(path):
-    """Prints the table of a file written by `--json`."""
-    with open(path) as f:
-        data = json.load(f)
-    floors = {r["batch"]: r for r in data["results"] if r["name"] == FLOOR}
-    rows = []
-    for r in data["results"]:
-        floor = floors.get(r["batch"])
-        if r["name"] == FLOOR:
-            rows.append(_row("floor: pairwise_distance", r["batch"], r, r, None))
-        else:
-            rows.append(_row(r["name"], r["batch"], r, floor, r.get("naive")))
-    print_table(rows)
+def _backend_rows(raw):
+    """{(name, B): (time ms cell, x floor cell, peak MB cell)} of one backend's results."""
+    floors = {r["batch"]: r for r in raw if r["name"] == FLOOR}
+    cells = {}
+    for r in raw:
+        name = "floor: pairwise_distance" if r["name"] == FLOOR else r["name"]
+        floor = r if r["name"] == FLOOR else floors.get(r["batch"])
+        cells[(name, r["batch"])] = tuple(_row(name, r["batch"], r, floor, None)[2:5])
+    return cells
+
+
+def print_side_by_side(results, out=sys.stdout):
+    """One table of several backends' results ({backend: raw results}): per (loss, B) the
+    time, the ratio to the floor and the peak memory of each backend."""
+    per_backend = {backend: _backend_rows(raw) for backend, raw in results.items()}
+    keys = list(dict.fromkeys(key for cells in per_backend.values() for key in cells))
+    header = ["loss", "B"] + [
+        f"{backend} {column}" for backend in results for column in ("ms", "x floor", "peak MB")
+    ]
+    rows = [
+        [name, str(batch)]
+        + [cell for backend in results for cell in per_backend[backend].get(key, ("—",) * 3)]
+        for key in keys
+        for name, batch in [key]
+    ]
+    print_table(rows, out=out, header=header)
+
+
+def render(paths):
+    """Prints the table of a file written by `--json`; of several files (one per backend),
+    or of a file of several backends, one table side by side."""
+    data = []
+    for path in paths.split(","):
+        with open(path) as f:
+            data.append(json.load(f))
+    if len(data) == 1 and "results" in data[0]:
+        raw = data[0]["results"]
+        floors = {r["batch"]: r for r in raw if r["name"] == FLOOR}
+        rows = []
+        for r in raw:
+            if r["name"] == FLOOR:
+                rows.append(_row("floor: pairwise_distance", r["batch"], r, r, None))
+            else:
+                rows.append(_row(r["name"], r["batch"], r, floors.get(r["batch"]), r.get("naive")))
+        print_table(rows)
+        return
+    results = {}
+    for d in data:
+        results.update(d["backends"] if "backends" in d else {d["backend"]: d["results"]})
+    print_side_by_side(results)
 
 
 # ----------------------------------------------------------------------------- check
@@ -378,14 +368,14 @@ def check(batch=48, seed=1):
     from keras import ops
 
     import deepmetric.losses as losses_module
-    from deepmetric import _backend
+    from deepmetric import testing
 
     labels, x = make_inputs(batch, seed=seed)
     x = (x * 1.5).astype("float32")  # spread the distances so that every rule has work to do
     for name, (short, naive_fn) in _naive.NAIVE.items():
         loss = getattr(losses_module, name)()
-        lib_v, lib_g = _backend.value_and_grad(lambda v, y, f=loss: f(y, v), x, labels)
-        ref_v, ref_g = _backend.value_and_grad(
+        lib_v, lib_g = testing.value_and_grad(lambda v, y, f=loss: f(y, v), x, labels)
+        ref_v, ref_g = testing.value_and_grad(
             lambda v, y, f=naive_fn: f(ops.convert_to_tensor(y), v), x, labels
         )
         np.testing.assert_allclose(lib_v, ref_v, rtol=1e-5, atol=1e-6, err_msg=name)
@@ -400,19 +390,21 @@ def check_pml(batch=48, seed=1):
     On the inputs of the benchmark (groups of K = 4), torch backend only: the rows
     "pml: <name>" of `--pml` then time the same loss.
     """
+    import keras
     import numpy as np
 
     import deepmetric.losses as losses_module
-    from deepmetric import _backend
+    from deepmetric import testing
 
-    if _backend.name() != "torch":
-        print(f"skip pml: pytorch-metric-learning needs the torch backend, not {_backend.name()}")
+    backend = keras.backend.backend()
+    if backend != "torch":
+        print(f"skip pml: pytorch-metric-learning needs the torch backend, not {backend}")
         return
     labels, x = make_inputs(batch, seed=seed)
     for name in PML_LOSSES:
         loss, pml = getattr(losses_module, name)(), _pml_loss(name)
-        lib_v, lib_g = _backend.value_and_grad(lambda v, y, f=loss: f(y, v), x, labels)
-        ref_v, ref_g = _backend.value_and_grad(lambda v, y, f=pml: f(y, v), x, labels)
+        lib_v, lib_g = testing.value_and_grad(lambda v, y, f=loss: f(y, v), x, labels)
+        ref_v, ref_g = testing.value_and_grad(lambda v, y, f=pml: f(y, v), x, labels)
         np.testing.assert_allclose(lib_v, ref_v, rtol=1e-5, atol=1e-6, err_msg=f"pml {name}")
         np.testing.assert_allclose(lib_g, ref_g, rtol=1e-4, atol=1e-6, err_msg=f"pml {name}")
         print(f"ok  {name:22s} == pml {name:12s} value {float(lib_v):.6f}")
@@ -445,71 +437,11 @@ def _run_pml(name, batch, base, memory, backend, timeout):
     return result
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["jax", "tensorflow", "torch"])
-    parser.add_argument("--sizes", default="256,1024,4096,16384")
-    parser.add_argument("--losses", default=None, help="comma-separated class names")
-    parser.add_argument("--repeats", type=int, default=20, help="timed steps after the first")
-    parser.add_argument(
-        "--time-budget",
-        type=float,
-        default=10.0,
-        help="stop timing a configuration after this many seconds",
-    )
-    parser.add_argument("--step-limit", type=float, default=60.0)
-    parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--naive-max-gb", type=float, default=6.0)
-    parser.add_argument(
-        "--mem-limit-gb",
-        type=float,
-        default=10.0,
-        help="stop a configuration whose memory grows past this (shared machine)",
-    )
-    parser.add_argument("--no-naive", action="store_true")
-    parser.add_argument(
-        "--pml",
-        action="store_true",
-        help="also time pytorch-metric-learning's " + " and ".join(PML_LOSSES) + " (torch only)",
-    )
-    parser.add_argument("--json", default=None, help="also write the raw results here")
-    parser.add_argument("--check", action="store_true")
-    parser.add_argument("--render", default=None, help="print the table of a --json file")
-    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.backend:
-        os.environ["KERAS_BACKEND"] = args.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
-    if args._child:
-        child(json.loads(args._child))
-        return
-    if args.render:
-        render(args.render)
-        return
-    if args.pml and args.backend not in (None, "torch"):  # fail before importing a backend
-        parser.exit(2, f"{parser.prog}: error: --pml needs --backend torch, not {args.backend}\n")
-    import keras
-
-    backend = keras.backend.backend()
-    if args.check:
-        check()
-        return
+def run_backend(args, backend, names, pml_names):
+    """Every (B, loss) of `args` on `backend`, each in its own subprocess; prints the table
+    and returns the raw results."""
     import _naive
 
-    names = args.losses.split(",") if args.losses else discover_losses()
-    pml_names = [name for name in names if name in PML_LOSSES] if args.pml else []
-    if args.pml and backend != "torch":
-        parser.exit(
-            2,
-            f"{parser.prog}: error: --pml needs the torch backend (--backend torch), "
-            f"not {backend}\n",
-        )
-    if args.pml and not pml_names:
-        parser.exit(
-            2, f"{parser.prog}: error: --pml needs one of {', '.join(PML_LOSSES)} in --losses\n"
-        )
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"# backend={backend} D={DIM} K={GROUP} losses={','.join(names)}", flush=True)
     rows, raw, naive_peaks, naive_times = [], [], {}, {}
@@ -566,9 +498,98 @@ def main(argv=None):
         "after the compiling one; peak MB = peak RSS - RSS after imports and inputs\n"
     )
     print_table(rows)
+    return raw
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=BACKENDS)
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated backends, each run in turn, then one table with a column "
+        "group per backend",
+    )
+    parser.add_argument("--sizes", default="256,1024,4096,16384")
+    parser.add_argument("--losses", default=None, help="comma-separated class names")
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps after the first")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=10.0,
+        help="stop timing a configuration after this many seconds",
+    )
+    parser.add_argument("--step-limit", type=float, default=60.0)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--naive-max-gb", type=float, default=6.0)
+    parser.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=10.0,
+        help="stop a configuration whose memory grows past this (shared machine)",
+    )
+    parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument(
+        "--pml",
+        action="store_true",
+        help="also time pytorch-metric-learning's " + " and ".join(PML_LOSSES) + " (torch only)",
+    )
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument(
+        "--render",
+        default=None,
+        help="print the table of a --json file; of several (comma-separated), side by side",
+    )
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    if args._child:
+        child(json.loads(args._child))
+        return
+    if args.render:
+        render(args.render)
+        return
+    if args.pml and args.backend not in (None, "torch"):  # fail before importing a backend
+        parser.exit(2, f"{parser.prog}: error: --pml needs --backend torch, not {args.backend}\n")
+    import keras
+
+    backend = keras.backend.backend()
+    if args.check:
+        check()
+        return
+    names = args.losses.split(",") if args.losses else discover_losses()
+    pml_names = [name for name in names if name in PML_LOSSES] if args.pml else []
+    backends = args.backends.split(",") if args.backends else [backend]
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        parser.exit(2, f"{parser.prog}: error: unknown --backends {unknown}; use {BACKENDS}\n")
+    if args.pml and "torch" not in backends:
+        parser.exit(
+            2,
+            f"{parser.prog}: error: --pml needs the torch backend (--backend torch), "
+            f"not {backend}\n",
+        )
+    if args.pml and not pml_names:
+        parser.exit(
+            2, f"{parser.prog}: error: --pml needs one of {', '.join(PML_LOSSES)} in --losses\n"
+        )
+    results = {}
+    for name in backends:
+        results[name] = run_backend(args, name, names, pml_names if name == "torch" else [])
+    if len(backends) > 1:
+        print("\nside by side: time ms, ratio to the floor and peak MB per backend\n")
+        print_side_by_side(results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"backend": backend, "results": raw}, f, indent=1)
+            if len(backends) == 1:
+                json.dump({"backend": backends[0], "results": results[backends[0]]}, f, indent=1)
+            else:
+                json.dump({"backends": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Library code uses `keras.ops` only. Tests and benchmarks need two things that
 `keras.ops` does not offer: the gradient of a scalar function with respect to a
 tensor, and the function compiled the way `fit` compiles it (`jax.jit`,
-`tf.function` with an unknown batch dimension, torch eager). Both live here.
+`tf.function` with an unknown batch dimension, torch eager). Both live here;
+`deepmetric.testing` exposes them.
 """
 
 from __future__ import annotations
@@ -18,23 +19,26 @@ def name() -> str:
     return keras.backend.backend()
 
 
-def value_and_grad(fn: Callable, x, *args, compiled: bool = False):
-    """(fn(x, *args), d fn / d x) as numpy arrays, on the current backend.
+def gradient_step(fn: Callable, x, *args, compiled: bool = False) -> Callable[[], tuple]:
+    """A no-argument callable running one forward + backward of `fn(x, *args)` in `x`.
 
-    With `compiled`, the function runs under `jax.jit`, or under `tf.function`
-    with the batch dimension of `x` and of every argument unknown; torch runs
-    eagerly (as `fit` does unless `jit_compile` is set).
+    Each call returns `(value, d value / d x)` as tensors of the backend, after the
+    computation has finished (for timing). The inputs are converted once, here. With
+    `compiled`, the step runs as `fit` compiles it: under `jax.jit`, or under `tf.function`
+    with the batch dimension of `x` and of every argument unknown; torch runs eagerly (as
+    `fit` does unless `jit_compile` is set). The gradient is None where `fn` does not
+    depend on `x` (TensorFlow and torch).
     """
     backend = name()
     x = np.asarray(x)
     if backend == "jax":
         import jax
 
-        f = jax.value_and_grad(lambda v, *a: fn(v, *a))
+        f = jax.value_and_grad(fn)
         if compiled:
             f = jax.jit(f)
-        value, grad = f(x, *args)
-        return np.asarray(value), np.asarray(grad)
+        xv, av = jax.device_put(x), [jax.device_put(np.asarray(a)) for a in args]
+        return lambda: jax.block_until_ready(f(xv, *av))
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -48,19 +52,31 @@ def value_and_grad(fn: Callable, x, *args, compiled: bool = False):
         if compiled:
             signature = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in tensors]
             run = tf.function(run, input_signature=signature)
-        value, grad = run(*tensors)
-        grad = np.zeros_like(x) if grad is None else grad.numpy()
-        return value.numpy(), grad
+        return lambda: run(*tensors)
     if backend == "torch":
         import torch
 
         v = torch.tensor(x, requires_grad=True)
         targs = [torch.as_tensor(np.asarray(a)) for a in args]
-        value = fn(v, *targs)
-        (grad,) = torch.autograd.grad(value, v, allow_unused=True)
-        grad = np.zeros_like(x) if grad is None else grad.detach().numpy()
-        return value.detach().numpy(), grad
-    raise NotImplementedError(f"value_and_grad is not implemented for the {backend} backend")
+
+        def step():
+            value = fn(v, *targs)
+            (grad,) = torch.autograd.grad(value, v, allow_unused=True)
+            return value.detach(), grad
+
+        return step
+    raise NotImplementedError(f"gradients are not implemented for the {backend} backend")
+
+
+def value_and_grad(fn: Callable, x, *args, compiled: bool = False):
+    """(fn(x, *args), d fn / d x) as numpy arrays, on the current backend.
+
+    `compiled` as in `gradient_step`. A gradient that does not depend on `x` is zeros.
+    """
+    value, grad = gradient_step(fn, x, *args, compiled=compiled)()
+    value = keras.ops.convert_to_numpy(value)
+    grad = np.zeros_like(np.asarray(x)) if grad is None else keras.ops.convert_to_numpy(grad)
+    return value, grad
 
 
 def compiled(fn: Callable, *example_args):

@@ -139,8 +139,30 @@ def test_kernels_equal_the_keras_ops_forms_on_a_p_by_k_batch(ties):
     np.testing.assert_array_equal(counts, reference_signed_counts(d, pos, neg, 0.2))
 
 
-def test_the_kernels_run_on_torch_only():
-    assert _kernels.has_torch_kernels() == (_backend.name() == "torch")
+def test_mining_runs_the_torch_kernels_on_torch_and_the_keras_ops_forms_elsewhere(monkeypatch):
+    """The dispatch of `mining`: each call reaches the kernel on torch, the `keras.ops` form
+    on the other backends, and never both."""
+    calls = []
+    for module, name in [
+        (_kernels, "torch_semihard_signed_weights"),
+        (_kernels, "torch_batch_all_signed_counts"),
+        (mining, "semihard_signed_weights_ops"),
+        (mining, "batch_all_signed_counts_ops"),
+    ]:
+        original = getattr(module, name)
+
+        def spy(*args, _fn=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    d, pos, neg = problem(0, **CASES["batch"])
+    mining.semihard_signed_weights(d, pos, neg, 0.3)
+    mining.batch_all_signed_counts(d, pos, neg, 0.3)
+    if _backend.name() == "torch":
+        assert calls == ["torch_semihard_signed_weights", "torch_batch_all_signed_counts"]
+    else:
+        assert calls == ["semihard_signed_weights_ops", "batch_all_signed_counts_ops"]
 
 
 @pytest.mark.parametrize("loss_name", ["TripletSemiHardLoss", "TripletBatchAllLoss"])

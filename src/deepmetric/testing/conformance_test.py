@@ -1,0 +1,79 @@
+"""Every labels-and-embeddings loss of `deepmetric.losses` and every proxy head of
+`deepmetric.heads` through the invariants of `deepmetric.testing.invariants`.
+
+A loss exported from `deepmetric.losses` (a subclass of its `MetricLoss`) or a head that
+`deepmetric.heads.get` finds gets these tests by being there.
+"""
+
+import pytest
+
+from deepmetric import testing
+
+# The losses whose formulas keep the terms of one kind of pair in a batch without the other
+# kind (multi-similarity and online contrastive keep the negative pairs' terms in a batch
+# without a positive pair): in their degenerate batches only the batch of one example is 0.
+ONE_SIDED = {"MultiSimilarityLoss", "OnlineContrastiveLoss"}
+
+LOSSES = testing.metric_losses()
+HEADS = testing.proxy_heads()
+
+# Options other than the defaults, through the invariants that do not compile (the defaults
+# go through all of them): the mining choices of `TripletLoss`, the soft and angular
+# batch-hard loss, and one non-default setting of every other option family.
+VARIANTS: dict[str, list[dict[str, object]]] = {
+    "TripletLoss": [
+        {"negative_mining": "semi-hard"},
+        {"negative_mining": "hard", "positive_mining": "hard", "distance": "cosine"},
+        {"negative_mining": "easy", "positive_mining": "easy", "soft_margin": True},
+        {"average_nonzero": True, "margin": 0.5},
+    ],
+    "TripletHardLoss": [{"soft": True}, {"margin": 0.2, "distance_metric": "angular"}],
+    "TripletSemiHardLoss": [{"margin": 0.3, "distance_metric": "squared-L2"}],
+    "TripletBatchAllLoss": [{"margin": 0.3, "squared": True}],
+    "LiftedStructLoss": [{"margin": 0.5}],
+    "MultiSimilarityLoss": [{"alpha": 1.5, "beta": 20.0, "base": 0.3}],
+    "CircleLoss": [{"margin": 0.25, "gamma": 32.0}],
+    "SupConLoss": [{"temperature": 0.5}],
+    "NTXentLoss": [{"temperature": 0.2}],
+    "OnlineContrastiveLoss": [{"pos_margin": 0.1, "neg_margin": 1.2}],
+}
+VARIANT_CHECKS = [
+    "large_labels",
+    "bfloat16_labels",
+    "permutation",
+    "relabelling",
+    "config_round_trip",
+    "keras_save_load",
+]
+
+
+def test_the_suite_finds_every_loss_and_head():
+    names = {cls.__name__ for cls in LOSSES}
+    assert {"TripletSemiHardLoss", "TripletLoss", "LiftedStructLoss", "CircleLoss"} <= names
+    assert "NpairsLoss" not in names and len(names) >= 10
+    assert len({cls.__name__ for cls in HEADS}) == len(testing.invariants.HEAD_NAMES)
+
+
+@pytest.mark.parametrize("check", list(testing.LOSS_CHECKS))
+@pytest.mark.parametrize("cls", LOSSES, ids=lambda cls: cls.__name__)
+def test_loss_invariant(cls, check):
+    testing.check_loss(cls, checks=[check], one_sided=cls.__name__ in ONE_SIDED)
+
+
+@pytest.mark.parametrize("check", list(testing.HEAD_CHECKS))
+@pytest.mark.parametrize("cls", HEADS, ids=lambda cls: cls.__name__)
+def test_head_invariant(cls, check):
+    testing.check_head(cls, checks=[check])
+
+
+def test_every_variant_names_an_exported_loss():
+    assert set(VARIANTS) <= {cls.__name__ for cls in LOSSES}
+
+
+@pytest.mark.parametrize(
+    "cls, options",
+    [(cls, options) for cls in LOSSES for options in VARIANTS.get(cls.__name__, [])],
+    ids=lambda v: v.__name__ if isinstance(v, type) else ",".join(f"{k}={v[k]}" for k in v),
+)
+def test_loss_invariants_with_options(cls, options):
+    testing.check_loss(cls(**options), checks=VARIANT_CHECKS)
