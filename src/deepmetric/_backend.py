@@ -4,11 +4,17 @@ Library code uses `keras.ops` only. Tests and benchmarks need two things that
 `keras.ops` does not offer: the gradient of a scalar function with respect to a
 tensor, and the function compiled the way `fit` compiles it (`jax.jit`,
 `tf.function` with an unknown batch dimension, torch eager). Both live here;
-`deepmetric.testing` exposes them.
+`deepmetric.testing` exposes them. The command line seeds every generator and sets torch's
+threads through `seed_everything` and `torch_threads`; the blocked losses ask
+`sequential_blocks` whether blocks must run as a Python loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
+import sys
 from collections.abc import Callable
 
 import keras
@@ -102,12 +108,21 @@ def compiled(fn: Callable, *example_args):
 
 
 # ---------------------------------------------------------------------------
-# The command line: seeding and torch threads
+# The blocked losses
 
-import contextlib  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
+
+def sequential_blocks() -> bool:
+    """Whether blocks of anchor rows run as a Python loop instead of `keras.ops.scan`.
+
+    True on TensorFlow: Keras' TensorFlow `scan` needs every step output to have the carry's
+    dtype and shape. The loop runs the blocks one after the other in eager mode; in a
+    `tf.function` (whose batch size must then be static) the executor may overlap them.
+    """
+    return name() == "tensorflow"
+
+
+# ---------------------------------------------------------------------------
+# The command line: seeding and torch threads
 
 
 def seed_everything(seed: int) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import keras
 from keras import ops
 
-from deepmetric import mining
+from deepmetric import _backend, mining
 
 # Entries of the (b, R) block of one step: 2^24 floats are 64 MB.
 BLOCK_ENTRIES = 1 << 24
@@ -63,11 +63,7 @@ def map_rows(
     if block is None:
         return tuple(fn(ops.arange(ops.shape(rows[0])[0], dtype="int32"), *rows, *shared))
     step_fn = keras.remat(fn)
-    if keras.backend.backend() == "tensorflow":
-        # Keras' TensorFlow `scan` needs every step output to have the carry's dtype and
-        # shape, so blocks run in a Python loop: one after the other in eager mode; in a
-        # `tf.function` (whose batch size must then be static to get here) the executor may
-        # overlap them.
+    if _backend.sequential_blocks():
         outputs = []
         for start in range(0, num_rows, block):
             stop = min(start + block, num_rows)

@@ -7,7 +7,7 @@ from keras import ops
 
 import deepmetric
 from deepmetric import _backend, distances
-from deepmetric import _reference as ref
+from deepmetric.testing import references as ref
 
 
 def _x(seed=0, b=6, d=3):

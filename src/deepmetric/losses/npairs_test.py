@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deepmetric import _backend, losses
-from deepmetric import _reference as ref
+from deepmetric.testing import references as ref
 
 
 def test_npairs_matches_reference_and_grad():

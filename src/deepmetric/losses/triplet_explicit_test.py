@@ -5,7 +5,7 @@ import pytest
 from keras import ops
 
 from deepmetric import _backend, distances, losses
-from deepmetric import _reference as ref
+from deepmetric.testing import references as ref
 
 
 def triplets(seed, b=8, d=5):

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from keras import ops
 
 from deepmetric import _backend, losses
-from deepmetric import _reference as ref
+from deepmetric.testing import references as ref
 
 RNG_SEEDS = [0, 1, 2]
 
