@@ -103,7 +103,8 @@ def edge_proxies(name, labels, x):
     """Random proxies with cos = -1 (theta = pi: ArcFace's fallback) between example 0 and the
     last proxy of its class, and cos = 1 between example 1 and the last proxy of another class
     (the largest of its sub-centres). At the target, theta near 0 is ill-conditioned in float32
-    (arccos); the finite gradient there is `test_gradient_is_finite_at_cosine_one`."""
+    (arccos); the finite gradient there is the conformance suite's degenerate batch
+    (`deepmetric.testing.invariants.check_head_degenerate`)."""
     proxies = random_proxies(3, name)
     k = OPTIONS[name].get("sub_centers", 1)
     proxies[k * labels[0] + k - 1] = -x[0]
@@ -147,7 +148,8 @@ OBJECTIVE_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+# Compiled: jax.jit and tf.function; torch runs eagerly, the same as compiled=False.
+@pytest.mark.parametrize("compiled", [False, True] if _backend.name() != "torch" else [False])
 @pytest.mark.parametrize("name", [n for n in HEADS if n not in LOSS_HEADS])
 def test_cross_entropy_value_and_gradient(name, compiled):
     """The cross-entropy of the logits against numpy; its gradient against finite differences.
@@ -163,17 +165,6 @@ def test_cross_entropy_value_and_gradient(name, compiled):
         labels,
         compiled,
     )
-
-
-@pytest.mark.parametrize("name", HEADS)
-def test_gradient_is_finite_at_cosine_one(name):
-    """cos = 1 exactly: d sin / d cos of ArcFace's margin is infinite without the clamp."""
-    labels, x = data(4)
-    proxies = random_proxies(5, name)
-    proxies[OPTIONS[name].get("sub_centers", 1) * labels[0]] = x[0]
-    head = make_head(name, proxies, **OPTIONS[name])
-    _, grad = _backend.value_and_grad(lambda v, lab: ops.sum(head([v, lab])), x, labels)
-    assert np.all(np.isfinite(grad))
 
 
 def test_subcenter_arcface_with_one_sub_center_is_arcface():
@@ -202,9 +193,10 @@ TRAIN_OPTIONS = {
 
 
 @pytest.mark.parametrize("name", HEADS)
-def test_fit_then_save_and_load(name, tmp_path):
+def test_fit_lowers_the_loss_and_moves_the_proxies(name):
     """The documented pattern: labels as a second input. A short fit lowers the loss and moves
-    the proxies; `.keras` keeps the head, its config and its proxies (safe mode)."""
+    the proxies. (`.keras` keeps the head, its config and its proxies in safe mode: the
+    conformance suite's `keras_save_load`.)"""
     options = TRAIN_OPTIONS.get(name, {})
     head = getattr(heads, name)(num_classes=4, **options)
     model = _trainer(head)
@@ -225,19 +217,6 @@ def test_fit_then_save_and_load(name, tmp_path):
     proxies = ops.convert_to_numpy(head.proxies)
     assert proxies.shape == (4 * options.get("sub_centers", 1), 3)
     assert not np.allclose(proxies, before)
-    path = str(tmp_path / "trainer.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
-    loaded_head = loaded.layers[-1]
-    assert type(loaded_head) is type(head)
-    assert loaded_head.get_config() == head.get_config()
-    np.testing.assert_allclose(ops.convert_to_numpy(loaded_head.proxies), proxies)
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(loaded((x, labels))),
-        ops.convert_to_numpy(model((x, labels))),
-        rtol=1e-5,
-        atol=1e-5,
-    )
 
 
 @pytest.mark.parametrize("name", HEADS)

@@ -259,21 +259,7 @@ def test_analytic_case(name, options, expected):
 # The pair losses whose terms of one kind of pair stand alone: a batch with only negative (or
 # only positive) pairs keeps them, as the formulas and pytorch-metric-learning do.
 KEEP_TERMS = ("multi_similarity", "online_contrastive")
-DEGENERATE = {"one-class": [4, 4, 4, 4, 4, 4], "distinct": [0, 1, 2, 3, 4, 5], "one": [7]}
-
-
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("case", list(DEGENERATE))
-def test_degenerate_batch_is_zero_with_finite_gradient(name, case):
-    """No term at all (one example; one class or distinct labels for the losses that need a
-    positive and a negative per anchor): loss 0 with zero gradients."""
-    labels = DEGENERATE[case]
-    if name in KEEP_TERMS and case != "one":
-        pytest.skip("has terms: test_terms_of_one_kind_are_kept")
-    _, x = batch(0, b=len(labels))
-    value, grad = _value_and_grad(name, np.array(labels), x, compiled=True)
-    assert value == 0.0
-    assert np.all(np.isfinite(grad)) and np.all(grad == 0.0)
+DEGENERATE = {"one-class": [4, 4, 4, 4, 4, 4], "distinct": [0, 1, 2, 3, 4, 5]}
 
 
 @pytest.mark.parametrize("name", KEEP_TERMS)
@@ -289,14 +275,6 @@ def test_terms_of_one_kind_are_kept(name, case):
     assert value == pytest.approx(expected, rel=1e-4)
     assert np.all(np.isfinite(grad))
     _assert_grad_close(grad, expected_grad)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_zero_embedding_has_finite_gradient(name):
-    labels, x = batch(1)
-    x[2] = 0.0
-    value, grad = _value_and_grad(name, labels, x)
-    assert np.isfinite(value) and np.all(np.isfinite(grad))
 
 
 # --- pytorch-metric-learning 2.9, value and gradient (torch backend only). ---
@@ -358,9 +336,10 @@ def test_circle_equals_keras_circle_value():
     assert float(ops.convert_to_numpy(circle(labels, x))) == pytest.approx(expected, rel=1e-5)
 
 
-# --- Invariants. ---
+# --- Compiled, class and config (the other invariants: deepmetric/testing). ---
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="torch runs eagerly when compiled")
 @pytest.mark.parametrize("name", NAMES)
 def test_eager_equals_compiled(name):
     labels, x = batch(6)
@@ -368,42 +347,6 @@ def test_eager_equals_compiled(name):
     compiled = _value_and_grad(name, labels, x, compiled=True)
     assert compiled[0] == pytest.approx(eager[0], rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(compiled[1], eager[1], rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_permutation_and_renaming_invariance(name):
-    labels, x = batch(8)
-    expected = _value(name, labels, x)
-    order = np.random.default_rng(0).permutation(len(labels))
-    assert _value(name, labels[order], x[order]) == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    renamed = np.array([10, -3, 500])[labels]
-    assert _value(name, renamed, x) == pytest.approx(expected, rel=1e-5, abs=1e-6)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_labels_2_pow_24_stay_distinct(name):
-    """16777216 and 16777217 are one float32: the class call must compare them as integers."""
-    labels, x = batch(9, classes=2)
-    big = labels.astype("int64") + 16777216
-    loss = LOSSES[name][1]()
-    expected = _value(name, labels, x)
-    assert float(ops.convert_to_numpy(loss(big, x))) == pytest.approx(expected, rel=1e-5)
-    assert float(ops.convert_to_numpy(loss(big.reshape(-1, 1), x))) == pytest.approx(
-        expected, rel=1e-5
-    )
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_bfloat16_policy_keeps_labels_1000_and_1001_apart(name):
-    """Under mixed_bfloat16, 1000 and 1001 would be one bfloat16; the loss runs in float32."""
-    labels, x = batch(9, classes=2)
-    x = ops.convert_to_numpy(ops.cast(ops.cast(x, "bfloat16"), "float32"))
-    expected = _value(name, labels, x)
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    loss = LOSSES[name][1]()
-    value = loss(labels + 1000, ops.cast(x, "bfloat16"))
-    assert keras.backend.standardize_dtype(value.dtype) == "float32"
-    assert float(ops.convert_to_numpy(value)) == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -427,23 +370,6 @@ def test_get_config_round_trip(name):
     assert config == {**options, "name": "custom", "reduction": "sum"}
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
     assert type(restored) is cls and restored.get_config() == config
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_keras_save_and_load(name, tmp_path):
-    cls, options = LOSSES[name][1], LOSSES[name][3]
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
-    model.compile(optimizer="sgd", loss=cls(**options))
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert type(loaded.loss) is cls
-    assert loaded.loss.get_config() == model.loss.get_config()
-    labels, x = batch(0)
-    embeddings = model(x)
-    assert float(ops.convert_to_numpy(loaded.loss(labels, embeddings))) == pytest.approx(
-        float(ops.convert_to_numpy(model.loss(labels, embeddings))), rel=1e-6
-    )
 
 
 # --- Bad arguments. ---

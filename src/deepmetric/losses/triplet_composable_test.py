@@ -218,17 +218,13 @@ def test_all_all_nonzero_preset_equals_triplet_batch_all_loss(squared):
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-4, atol=1e-6)
 
 
-# --- Invariants and Keras integration. ---
+# --- Invariants beyond the conformance suite's option sets, and the config. ---
 
 
+# The defaults (all, all, hinge) are in the conformance suite (deepmetric/testing).
 @pytest.mark.parametrize(
     "positive_mining, negative_mining, soft",
-    [
-        ("all", "all", True),
-        ("all", "all", False),
-        ("all", "semi-hard", False),
-        ("easy", "semi-hard", False),
-    ],
+    [("all", "all", True), ("all", "semi-hard", False), ("easy", "semi-hard", False)],
 )
 @pytest.mark.parametrize(
     "labels", [[4, 4, 4, 4, 4, 4], [0, 1, 2, 3, 4, 5]], ids=["one-class", "distinct"]
@@ -248,6 +244,7 @@ def test_degenerate_batch_is_zero_with_finite_gradient(
     assert value == 0.0 and np.all(grad == 0.0)
 
 
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="torch runs eagerly")
 @pytest.mark.parametrize(
     "positive_mining, negative_mining, soft",
     [
@@ -268,7 +265,9 @@ def test_eager_equals_compiled(positive_mining, negative_mining, soft):
     np.testing.assert_allclose(compiled[1], eager[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("negative_mining", NEGATIVE)
+# "all" and "semi-hard" negatives are in the conformance suite (deepmetric/testing); its hard
+# and easy negatives come with hard or easy positives, these with all positives.
+@pytest.mark.parametrize("negative_mining", ["hard", "easy"])
 def test_permutation_renaming_and_large_labels(negative_mining):
     labels, x = batch(8, classes=2)
     loss = losses.TripletLoss(margin=0.5, negative_mining=negative_mining)
@@ -295,22 +294,6 @@ def test_get_config_round_trip():
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
     assert type(restored) is losses.TripletLoss
     assert restored.get_config() == config and restored.distance == CosineSimilarity()
-
-
-def test_keras_save_and_load(tmp_path):
-    loss = losses.TripletLoss(distance="cosine", positive_mining="hard", negative_mining="hard")
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
-    model.compile(optimizer="sgd", loss=loss)
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert type(loaded.loss) is losses.TripletLoss
-    assert loaded.loss.get_config() == loss.get_config()
-    labels, x = batch(0)
-    embeddings = model(x)
-    assert float(_np(loaded.loss(labels, embeddings))) == pytest.approx(
-        float(_np(loss(labels, embeddings))), rel=1e-6
-    )
 
 
 @pytest.mark.parametrize(

@@ -151,20 +151,6 @@ def test_callable_distance_metric_matches_tfa_docstring():
     assert got == pytest.approx(ref.hard(labels, x, d=d), rel=1e-6)
 
 
-@pytest.mark.parametrize(
-    "fn", [losses.triplet_semihard_loss, losses.triplet_hard_loss, losses.triplet_batch_all_loss]
-)
-@pytest.mark.parametrize("labels", [[0, 0, 0, 0], [0, 1, 2, 3]], ids=["one-class", "no-pairs"])
-def test_degenerate_batches_give_zero_and_finite_gradient(fn, labels):
-    """TFA gives NaN without positive pairs and a margin-sized loss with one class."""
-    labels = np.array(labels)
-    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
-    x[1] = x[0]  # a duplicate: zero distance
-    value, grad = _backend.value_and_grad(lambda v, lab: fn(lab, v), x, labels)
-    assert value == 0.0
-    assert np.all(np.isfinite(grad)) and np.all(grad == 0.0)
-
-
 def test_duplicates_have_finite_gradients():
     labels = np.array([0, 0, 1, 1, 2, 2])
     x = np.random.default_rng(3).normal(size=(6, 3)).astype("float32")
@@ -193,6 +179,7 @@ def test_soft_margin_does_not_overflow():
     assert value > 199.0 / 3
 
 
+@pytest.mark.skipif(_backend.name() == "torch", reason="torch runs eagerly when compiled")
 @pytest.mark.parametrize(
     "fn", [losses.triplet_semihard_loss, losses.triplet_hard_loss, losses.triplet_batch_all_loss]
 )
