@@ -1,12 +1,12 @@
-"""Tests of `deepmetric.index`: the exact k-nearest-neighbour search."""
+"""Tests of `deepmetric._search`: the exact k-nearest-neighbour search."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from deepmetric import index
-from deepmetric.index import ExactSearch, exact_search
+from deepmetric import _search as index
+from deepmetric._search import ExactSearch, exact_search
 
 ENGINES = ["numpy", pytest.param("faiss", marks=pytest.mark.skipif(
     not index.faiss_installed(), reason="faiss is not installed"))]  # fmt: skip
