@@ -258,12 +258,31 @@ class ExactSearch:
             if not self._similarity:
                 values += np.einsum("ij,ij->i", queries, queries)[:, None]
         else:
-            values, nn = _topk_faiss(self._faiss, queries, k, exclude, self._similarity)
+            values, nn = self._search_faiss(queries, k, exclude, available)
         distances = _to_distances(values, self.metric)
         first = None
         if query_labels is not None:
             first = self._first_match(queries, np.asarray(query_labels), nn, exclude, d)
         return SearchResult(distances, nn.astype(np.int64, copy=False), first)
+
+    def _search_faiss(self, queries, k, exclude, available):
+        """faiss's k nearest, one more fetched: where the k-th and the next tie, faiss
+        may have kept a higher index, so those rows are ranked again in numpy."""
+        extra = 1 if k < available else 0
+        values, nn = _topk_faiss(self._faiss, queries, k + extra, exclude, self._similarity)
+        if not extra:
+            return values, nn
+        tied = np.flatnonzero(values[:, k - 1] == values[:, k])
+        values, nn = values[:, :k].copy(), nn[:, :k].copy()
+        if len(tied):
+            d = self._keys(queries[tied])
+            if exclude is not None:
+                d[np.arange(len(tied)), exclude[tied]] = np.inf
+            nn[tied] = _topk_numpy(d, k)
+            values[tied] = np.take_along_axis(d, nn[tied], axis=1)
+            if not self._similarity:
+                values[tied] += np.einsum("ij,ij->i", queries[tied], queries[tied])[:, None]
+        return values, nn
 
     def _first_match(self, queries, query_labels, nn, exclude, d):
         if self.labels is None:
