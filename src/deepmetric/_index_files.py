@@ -71,6 +71,18 @@ def write(directory, settings: dict, arrays: dict, metadata, faiss_index, *, ove
         raise
 
 
+def check_metadata(metadata, n: int) -> list:
+    """`metadata` as a list of n items that `json.dumps` can write."""
+    metadata = list(metadata)
+    if len(metadata) != n:
+        raise ValueError(f"`metadata` must have one item per row: {n}. Received: {len(metadata)}")
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"`metadata` items must be JSON-serialisable. Received: {error}") from None
+    return metadata
+
+
 def _damaged(path: Path, why: str) -> IndexFileError:
     return IndexFileError(f"{path}: {why}")
 
@@ -96,7 +108,29 @@ def read_settings(directory) -> dict[str, Any]:
     for key, kind in [("size", int), ("dim", int), ("metric", str), ("engine", str)]:
         if not isinstance(settings.get(key), kind):
             raise _damaged(path, f"{key!r} missing or not a {kind.__name__}")
+    threshold = settings.setdefault("threshold", None)
+    if threshold is not None and not isinstance(threshold, (int, float)):
+        raise _damaged(path, "'threshold' must be a number or null")
+    settings["threshold"] = None if threshold is None else float(threshold)
+    if not isinstance(settings.setdefault("calibration", None), (dict, type(None))):
+        raise _damaged(path, "'calibration' must be an object or null")
     return settings
+
+
+def read_rows(directory, settings: dict, *, faiss: bool):
+    """(vectors, labels or None, metadata or None, faiss structure or None), checked."""
+    size, dim = settings["size"], settings["dim"]
+    vectors = read_array(directory, "vectors.npy", (size, dim), "f")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    labels = metadata = structure = None
+    if settings.get("labels") is not None:
+        kinds = "U" if settings["labels"] == "str" else "iu"
+        labels = read_array(directory, "labels.npy", (size,), kinds)
+    if settings.get("metadata"):
+        metadata = read_metadata(directory, size)
+    if faiss:
+        structure = read_faiss(directory, size, dim)
+    return vectors, labels, metadata, structure
 
 
 def read_array(directory, name: str, shape: tuple, kinds: str) -> np.ndarray:

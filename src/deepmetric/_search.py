@@ -394,12 +394,13 @@ def build_structure(rows: np.ndarray, structure: str, metric: str, options: dict
     return index
 
 
-def set_search_options(index, structure: str, options: dict) -> None:
+def set_search_options(index: Any, structure: str, options: dict) -> None:
     """HNSW's `efSearch` or IVF's `nprobe` from `options`."""
     import faiss
 
     if structure == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = options["ef_search"]
+        hnsw: Any = faiss.downcast_index(index)
+        hnsw.hnsw.efSearch = options["ef_search"]
     else:
         faiss.extract_index_ivf(index).nprobe = options["nprobe"]
 

@@ -23,7 +23,6 @@ and is re-exported here. Everything is numpy; faiss is optional.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -121,7 +120,7 @@ class Index:
         ef_search=64,
         nlist=None,
         nprobe=16,
-    ):
+    ) -> None:
         self.metric = _check_metric(metric)
         self.engine = _choice(engine, "engine", INDEX_ENGINES)
         self.structure = _choice(structure, "structure", STRUCTURES)
@@ -212,17 +211,7 @@ class Index:
                     f"({self.labels.dtype}). Received: {new_labels.dtype}"
                 )
         if metadata is not None:
-            metadata = list(metadata)
-            if len(metadata) != n:
-                raise ValueError(
-                    f"`metadata` must have one item per row: {n}. Received: {len(metadata)}"
-                )
-            try:
-                json.dumps(metadata)
-            except (TypeError, ValueError) as error:
-                raise TypeError(
-                    f"`metadata` items must be JSON-serialisable. Received: {error}"
-                ) from None
+            metadata = _index_files.check_metadata(metadata, n)
         self._vectors = np.concatenate([self._vectors, x]) if len(self) else x.copy()
         if new_labels is not None:
             self.labels = (
@@ -463,28 +452,15 @@ class Index:
     def load(cls, directory) -> Index:
         """The index saved in `directory`; IndexFileError names a missing or damaged file."""
         settings = _index_files.read_settings(directory)
-        where = Path(directory) / _index_files.SETTINGS
         try:
             index = cls(settings["metric"], settings["engine"],
                         structure=settings.get("structure", "flat"),
                         **settings.get("options", {}))  # fmt: skip
         except (ValueError, TypeError) as error:
+            where = Path(directory) / _index_files.SETTINGS
             raise IndexFileError(f"{where}: unusable settings ({error})") from None
-        size, dim = settings["size"], settings["dim"]
-        index._vectors = _index_files.read_array(directory, "vectors.npy", (size, dim), "f")
-        index._vectors = np.ascontiguousarray(index._vectors, dtype=np.float32)
-        kind = settings.get("labels")
-        if kind is not None:
-            kinds = "U" if kind == "str" else "iu"
-            index.labels = _index_files.read_array(directory, "labels.npy", (size,), kinds)
-        if settings.get("metadata"):
-            index.metadata = _index_files.read_metadata(directory, size)
-        threshold = settings.get("threshold")
-        if threshold is not None and not isinstance(threshold, (int, float)):
-            raise IndexFileError(f"{where}: 'threshold' must be a number or null")
-        index.threshold = None if threshold is None else float(threshold)
-        index.calibration = settings.get("calibration")
-        if index.structure != "flat":
-            index._faiss = _index_files.read_faiss(directory, size, dim)
-            index._faiss_rows = size
+        rows = _index_files.read_rows(directory, settings, faiss=index.structure != "flat")
+        index._vectors, index.labels, index.metadata, index._faiss = rows
+        index._faiss_rows = len(index._vectors) if index._faiss is not None else 0
+        index.threshold, index.calibration = settings["threshold"], settings["calibration"]
         return index
