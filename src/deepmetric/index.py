@@ -349,7 +349,7 @@ class Index:
         if unknown is _DEFAULT:
             unknown = -1 if is_int else None
         if is_int and isinstance(unknown, (int, np.integer)) and not isinstance(unknown, bool):
-            return np.where(accept, labels, unknown).astype(np.int64)
+            return np.where(accept, labels.astype(np.int64), np.int64(unknown))
         out = np.empty(len(labels), object)
         out[:] = labels.tolist()
         out[~accept] = unknown

@@ -277,6 +277,8 @@ def test_match_integer_labels_and_the_stored_threshold():
     assert got.dtype == np.int64 and got.tolist() == [3, -1, 5]
     assert index.match(q, threshold=4.0).tolist() == [3, 4, 5]
     assert index.match(q, unknown=None).tolist() == [3, None, 5]
+    small = Index().add(LINE, labels=np.array([3, 4, 4, 5], "uint8"))  # MNIST's label dtype
+    assert small.match(q, threshold=1.0).tolist() == [3, -1, 5]
 
 
 @pytest.mark.parametrize(
