@@ -89,7 +89,9 @@ class NearestNeighbors(keras.layers.Layer):
     and `ops.top_k` per batch, in float32: the same neighbours as
     `deepmetric.index.Index.search` up to float rounding of near-equal distances;
     ties come in the order of the backend's `top_k` (lower index first on JAX and
-    TensorFlow). `Index.as_layer(k)` builds it from an index.
+    TensorFlow). `Index.as_layer(k)` builds it from an index. Its dtype policy is
+    float32 unless `dtype` says otherwise, so that under mixed precision the queries
+    are not rounded to float16 first.
 
     Args:
       candidates: (num_candidates, dim) embeddings. None with `num_candidates` and
@@ -109,6 +111,7 @@ class NearestNeighbors(keras.layers.Layer):
 
     def __init__(self, candidates=None, k=10, metric="euclidean", *, num_candidates=None,
                  dim=None, **kwargs):  # fmt: skip
+        kwargs.setdefault("dtype", "float32")  # no float16 autocast of the queries
         super().__init__(**kwargs)
         self.metric = _check_metric(metric)
         values = None
@@ -179,8 +182,9 @@ class PairDistance(keras.layers.Layer):
 
     The layer of a Siamese network (two towers sharing weights, a contrastive loss
     on their distance): serialisable, so the model saves to `.keras` and loads in
-    safe mode, which a `Lambda` does not. Computed in float32; returns (batch,)
-    float32 distances.
+    safe mode, which a `Lambda` does not. A float32 dtype policy unless `dtype`
+    says otherwise (mixed precision does not round the embeddings to float16);
+    returns (batch,) float32 distances.
 
     Args:
       metric: "euclidean" (default; its gradient at distance 0 is 0, not infinite),
@@ -193,6 +197,7 @@ class PairDistance(keras.layers.Layer):
     """
 
     def __init__(self, metric="euclidean", **kwargs):
+        kwargs.setdefault("dtype", "float32")  # no float16 autocast of the embeddings
         super().__init__(**kwargs)
         self.metric = _check_metric(metric)
 

@@ -86,6 +86,19 @@ def test_nearest_neighbors_equals_index_search(metric):
     assert _np(distances).dtype == np.float32 and _np(indices).dtype == np.int32
 
 
+def test_search_and_pair_distance_stay_float32_under_mixed_precision():
+    """A query at 1.0004 is nearer 2 than 0; rounded to float16 it would be 1.0, a tie
+    that goes to 0."""
+    candidates = np.array([[0.0], [2.0]], "float32")
+    queries = np.array([[1.0004]], "float32")
+    keras.config.set_dtype_policy("mixed_float16")
+    distances, indices = NearestNeighbors(candidates, k=2)(queries)
+    assert _np(indices).tolist() == [[1, 0]] and _np(distances).dtype == np.float32
+    np.testing.assert_allclose(_np(distances), [[0.9996, 1.0004]], rtol=1e-5)
+    d = PairDistance()([queries, candidates[:1]])
+    np.testing.assert_allclose(_np(d), [1.0004], rtol=1e-6)
+
+
 def test_as_layer_and_the_candidates_are_not_trained():
     candidates, queries = _data()
     layer = Index("cosine").add(candidates).as_layer(k=100)
