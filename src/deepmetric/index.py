@@ -102,7 +102,12 @@ class Index:
         or "ivf" (`IndexIVFFlat` with `nlist` cells, default 4 sqrt(n), trained on
         the rows present at the first search, and `nprobe` cells visited per query).
         The approximate structures trade recall for speed: `measure_recall` gives it.
-      m, ef_search, nlist, nprobe: the options of the approximate structures.
+      m, ef_search, nlist, nprobe: the options of the approximate structures
+        (kept in `options`, saved with the index; a changed `ef_search` or
+        `nprobe` applies to the next search).
+
+    The index keeps the rows as one float32 array (`vectors`); the faiss engine, and
+    the cosine metric (unit rows), hold a second copy for the search.
 
     Attributes:
       threshold: the distance `match` accepts up to when it gets none (None: accept
