@@ -92,8 +92,9 @@ def train(run: RunDirectory, *, verbose: bool = True) -> int:
         print(f"training took {run.state['train_seconds']:.1f} s")
         c = index.calibration or {}
         print(
-            f"threshold {index.threshold:.4f} (precision {c['precision']:.4f}, recall "
-            f"{c['recall']:.4f}, F1 {c['f1']:.4f}, accuracy {c['accuracy']:.4f})"
+            f"match threshold {index.threshold:.4f} (on held-out halves: precision "
+            f"{c['precision']:.4f}, recall {c['recall']:.4f}, F1 {c['f1']:.4f}, "
+            f"accuracy {c['accuracy']:.4f})"
         )
     run.commit(
         model,
