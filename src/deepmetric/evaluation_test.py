@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from deepmetric import index
+from deepmetric import _search as index
 from deepmetric.evaluation import retrieval_metrics
 
 RANKING_KEYS = ("precision_at_1", "r_precision", "map_at_r", "mrr")

@@ -3,8 +3,15 @@
 Every model built here takes the raw inputs as the data set gives them (pixel values
 0..16 for scikit-learn's digits, 0..255 for 8-bit images): the rescaling lives inside
 the model, so a saved model needs no preprocessing code. Every model ends with a Dense
-projection to `embedding_dim` and `L2Normalization`, and saves to `.keras` and loads
-back in safe mode.
+projection to `embedding_dim` and Keras' own `UnitNormalization` under a float32 dtype
+policy, and is made of Keras' built-in layers only: its `.keras` file loads back in
+safe mode with plain Keras, where deepmetric is not installed.
+
+`UnitNormalization` computes x / max(||x||, 1e-12), `deepmetric.layers.L2Normalization`
+x / max(||x||, 1e-6): the same values for every embedding of length at least 1e-6,
+and zero for a zero vector. At exactly zero their gradients differ: the built-in
+layer's is not finite there (NaN on JAX), L2Normalization's is. Files saved with
+L2Normalization load as before once `deepmetric` is imported.
 """
 
 from __future__ import annotations
@@ -12,8 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
-
-from deepmetric.layers import L2Normalization
 
 _KINDS = ("auto", "cnn", "mlp")
 
@@ -70,12 +75,15 @@ def build_embedding_model(
     - Images, `input_shape` (H, W, C) or (H, W) (a channel axis is added inside the
       model), get the small CNN of the TensorFlow Addons triplet-loss tutorial:
       Conv2D(64, 2) relu, MaxPool 2, Dropout 0.3, Conv2D(32, 2) relu, MaxPool 2,
-      Dropout 0.3, Flatten, Dense(embedding_dim), L2Normalization ('same' padding so
+      Dropout 0.3, Flatten, Dense(embedding_dim), UnitNormalization ('same' padding so
       that 8x8 inputs work).
     - Feature vectors, `input_shape` (D,), get an MLP: Dense(256) relu, Dropout,
-      Dense(128) relu, Dropout, Dense(embedding_dim), L2Normalization.
+      Dense(128) relu, Dropout, Dense(embedding_dim), UnitNormalization.
     - With `backbone`, any Keras model: its output (globally average-pooled if it is a
-      feature map) goes through Dense(embedding_dim) and L2Normalization.
+      feature map) goes through Dense(embedding_dim) and UnitNormalization.
+    - UnitNormalization (float32 policy: it computes and returns float32 under a
+      mixed-precision policy) scales each embedding to unit length; the model holds
+      Keras layers only (and the backbone's), so it loads without deepmetric.
 
     Args:
       input_shape: the shape of one example, without the batch axis.
@@ -134,5 +142,5 @@ def build_embedding_model(
             x = keras.layers.Flatten(name="flatten")(x)
         x = _mlp(x, hidden=hidden, dropout=dropout)
     x = keras.layers.Dense(embedding_dim, name="embedding")(x)
-    outputs = L2Normalization(name="l2_normalization")(x)
+    outputs = keras.layers.UnitNormalization(axis=-1, dtype="float32", name="l2_normalization")(x)
     return keras.Model(inputs, outputs, name=name)

@@ -1,5 +1,11 @@
 """Tests of deepmetric.models.build_embedding_model."""
 
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
 import keras
 import numpy as np
 import pytest
@@ -22,7 +28,7 @@ def test_shapes_and_unit_norm(shape, kind):
     y = _np(model(x))
     assert y.shape == (3, 16)
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, rtol=1e-5)
-    assert isinstance(model.layers[-1], L2Normalization)
+    assert isinstance(model.layers[-1], keras.layers.UnitNormalization)
 
 
 def test_auto_picks_cnn_for_images_and_mlp_for_vectors():
@@ -76,3 +82,74 @@ def test_save_and_load_in_safe_mode(tmp_path):
     loaded = keras.saving.load_model(path, safe_mode=True)
     x = np.random.default_rng(2).uniform(0, 16, size=(2, 8, 8, 1)).astype("float32")
     np.testing.assert_allclose(_np(loaded(x)), _np(model(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_unit_normalization_computes_what_l2_normalization_does():
+    """The built-in last layer: the same values as L2Normalization, zero for zero."""
+    model = build_embedding_model((6,), 5)
+    x = np.random.default_rng(3).normal(size=(8, 5)).astype("float32")
+    x[::2] *= 1e-5  # lengths near 2e-5: above both layers' floors
+    x[0] = 0.0
+    np.testing.assert_allclose(
+        _np(model.layers[-1](x)), _np(L2Normalization()(x)), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_mixed_precision_normalises_in_float32():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = build_embedding_model((6,), 4)
+    y = _np(model(np.full((2, 6), 300.0, "float32")))
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, rtol=1e-5)
+
+
+_LOAD_WITHOUT_DEEPMETRIC = """
+import sys
+class NoDeepmetric:
+    def find_spec(self, name, path=None, target=None):
+        if name == "deepmetric" or name.startswith("deepmetric."):
+            raise ImportError("deepmetric is not installed here")
+sys.meta_path.insert(0, NoDeepmetric())
+sys.path = [p for p in sys.path if "deepmetric" not in p]
+import keras, numpy as np
+for i in range(1, len(sys.argv), 3):
+    model = keras.saving.load_model(sys.argv[i], safe_mode=True)
+    np.save(sys.argv[i + 2], keras.ops.convert_to_numpy(model(np.load(sys.argv[i + 1]))))
+assert not any(m.startswith("deepmetric") for m in sys.modules)
+"""
+
+
+def test_saved_models_load_with_plain_keras(tmp_path):
+    """The .keras files name Keras' own classes only, and a Python where deepmetric
+    cannot be imported loads them and computes the same embeddings (one process for
+    a CNN with rescaling and an MLP with standardisation)."""
+    rng = np.random.default_rng(4)
+    cases = [((8, 8, 1), {"pixel_scale": 1 / 16}), ((5,), {"standardize": ([1.0] * 5, [2.0] * 5)})]
+    args, want = [], []
+    for i, (shape, kwargs) in enumerate(cases):
+        model = build_embedding_model(shape, 6, **kwargs)
+        path = tmp_path / f"embedder_{i}.keras"
+        model.save(path)
+        config = zipfile.ZipFile(path).read("config.json").decode()
+        assert "deepmetric" not in config
+        modules = {v for k, v in _walk(json.loads(config)) if k == "module"}
+        assert all(m.startswith("keras") for m in modules), modules
+        x = rng.uniform(0, 16, size=(3, *shape)).astype("float32")
+        np.save(tmp_path / f"x_{i}.npy", x)
+        args += [str(path), str(tmp_path / f"x_{i}.npy"), str(tmp_path / f"y_{i}.npy")]
+        want.append(_np(model(x)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_DEEPMETRIC, *args], check=True, env=env,
+                   cwd=tmp_path, timeout=120)  # fmt: skip
+    for i, expected in enumerate(want):
+        np.testing.assert_allclose(np.load(tmp_path / f"y_{i}.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key, value
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item)

@@ -5,6 +5,8 @@
     deepmetric evaluate runs/<name>/model.keras --data digits --split test
     deepmetric embed runs/<name>/model.keras --data items.npz --output items.npy
     deepmetric export runs/<name>/model.keras --data digits --out projector/
+    deepmetric index runs/<name>/model.keras --data photos/ --out photos.index
+    deepmetric search photos.index --model runs/<name>/model.keras new.jpg -k 5 --json
 
 `--loss` takes a loss of deepmetric.losses or a head of deepmetric.heads (`names.py`); a
 head trains on top of the embedding model and the run saves the embedding model alone. See
@@ -15,7 +17,7 @@ Modules: `parser` (the arguments and their checks), `names` (the names --loss, -
 and --schedule accept), `rundir` (`RunDirectory`: checkpoint, resume, atomic outputs),
 `objective` (`Objective`: how a loss or a head is built, compiled and fed), `data` (data,
 models and metrics for the commands), and one module per command: `train`, `evaluate`,
-`embed`, `export`, each with `run(args)`.
+`embed`, `export`, `index`, `search`, each with `run(args)`.
 
 Keras is imported only after the arguments are checked. `parser`, `names` and `rundir` do
 not import it; `main` checks the arguments with them, sets `KERAS_BACKEND` from --backend,
@@ -41,6 +43,7 @@ from deepmetric.cli.parser import (
     PROG,
     CliError,
     build_parser,
+    check_paths,
     note,
 )
 from deepmetric.cli.rundir import RunDirectory
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(e.code or 0)
         if args.command == "train":
             args.run = RunDirectory.open(args.out, args.name, args.resume, vars(args))
+        check_paths(args)
         _start_backend(args.backend)
         command = importlib.import_module(f"deepmetric.cli.{args.command}")
         return command.run(args)

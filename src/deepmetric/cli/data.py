@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -13,23 +14,75 @@ from deepmetric import datasets
 from deepmetric.cli.parser import CliError, note
 from deepmetric.evaluation import retrieval_metrics
 
+SKIPPED = "skipping unreadable image "
+
 
 def load_data(spec: str) -> datasets.Dataset:
     """`deepmetric.datasets.load(spec)`; an unreadable image is noted, not fatal."""
+    return load_data_and_paths(spec)[0]
+
+
+def load_data_and_paths(spec: str) -> tuple[datasets.Dataset, list[str] | None]:
+    """`load_data(spec)` and, for a folder of class folders, the file of each example.
+
+    The paths are those `deepmetric.datasets.load` reads, in its order (sorted class
+    folders, sorted files, hidden names left out), without the unreadable files it skips,
+    as `<spec>/<class>/<file>`; None for the other kinds of data.
+    """
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             data = datasets.load(spec)
     except datasets.DataError as e:
         raise CliError(str(e)) from None
+    skipped = set()
     for w in caught:
-        if "skipping unreadable image" in str(w.message):
+        if SKIPPED in str(w.message):
             note(f"warning: {w.message}")
-    return data
+            skipped.add(str(w.message).split(SKIPPED, 1)[1].rsplit(": ", 1)[0])
+    return data, _image_paths(spec, data, skipped)
 
 
-def split(data, test_size: float, seed: int):
-    """The stratified train/test split of `deepmetric train`: x_train, x_test, y_train, y_test."""
+def _image_paths(spec: str, data: datasets.Dataset, skipped: set[str]) -> list[str] | None:
+    folder = Path(os.path.expanduser(str(spec)))
+    if spec == "digits" or not folder.is_dir() or not data.is_image:
+        return None
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths = [
+        str(f)
+        for c in classes
+        for f in sorted((folder / c).iterdir())
+        if f.is_file() and not f.name.startswith(".") and str(f) not in skipped
+    ]
+    return paths if len(paths) == len(data.x) else None
+
+
+def label_names(data: datasets.Dataset, y) -> np.ndarray:
+    """The class names of the integer labels `y`: the labels of the indexes the commands write."""
+    names = np.asarray(data.class_names, dtype=str)
+    return names[np.asarray(y, dtype="int64")]
+
+
+def split_indices(data, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the train and test parts of `split`."""
+    _check_splittable(data)
+    try:
+        return train_test_split(
+            np.arange(len(data.y)), test_size=test_size, stratify=data.y, random_state=seed
+        )
+    except ValueError as e:
+        raise CliError(f"cannot split the data with --test-size {test_size}: {e}") from None
+
+
+def select_indices(data, part: str, test_size: float, seed: int) -> np.ndarray:
+    """The rows of `part`: "all", or the "train" / "test" part of `split`."""
+    if part == "all":
+        return np.arange(len(data.y))
+    train, test = split_indices(data, test_size, seed)
+    return train if part == "train" else test
+
+
+def _check_splittable(data) -> None:
     counts = np.bincount(data.y)
     present = counts[counts > 0]
     if len(present) < 2:
@@ -39,20 +92,21 @@ def split(data, test_size: float, seed: int):
             "every class needs at least 2 examples for the stratified split; "
             f"{int((present < 2).sum())} classes have 1"
         )
-    try:
-        return train_test_split(
-            data.x, data.y, test_size=test_size, stratify=data.y, random_state=seed
-        )
-    except ValueError as e:
-        raise CliError(f"cannot split the data with --test-size {test_size}: {e}") from None
+
+
+def split(data, test_size: float, seed: int):
+    """The stratified train/test split of `deepmetric train`: x_train, x_test, y_train, y_test.
+
+    `train_test_split(x, y, test_size, stratify=y, random_state=seed)`, by `split_indices`.
+    """
+    train, test = split_indices(data, test_size, seed)
+    return data.x[train], data.x[test], data.y[train], data.y[test]
 
 
 def select(data, part: str, test_size: float, seed: int):
     """(x, y) of `part`: "all", or the "train" / "test" part of `split`."""
-    if part == "all":
-        return data.x, data.y
-    x_train, x_test, y_train, y_test = split(data, test_size, seed)
-    return (x_train, y_train) if part == "train" else (x_test, y_test)
+    rows = select_indices(data, part, test_size, seed)
+    return (data.x, data.y) if part == "all" else (data.x[rows], data.y[rows])
 
 
 def load_model(path: str) -> keras.Model:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any
 
@@ -238,7 +239,70 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", default="projector", help="output folder (default: projector)")
     x.add_argument("--map-method", choices=("pca", "tsne", "umap"), default="pca")
     _add_common(x)
+    _add_index_and_search(sub)
     return parser
+
+
+def _add_index_and_search(sub) -> None:
+    i = sub.add_parser(
+        "index",
+        help="a nearest-neighbour index of data embedded by a saved model",
+        description="Embed a data set and write a deepmetric.index.Index folder (labels: the "
+        "class names; metadata: the file paths for an image folder), read by Index.load.",
+    )
+    i.add_argument("model", help="a saved .keras model")
+    _add_data_split(i)
+    i.add_argument("--out", required=True, help="the index folder to write")
+    i.add_argument("--engine", choices=("exact", "faiss"), default="exact")
+    i.add_argument("--metric", choices=INDEX_METRICS, default="euclidean")
+    i.add_argument("--force", action="store_true", help="replace an index saved at --out")
+    i.add_argument("--batch-size", type=_positive_int, default=256)
+    _add_common(i)
+
+    s = sub.add_parser(
+        "search",
+        help="the nearest neighbours of query images in a saved index",
+        description="Embed each query (an image file, or every row of an .npz's x) with "
+        "MODEL and print its k nearest rows of the index DIR.",
+    )
+    s.add_argument("index", metavar="DIR", help="an index folder written by `deepmetric index`")
+    s.add_argument("--model", required=True, help="the saved .keras model that built the index")
+    s.add_argument("queries", metavar="QUERY", nargs="+", help="image files or .npz files")
+    s.add_argument("-k", type=_positive_int, default=5, help="neighbours per query (default 5)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--batch-size", type=_positive_int, default=256)
+    _add_common(s)
+
+
+INDEX_METRICS = ("euclidean", "squared_euclidean", "cosine", "inner_product")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The checks of `index` and `search` that need neither keras nor the model.
+
+    `index`: the model file exists, and --out does not unless --force. `search`: the model
+    and the queries exist, and DIR holds an index, which is loaded into `args.loaded_index`
+    (numpy only) so that a missing or damaged index is reported before a backend loads.
+    """
+    if args.command not in ("index", "search"):
+        return
+    if not os.path.isfile(args.model):
+        raise CliError(f"{args.model}: no such model file")
+    if args.command == "index":
+        if os.path.exists(args.out) and not args.force:
+            raise CliError(f"--out {args.out} exists; pass --force to replace the index there")
+        return
+    for query in args.queries:
+        if not os.path.isfile(query):
+            raise CliError(f"{query}: no such query file")
+    from deepmetric.index import Index, IndexFileError
+
+    if not os.path.isdir(args.index):
+        raise CliError(f"{args.index}: no such index folder")
+    try:
+        args.loaded_index = Index.load(args.index)
+    except (IndexFileError, OSError, ValueError, ImportError) as e:
+        raise CliError(str(e)) from None
 
 
 def check_train_config(config: dict[str, Any]) -> None:

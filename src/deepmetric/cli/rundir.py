@@ -145,9 +145,11 @@ class RunDirectory:
             if old.name != model_file:
                 old.unlink()
 
-    def commit(self, model, *, embeddings, after: dict, x_test, y_test, data) -> None:
+    def commit(self, model, *, embeddings, after: dict, x_test, y_test, data, index=None) -> None:
         """Writes every output into a temporary folder beside the run, renames it, drops the
-        checkpoint. `embeddings` and `after` are the trained model's on `x_test`."""
+        checkpoint. `embeddings` and `after` are the trained model's on `x_test`; `index`
+        (a `deepmetric.index.Index` of them, calibrated) goes to `index/`, its threshold and
+        figures to the "calibration" of metrics.json."""
         assert self.state is not None
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.name}.tmp-", dir=self.out))
@@ -156,18 +158,24 @@ class RunDirectory:
             os.umask(mask)
             os.chmod(tmp, 0o777 & ~mask)
             model.save(tmp / "model.keras")
-            self._write_outputs(tmp, embeddings, after, x_test, y_test, data)
+            self._write_outputs(tmp, embeddings, after, x_test, y_test, data, index)
+            if index is not None:
+                index.save(tmp / "index")
             os.rename(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(self.partial, ignore_errors=True)
 
-    def _write_outputs(self, folder: Path, embeddings, after, x_test, y_test, data) -> None:
+    def _write_outputs(self, folder: Path, embeddings, after, x_test, y_test, data, index) -> None:
         assert self.state is not None
         state, config = self.state, self.config
         before = state["before"]
-        write_json(folder / "metrics.json", {"before": before, "after": after})
+        metrics: dict[str, Any] = {"before": before, "after": after}
+        if index is not None and index.calibration is not None:
+            keys = ("threshold", "precision", "recall", "f1", "accuracy", "gallery", "queries")
+            metrics["calibration"] = {k: index.calibration[k] for k in keys}
+        write_json(folder / "metrics.json", metrics)
         write_json(
             folder / "config.json",
             {

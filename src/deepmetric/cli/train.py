@@ -2,7 +2,9 @@
 
 The steps: the objective (loss or head) of --loss, the data and its stratified split, P x K
 batches, the model (new, or the checkpoint of an interrupted run), `fit` with a checkpoint
-after every epoch, the metrics after training, and the atomic commit of the run directory.
+after every epoch, the metrics after training, the index of the held-out split with its
+calibrated threshold (`deepmetric.cli.index.held_out_index`), and the atomic commit of the
+run directory.
 See docs/cli.md.
 """
 
@@ -14,6 +16,7 @@ import numpy as np
 from deepmetric import _backend, optimizers, schedules
 from deepmetric.callbacks import RetrievalEvaluation
 from deepmetric.cli import data
+from deepmetric.cli.index import held_out_index
 from deepmetric.cli.objective import Objective
 from deepmetric.cli.parser import EXIT_INTERRUPTED, PROG, CliError, note
 from deepmetric.cli.rundir import RunDirectory
@@ -32,8 +35,10 @@ def train(run: RunDirectory, *, verbose: bool = True) -> int:
     objective = Objective(config["loss"], config["margin"])
     if objective.is_head and not run.resuming:
         objective.head(2)  # a bad --margin fails before the data load
-    dataset = data.load_data(config["data"])
-    x_train, x_test, y_train, y_test = data.split(dataset, config["test_size"], config["seed"])
+    dataset, paths = data.load_data_and_paths(config["data"])
+    train_rows, test_rows = data.split_indices(dataset, config["test_size"], config["seed"])
+    x_train, x_test = dataset.x[train_rows], dataset.x[test_rows]
+    y_train, y_test = dataset.y[train_rows], dataset.y[test_rows]
     classes = np.unique(y_train)  # a head has one proxy per training class
     _backend.seed_everything(config["seed"])
     sampler = _sampler(config, x_train, y_train, len(classes))
@@ -80,12 +85,25 @@ def train(run: RunDirectory, *, verbose: bool = True) -> int:
 
     embeddings = data.embed(model, x_test)
     after = data.metrics(embeddings, y_test, seed=config["seed"])
+    index = held_out_index(embeddings, dataset, test_rows, paths, config["seed"])
     if verbose:
         print(f"\nretrieval on the {len(x_test)} held-out examples")
         print(data.format_table({"before": run.state["before"], "after": after}))
         print(f"training took {run.state['train_seconds']:.1f} s")
+        c = index.calibration or {}
+        print(
+            f"match threshold {index.threshold:.4f} (on held-out halves: precision "
+            f"{c['precision']:.4f}, recall {c['recall']:.4f}, F1 {c['f1']:.4f}, "
+            f"accuracy {c['accuracy']:.4f})"
+        )
     run.commit(
-        model, embeddings=embeddings, after=after, x_test=x_test, y_test=y_test, data=dataset
+        model,
+        embeddings=embeddings,
+        after=after,
+        x_test=x_test,
+        y_test=y_test,
+        data=dataset,
+        index=index,
     )
     if verbose:
         print(f"wrote {run.path}")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from deepmetric import cli
 from deepmetric.cli import train as train_command
+from deepmetric.index import Index
 
 SMALL = ["--epochs", "1", "--classes-per-batch", "4", "--samples-per-class", "4"]
 SMALL += ["--steps-per-epoch", "3", "--embedding-dim", "8", "--quiet"]
@@ -31,6 +32,7 @@ RUN_FILES = {
     "map_before.png",
     "map_after.png",
     "training_curves.png",
+    "index",
 }
 
 
@@ -46,7 +48,7 @@ def test_train_writes_every_output(run):
     assert {p.name for p in run.iterdir()} == RUN_FILES
     assert not list(run.parent.glob(".*")) and not list(run.parent.glob("*.partial"))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"before", "after"}
+    assert set(metrics) == {"before", "after", "calibration"}
     for side in ("before", "after"):
         assert set(metrics[side]) == METRICS
         assert all(0.0 <= v <= 1.0 for v in metrics[side].values())
@@ -63,6 +65,34 @@ def test_train_writes_every_output(run):
             assert image.format == "PNG"
     config = json.loads((run / "config.json").read_text())
     assert config["epochs_trained"] == 1 and config["loss"] == "triplet_semihard"
+
+
+def test_train_writes_the_calibrated_index_of_the_held_out_split(run):
+    """index/ holds the 540 held-out embeddings (vecs.tsv) and the threshold of metrics.json,
+    chosen by Index.calibrate on the query half against an index of the gallery half."""
+    index = Index.load(run / "index")
+    vecs = np.loadtxt(run / "vecs.tsv", delimiter="\t")
+    np.testing.assert_allclose(index.vectors, vecs, atol=1e-6)
+    names = [line.split("\t")[1] for line in (run / "meta.tsv").read_text().splitlines()[1:]]
+    assert index.labels.tolist() == names and index.metadata is None
+    calibration = json.loads((run / "metrics.json").read_text())["calibration"]
+    assert set(calibration) == {"threshold", "precision", "recall", "f1", "accuracy"} | {
+        "gallery",
+        "queries",
+    }
+    assert calibration["gallery"] + calibration["queries"] == 540
+    assert index.threshold == calibration["threshold"]
+    assert all(0.0 <= calibration[k] <= 1.0 for k in ("precision", "recall", "f1", "accuracy"))
+    # the same halves, by hand: classes sorted, shuffled with the seed, dealt in turn
+    labels = index.labels
+    order = np.random.default_rng(0).permutation(540)
+    order = order[np.argsort(labels[order], kind="stable")]
+    gallery = Index().add(index.vectors[order[0::2]], labels=labels[order[0::2]])
+    again = gallery.calibrate(index.vectors[order[1::2]], labels[order[1::2]])
+    assert again.threshold == pytest.approx(calibration["threshold"], abs=1e-5)
+    assert again.f1 == pytest.approx(calibration["f1"], abs=1e-6)
+    matched = index.match(index.vectors[:5])
+    assert matched.tolist() == labels[:5].tolist()  # each row finds itself at distance 0
 
 
 def test_saved_model_loads_in_safe_mode_and_embeds(run, tmp_path):

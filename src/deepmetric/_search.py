@@ -1,0 +1,417 @@
+"""Exact k-nearest-neighbour search over embeddings, in numpy or with faiss.
+
+The search core of `deepmetric.index` (which re-exports these names).
+
+`exact_search(queries, reference, k)` returns, for each query, the `k` reference
+items closest in Euclidean distance (or another of `METRICS`), ties broken by
+reference index, so that the result is deterministic. `ExactSearch` is the same
+search over a fixed reference set, for callers that search it chunk by chunk
+(`deepmetric.evaluation` and `deepmetric.index.Index` do): it prepares the
+reference once and sizes the chunks to a memory budget.
+
+Two engines give the same neighbours up to float rounding of near-equal
+distances:
+
+- "numpy": a chunk of queries gets its distances from one matrix product; each
+  row's k-th smallest distance is bounded from a fixed sample of the columns
+  (an exact partition where the sample falls short), and the candidates below the
+  bound are sorted exactly. The product gives ||r||^2 - 2 q.r for the Euclidean
+  metrics (||q||^2 is added to the k winners only), -q.r for the others.
+- "faiss": faiss's exact `IndexFlatL2` (`IndexFlatIP` for the cosine and inner
+  product metrics), its neighbours re-sorted by (distance,
+  index) where distances tie.
+
+Everything here is numpy; inputs are float32 arrays of shape (n, dim).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "ENGINES", "METRICS", "ExactSearch", "SearchResult", "exact_search",
+    "faiss_installed",
+]  # fmt: skip
+
+ENGINES = ("numpy", "faiss")
+METRICS = ("euclidean", "squared_euclidean", "cosine", "inner_product")
+
+# Working memory of one chunk of the search, beyond the inputs.
+CHUNK_BYTES = 256 * 2**20
+# Columns sampled to bound each row's k-th smallest distance, and the margin above it.
+_SAMPLE = 8192
+_MARGIN = 1.3
+
+
+def faiss_installed() -> bool:
+    """Whether the "faiss" engine can run (faiss is importable)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"`engine` must be one of {ENGINES}. Received: engine={engine!r}")
+    if engine == "faiss" and not faiss_installed():
+        raise ImportError("engine='faiss' needs faiss: `pip install faiss-cpu`.")
+    return engine
+
+
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {METRICS}. Received: metric={metric!r}")
+    return metric
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length; a zero row stays zero (cosine similarity 0)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def _squared_distances(query: np.ndarray, reference: np.ndarray, ref_sq: np.ndarray):
+    """||r||^2 - 2 q.r: the squared distance up to a per-row constant (same ranking)."""
+    d = query @ reference.T
+    d *= -2.0
+    d += ref_sq[None, :]
+    return d
+
+
+def _topk_numpy(d: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k smallest entries of each row, sorted by (value, index).
+
+    A threshold t per row with at least k entries <= t is found cheaply from a
+    fixed subsample of the columns (falling back to an exact partition for rows
+    where it falls short); the entries <= t are then sorted exactly, so ties at
+    the k-th place go to the lower index.
+    """
+    rows_n, n = d.shape
+    if k >= n:
+        cols = np.broadcast_to(np.arange(n), d.shape)
+        return np.lexsort((cols, d), axis=-1)[:, :k]
+    j = int(math.ceil(_MARGIN * k * _SAMPLE / n)) + 16
+    if n >= 4 * _SAMPLE and j < _SAMPLE:
+        subset = np.random.default_rng(0).choice(n, _SAMPLE, replace=False)
+        threshold = np.partition(d[:, subset], j - 1, axis=1)[:, j - 1]
+        mask = d <= threshold[:, None]
+        short = np.flatnonzero(np.count_nonzero(mask, axis=1) < k)
+        if len(short):
+            exact = np.partition(d[short], k - 1, axis=1)[:, k - 1]
+            mask[short] = d[short] <= exact[:, None]
+    else:
+        threshold = np.partition(d, k - 1, axis=1)[:, k - 1]
+        mask = d <= threshold[:, None]
+    rows, cols = np.nonzero(mask)  # row-major: columns ascending within a row
+    del mask
+    counts = np.bincount(rows, minlength=rows_n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    # Candidates of each row side by side, padded with +inf, then a stable sort:
+    # equal distances keep their ascending column order.
+    slot = np.arange(len(rows)) - starts[rows]
+    padded = np.full((rows_n, int(counts.max())), np.inf, dtype=d.dtype)
+    padded[rows, slot] = d[rows, cols]
+    order = np.argsort(padded, axis=1, kind="stable")[:, :k]
+    return cols[starts[:, None] + order]
+
+
+def _topk_faiss(index, q: np.ndarray, k: int, exclude: np.ndarray | None, similarity: bool):
+    """faiss's k nearest neighbours, `exclude` removed, ties re-sorted by index.
+
+    Returns (value, index) with values ascending: squared distances, or minus the
+    similarities of an inner-product index (`similarity`).
+    """
+    dist, nn = index.search(q, k if exclude is None else k + 1)
+    if similarity:
+        dist = -dist
+    if exclude is not None and np.array_equal(nn[:, 0], exclude):  # the usual case: self first
+        nn, dist = nn[:, 1:], dist[:, 1:]
+    elif exclude is not None:
+        is_self = nn == exclude[:, None]
+        # Skip the excluded item, or the last neighbour when it is not among them.
+        pos = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
+        cols = np.arange(k)[None, :]
+        take = cols + (cols >= pos[:, None])
+        nn = np.take_along_axis(nn, take, axis=1)
+        dist = np.take_along_axis(dist, take, axis=1)
+    tied = np.flatnonzero((dist[:, 1:] == dist[:, :-1]).any(axis=1))
+    if len(tied):
+        order = np.lexsort((nn[tied], dist[tied]), axis=-1)
+        nn[tied] = np.take_along_axis(nn[tied], order, axis=1)
+        dist[tied] = np.take_along_axis(dist[tied], order, axis=1)
+    return dist, nn
+
+
+def _first_match_rank(d: np.ndarray, match: np.ndarray) -> np.ndarray:
+    """1-based rank of the first matching item per row, ties broken by index.
+
+    `d` holds distances with excluded items at +inf; every row has a match.
+    """
+    masked = np.where(match, d, np.inf)
+    best = masked.argmin(axis=1)  # first index among equal minima
+    best_d = masked[np.arange(len(d)), best]
+    del masked
+    cols = np.arange(d.shape[1])[None, :]
+    closer = (d < best_d[:, None]) | ((d == best_d[:, None]) & (cols < best[:, None]))
+    return closer.sum(axis=1) + 1
+
+
+class SearchResult(NamedTuple):
+    """The k nearest references of each query.
+
+    `distances` (n, k) float32 distances of the search's metric, ascending; `indices`
+    (n, k) int64 reference indices; `first_match` (n,) int64 or None: with
+    `query_labels`, the 1-based rank over the whole reference set of the first item
+    whose label equals the query's (0 where no reference item has it).
+    """
+
+    distances: np.ndarray
+    indices: np.ndarray
+    first_match: np.ndarray | None
+
+
+class ExactSearch:
+    """Exact k-nearest-neighbour search over a fixed reference set.
+
+    Args:
+      reference: float32 array (num_references, dim), C-contiguous.
+      labels: optional (num_references,) labels of the references, for
+        `search(..., query_labels=...)`.
+      engine: "numpy" or "faiss" (`IndexFlatL2`, or `IndexFlatIP` for the cosine and
+        inner-product metrics).
+      metric: one of `METRICS`, smaller is closer: "euclidean", "squared_euclidean",
+        "cosine" (1 - cosine similarity; a zero vector has similarity 0 to
+        everything) or "inner_product" (minus the inner product).
+    """
+
+    def __init__(self, reference: np.ndarray, labels=None, *, engine="numpy", metric="euclidean"):
+        self.engine = _check_engine(engine)
+        self.metric = _check_metric(metric)
+        self._similarity = metric in ("cosine", "inner_product")
+        self.reference = np.ascontiguousarray(reference, dtype=np.float32)
+        if metric == "cosine":
+            self.reference = _unit_rows(self.reference)
+        self.labels = None if labels is None else np.asarray(labels)
+        self._ref_sq = None
+        if not self._similarity:
+            self._ref_sq = np.einsum("ij,ij->i", self.reference, self.reference)
+        self._faiss: Any = None
+        if engine == "faiss":
+            import faiss
+
+            flat = faiss.IndexFlatIP if self._similarity else faiss.IndexFlatL2
+            self._faiss = flat(self.reference.shape[1])
+            self._faiss.add(self.reference)
+
+    def __len__(self) -> int:
+        return len(self.reference)
+
+    def chunk_size(self, k: int) -> int:
+        """Queries per `search` call that keep its working memory near `CHUNK_BYTES`."""
+        if self._faiss is not None:
+            size = max(1, CHUNK_BYTES // (40 * (k + 1)))
+            if size > 4096:
+                size -= size % 4096  # whole blocks of faiss's BLAS search
+            return size
+        return max(1, CHUNK_BYTES // (12 * len(self) + 48 * k))
+
+    def _keys(self, queries: np.ndarray) -> np.ndarray:
+        """(n, num_references) values that rank like the distances, from one product."""
+        if self._ref_sq is not None:
+            return _squared_distances(queries, self.reference, self._ref_sq)
+        d = queries @ self.reference.T
+        np.negative(d, out=d)
+        return d
+
+    def search(self, queries: np.ndarray, k: int, *, exclude=None, query_labels=None):
+        """The `k` nearest references of each row of `queries`, as a `SearchResult`.
+
+        Args:
+          queries: float32 array (n, dim).
+          k: neighbours per query, at most the number of references (less one with
+            `exclude`).
+          exclude: optional (n,) reference index to leave out for each query (the
+            query itself in a self-search).
+          query_labels: optional (n,) labels; fills `first_match` (needs `labels`).
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.metric == "cosine":
+            queries = _unit_rows(queries)
+        if exclude is not None:
+            exclude = np.asarray(exclude, dtype=np.int64)
+        available = len(self) - (0 if exclude is None else 1)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
+            raise ValueError(f"`k` must be an integer in [1, {available}]. Received: k={k!r}")
+        rows = np.arange(len(queries))
+        d = None
+        if self._faiss is None:
+            d = self._keys(queries)
+            if exclude is not None:
+                d[rows, exclude] = np.inf
+            nn = _topk_numpy(d, k)
+            values = np.take_along_axis(d, nn, axis=1)
+            if not self._similarity:
+                values += np.einsum("ij,ij->i", queries, queries)[:, None]
+        else:
+            values, nn = self._search_faiss(queries, k, exclude, available)
+        distances = _to_distances(values, self.metric)
+        first = None
+        if query_labels is not None:
+            first = self._first_match(queries, np.asarray(query_labels), nn, exclude, d)
+        return SearchResult(distances, nn.astype(np.int64, copy=False), first)
+
+    def _search_faiss(self, queries, k, exclude, available):
+        """faiss's k nearest, one more fetched: where the k-th and the next tie, faiss
+        may have kept a higher index, so those rows are ranked again in numpy."""
+        extra = 1 if k < available else 0
+        values, nn = _topk_faiss(self._faiss, queries, k + extra, exclude, self._similarity)
+        if not extra:
+            return values, nn
+        tied = np.flatnonzero(values[:, k - 1] == values[:, k])
+        values, nn = values[:, :k].copy(), nn[:, :k].copy()
+        if len(tied):
+            d = self._keys(queries[tied])
+            if exclude is not None:
+                d[np.arange(len(tied)), exclude[tied]] = np.inf
+            nn[tied] = _topk_numpy(d, k)
+            values[tied] = np.take_along_axis(d, nn[tied], axis=1)
+            if not self._similarity:
+                values[tied] += np.einsum("ij,ij->i", queries[tied], queries[tied])[:, None]
+        return values, nn
+
+    def _first_match(self, queries, query_labels, nn, exclude, d):
+        if self.labels is None:
+            raise ValueError("`query_labels` needs an `ExactSearch` built with `labels`.")
+        match = self.labels[nn] == query_labels[:, None]
+        rank = np.zeros(len(queries), dtype=np.int64)
+        found = match.any(axis=1)
+        rank[found] = match[found].argmax(axis=1) + 1
+        # Beyond the k neighbours: over the full ranking, row by row in chunks.
+        missing = np.flatnonzero(~found)
+        step = max(1, CHUNK_BYTES // (12 * len(self)))
+        for s in range(0, len(missing), step):
+            part = missing[s : s + step]
+            dd = d[part] if d is not None else self._keys(queries[part])
+            relevant = self.labels[None, :] == query_labels[part, None]
+            if exclude is not None:
+                n = np.arange(len(part))
+                dd[n, exclude[part]] = np.inf
+                relevant[n, exclude[part]] = False
+            rank[part] = np.where(relevant.any(axis=1), _first_match_rank(dd, relevant), 0)
+        return rank
+
+
+def _to_distances(values: np.ndarray, metric: str) -> np.ndarray:
+    """Ranking values (squared distances or minus similarities) as float32 distances."""
+    if metric == "euclidean":
+        return np.sqrt(np.maximum(values, 0.0)).astype(np.float32)
+    if metric == "squared_euclidean":
+        return np.maximum(values, 0.0).astype(np.float32)
+    if metric == "cosine":
+        return (values + 1.0).astype(np.float32)
+    return values.astype(np.float32)
+
+
+def exact_search(
+    queries, reference, k: int, *, exclude_self: bool = False, engine="numpy", metric="euclidean"
+):
+    """The `k` nearest reference items of each query: `(distances, indices)`.
+
+    Distances of `metric` (see `ExactSearch`; Euclidean by default), exact, ties
+    broken by reference index. `distances` is (n, k) float32 ascending, `indices`
+    (n, k) int64. With `exclude_self`, query i is reference item i (pass the same
+    array twice) and is left out of its own neighbours. The queries are searched in
+    chunks of bounded working memory.
+
+    >>> x = np.array([[0.0], [1.0], [3.0]], "float32")
+    >>> d, i = exact_search(x, x, 1, exclude_self=True)
+    >>> i[:, 0].tolist(), d[:, 0].tolist()
+    ([1, 0, 1], [1.0, 1.0, 2.0])
+    """
+    queries = _as_points(queries, "queries")
+    reference = _as_points(reference, "reference")
+    if queries.shape[1] != reference.shape[1]:
+        raise ValueError(
+            "`queries` and `reference` must have the same dimension. "
+            f"Received: {queries.shape[1]} and {reference.shape[1]}"
+        )
+    if exclude_self and len(queries) != len(reference):
+        raise ValueError(
+            "`exclude_self=True` needs query i to be reference item i: as many queries as "
+            f"references. Received: {len(queries)} queries, {len(reference)} references"
+        )
+    available = len(reference) - (1 if exclude_self else 0)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
+        raise ValueError(f"`k` must be an integer in [1, {available}]. Received: k={k!r}")
+    searcher = ExactSearch(reference, engine=engine, metric=metric)
+    step = min(len(queries), searcher.chunk_size(int(k)))
+    distances = np.empty((len(queries), int(k)), np.float32)
+    indices = np.empty((len(queries), int(k)), np.int64)
+    for start in range(0, len(queries), step):
+        part = slice(start, start + step)
+        exclude = np.arange(len(queries))[part] if exclude_self else None
+        distances[part], indices[part], _ = searcher.search(queries[part], int(k), exclude=exclude)
+    return distances, indices
+
+
+def _as_points(x, name: str) -> np.ndarray:
+    array = np.asarray(x)
+    if array.ndim != 2 or array.shape[0] == 0 or array.dtype.kind not in "fiu":
+        raise ValueError(
+            f"`{name}` must be a non-empty 2-D array of numbers (n, dim). "
+            f"Received: shape {array.shape}, dtype {array.dtype}"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def build_structure(rows: np.ndarray, structure: str, metric: str, options: dict):
+    """A faiss "hnsw" or "ivf" structure over `rows` (unit rows for cosine), ids = positions.
+
+    HNSW: `IndexHNSWFlat` with `options["m"]` links per node. IVF: `IndexIVFFlat` with
+    `options["nlist"]` cells (default 4 sqrt(n), at most n), trained on at most 256
+    rows per cell, sampled with a fixed seed.
+    """
+    import faiss
+
+    kind = faiss.METRIC_INNER_PRODUCT if metric in ("cosine", "inner_product") else faiss.METRIC_L2
+    dim = rows.shape[1]
+    if structure == "hnsw":
+        index = faiss.index_factory(dim, f"HNSW{options['m']},Flat", kind)
+    else:
+        nlist = min(options["nlist"] or max(1, round(4 * math.sqrt(len(rows)))), len(rows))
+        index = faiss.index_factory(dim, f"IVF{nlist},Flat", kind)
+        sample = rows
+        if len(rows) > 256 * nlist:
+            pick = np.random.default_rng(0).choice(len(rows), 256 * nlist, replace=False)
+            sample = rows[np.sort(pick)]
+        index.train(sample)
+    index.add(rows)
+    return index
+
+
+def set_search_options(index: Any, structure: str, options: dict) -> None:
+    """HNSW's `efSearch` or IVF's `nprobe` from `options`."""
+    import faiss
+
+    if structure == "hnsw":
+        hnsw: Any = faiss.downcast_index(index)
+        hnsw.hnsw.efSearch = options["ef_search"]
+    else:
+        faiss.extract_index_ivf(index).nprobe = options["nprobe"]
+
+
+def approximate_search(index, queries: np.ndarray, k: int, metric: str):
+    """`(distances, indices)` from a faiss structure; a missing neighbour: -1 and +inf."""
+    if metric == "cosine":
+        queries = _unit_rows(queries)
+    values, nn = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    if metric in ("cosine", "inner_product"):
+        values = -values
+    distances = _to_distances(values, metric)
+    distances[nn < 0] = np.inf
+    return distances, nn.astype(np.int64, copy=False)
