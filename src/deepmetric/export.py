@@ -4,8 +4,9 @@
 (projector.tensorflow.org, or TensorBoard's projector plugin) loads: `vecs.tsv`,
 `meta.tsv` and, for images, a sprite of thumbnails with `projector_config.pbtxt`.
 `plot_embeddings` draws a 2-D map coloured by class, `plot_history` the training
-curves, `plot_roc` the ROC and DET curves of verification pairs. Every file is written to a temporary name in its directory and renamed into
-place, so an interrupted export never leaves a half-written file.
+curves, `plot_roc` the ROC and DET curves of verification pairs. Every file is
+written to a temporary name in its directory and renamed into place, so an
+interrupted export never leaves a half-written file.
 """
 
 from __future__ import annotations
