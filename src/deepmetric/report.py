@@ -231,7 +231,8 @@ def write_report(
       title: the page's title.
       metrics: stage name -> {metric name -> value}, for example
         `{"before": {...}, "after": {...}}`: one table, a column per stage, a row
-        per metric (nested dicts such as `tar_at_far` become rows `tar_at_far@0.01`).
+        per metric (nested dicts such as `tar_at_far` become rows `tar_at_far@0.01`);
+        values that are not dicts form a column "value".
       figures: caption -> PNG path, or a list of PNG paths (captioned by file
         name); paths that do not exist are left out.
       pairs: `(distances, same)` of verification pairs, or stage name -> such a
@@ -252,8 +253,10 @@ def write_report(
     directory = Path(directory)
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if metrics:
-        if all(not isinstance(v, Mapping) for v in metrics.values()):
-            metrics = {"value": metrics}
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, Mapping)}
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, Mapping)}
+        if scalars:  # values outside a stage form a column of their own
+            metrics["value"] = scalars
         parts.append(f"<h2>Metrics</h2>{_table(metrics, 'metrics')}")
     if pairs is not None:
         named = dict(pairs) if isinstance(pairs, Mapping) else {"value": tuple(pairs)}

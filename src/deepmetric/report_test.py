@@ -112,6 +112,9 @@ def test_report_parts_are_optional_and_checked(tmp_path):
     path = report.write_report(tmp_path, metrics={"precision_at_1": 0.5})
     text = path.read_text()
     assert 'id="metrics"' in text and "gallery" not in text and "<img" not in text
+    assert "<th>value</th></tr><tr><td>precision_at_1</td><td>0.5000</td>" in text
+    text = report.write_report(tmp_path, metrics={"after": {"mrr": 1.0}, "epochs": 3}).read_text()
+    assert "<th>after</th><th>value</th>" in text and "<td>epochs</td><td></td><td>3</td>" in text
     with pytest.raises(ValueError, match="together"):
         report.write_report(tmp_path, query_images=np.zeros((2, 8, 8)))
     _, args = _run(tmp_path)
