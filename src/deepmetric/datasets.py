@@ -7,6 +7,11 @@ or MNIST-format IDX files. Each returns a `Dataset(x, y, class_names, pixel_scal
 0..n-1, `class_names[i]` the name of label i, and `pixel_scale` the factor that maps
 the pixels to [0, 1] (None for feature vectors), for the model's `Rescaling` layer.
 
+`split_indices(y, by="samples" | "classes")` holds out part of a data set for
+evaluation: a stratified share of each class's samples (`split_samples`), or whole
+classes that training never sees (`split_classes`, the protocol of "A Metric
+Learning Reality Check", Musgrave et al. 2020).
+
 Bad input raises `DataError` (a `ValueError`) with a one-line message.
 """
 
@@ -20,7 +25,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["DataError", "Dataset", "class_labels", "load", "load_digits", "pixel_scale_of"]
+__all__ = [
+    "SPLITS",
+    "DataError",
+    "Dataset",
+    "class_labels",
+    "load",
+    "load_digits",
+    "pixel_scale_of",
+    "split_classes",
+    "split_indices",
+    "split_samples",
+]
 
 
 class DataError(ValueError):
@@ -323,3 +339,105 @@ def load(path) -> Dataset:
             raise DataError(f"{path}: no matching labels file {labels.name}")
         return _load_idx([(path, labels)])
     raise DataError(f"{path}: unknown data format (expected an image folder, an .npz or IDX files)")
+
+
+SPLITS = ("samples", "classes")
+
+
+def _check_split_labels(y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        labels = class_labels(y, "y")
+    except (ValueError, TypeError) as e:
+        raise DataError(str(e)) from None
+    classes, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(classes) < 2:
+        raise DataError(f"the data has {len(classes)} class; metric learning needs at least 2")
+    return labels, codes.reshape(-1), counts
+
+
+def _check_test_size(test_size) -> None:
+    if isinstance(test_size, bool) or not isinstance(test_size, (int, float, np.number)):
+        raise DataError(f"`test_size` must be a fraction or a count. Received: {test_size!r}")
+    if isinstance(test_size, (float, np.floating)) and not 0 < test_size < 1:
+        raise DataError(f"a fractional `test_size` must be in (0, 1). Received: {test_size}")
+
+
+def split_samples(y, test_size: float | int = 0.3, seed: int = 0):
+    """A stratified split of the samples: `(train_indices, test_indices)`.
+
+    Every class keeps about `test_size` of its samples for the test side
+    (scikit-learn's `train_test_split(..., stratify=y, random_state=seed)` on the
+    indices, so `x[train]` equals the `x_train` that call returns for `x`), and
+    the test classes are the training classes: this measures how well the model
+    embeds new samples of classes it has seen. `test_size` is a fraction of the
+    samples, or their number when an int. The indices are in the order that
+    `train_test_split` returns.
+
+    Raises:
+      DataError: fewer than 2 classes, a class with a single sample, or a
+        `test_size` that leaves a side with fewer samples than classes.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels, _, counts = _check_split_labels(y)
+    _check_test_size(test_size)
+    if counts.min() < 2:
+        raise DataError(
+            "every class needs at least 2 examples for the stratified split; "
+            f"{int((counts < 2).sum())} classes have 1"
+        )
+    try:
+        train, test = train_test_split(
+            np.arange(len(labels)), test_size=test_size, stratify=labels, random_state=seed
+        )
+    except ValueError as e:
+        raise DataError(f"cannot split the data with test_size={test_size}: {e}") from None
+    return train.astype(np.int64), test.astype(np.int64)
+
+
+def split_classes(y, test_size: float | int = 0.3, seed: int = 0):
+    """A class-disjoint split: `(train_indices, test_indices)`, no class on both sides.
+
+    Whole classes are held out: `test_size` is the fraction of the classes
+    (rounded, at least 1 and at most all but one), or their number when an int,
+    drawn at random with `seed`; every sample of a test class is a test sample.
+    This is the protocol of "A Metric Learning Reality Check" (Musgrave, Belongie
+    and Lim, ECCV 2020) and of the CUB-200, Cars-196 and SOP benchmarks: test
+    classes are never seen in training, so the metrics measure how the embedding
+    generalises to new classes, which is what retrieval and verification need.
+    Both index arrays are ascending.
+
+    Raises:
+      DataError: fewer than 2 classes, or a `test_size` that leaves a side
+        without a class.
+
+    >>> train, test = split_classes([0, 0, 1, 1, 2, 2], test_size=1, seed=0)
+    >>> len(train), len(test)
+    (4, 2)
+    """
+    _, codes, counts = _check_split_labels(y)
+    _check_test_size(test_size)
+    num_classes = len(counts)
+    if isinstance(test_size, (float, np.floating)):
+        num_test = min(max(int(round(test_size * num_classes)), 1), num_classes - 1)
+    else:
+        num_test = int(test_size)
+        if not 1 <= num_test <= num_classes - 1:
+            raise DataError(
+                f"`test_size` as a number of classes must be from 1 to {num_classes - 1}. "
+                f"Received: {test_size}"
+            )
+    held_out = np.random.default_rng(seed).choice(num_classes, num_test, replace=False)
+    is_test = np.isin(codes, held_out)
+    return np.flatnonzero(~is_test).astype(np.int64), np.flatnonzero(is_test).astype(np.int64)
+
+
+def split_indices(y, *, by: str = "samples", test_size: float | int = 0.3, seed: int = 0):
+    """`split_samples` (by="samples") or `split_classes` (by="classes") of labels `y`.
+
+    Returns `(train_indices, test_indices)`, for `x[train]`, `y[train]`, ...
+    """
+    if by not in SPLITS:
+        raise ValueError(f"`by` must be one of {SPLITS}. Received: by={by!r}")
+    split = split_samples if by == "samples" else split_classes
+    return split(y, test_size, seed)

@@ -210,3 +210,53 @@ def test_class_labels(y, expected):
 def test_class_labels_errors(y, error, match):
     with pytest.raises(error, match=match):
         datasets.class_labels(y)
+
+
+def test_split_classes_is_disjoint_sized_and_seeded():
+    y = np.repeat(np.arange(10), np.arange(2, 12))
+    train, test = datasets.split_classes(y, test_size=0.3, seed=1)
+    assert set(y[train]).isdisjoint(y[test])
+    assert len(set(y[test])) == 3 and len(set(y[train])) == 7
+    assert sorted(np.r_[train, test].tolist()) == list(range(len(y)))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(test) > 0)
+    again = datasets.split_classes(y, test_size=0.3, seed=1)
+    assert np.array_equal(again[1], test)
+    assert any(
+        set(y[datasets.split_classes(y, 0.3, seed)[1]]) != set(y[test]) for seed in range(2, 6)
+    )
+    assert len(set(y[datasets.split_classes(y, 4)[1]])) == 4
+    assert len(set(y[datasets.split_classes(y, 0.01)[1]])) == 1  # at least one class
+    assert len(set(y[datasets.split_classes(y, 0.99)[0]])) == 1  # at least one left to train
+    names = np.array(["cat", "dog", "owl"]).repeat(2)
+    train, test = datasets.split_indices(names, by="classes", test_size=1)
+    assert len(set(names[test])) == 1 and set(names[train]).isdisjoint(names[test])
+
+
+def test_split_samples_matches_the_stratified_split():
+    from sklearn.model_selection import train_test_split
+
+    data = datasets.load_digits()
+    train, test = datasets.split_indices(data.y, by="samples", test_size=0.3, seed=2)
+    x_train, x_test, y_train, y_test = train_test_split(
+        data.x, data.y, test_size=0.3, stratify=data.y, random_state=2
+    )
+    assert np.array_equal(data.x[train], x_train) and np.array_equal(data.y[test], y_test)
+    assert set(data.y[train]) == set(data.y[test])
+    counts = np.bincount(data.y[test]) / np.bincount(data.y)
+    assert np.all(np.abs(counts - 0.3) < 0.02)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: datasets.split_classes([0, 0, 0], 0.5), "at least 2"),
+        (lambda: datasets.split_classes([0, 1, 2], 3), "from 1 to 2"),
+        (lambda: datasets.split_classes([0, 1], 1.5), r"in \(0, 1\)"),
+        (lambda: datasets.split_samples([0, 0, 1], 0.5), "at least 2 examples"),
+        (lambda: datasets.split_samples([0, 0, 1, 1], 0.1), "cannot split"),
+        (lambda: datasets.split_indices([0, 1], by="rows"), "`by` must be one of"),
+    ],
+)
+def test_split_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

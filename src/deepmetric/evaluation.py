@@ -1,5 +1,8 @@
 """Retrieval evaluation of an embedding: precision@1, R-precision, MAP@R, recall@k, NMI.
 
+The verification metrics of pair distances (ROC AUC, EER, TAR@FAR, the LFW k-fold
+accuracy) are defined in `deepmetric.verification` and re-exported here.
+
 `retrieval_metrics` ranks reference embeddings by Euclidean distance to each
 query and scores the rankings with the definitions of "A Metric Learning Reality
 Check" (Musgrave, Belongie and Lim, ECCV 2020), as pytorch-metric-learning's
@@ -23,8 +26,22 @@ import numpy as np
 
 from deepmetric.datasets import class_labels
 from deepmetric.index import ExactSearch, faiss_installed
+from deepmetric.verification import (
+    pair_distances,
+    verification_kfold,
+    verification_metrics,
+    verification_pairs,
+    verification_roc,
+)
 
-__all__ = ["retrieval_metrics"]
+__all__ = [
+    "pair_distances",
+    "retrieval_metrics",
+    "verification_kfold",
+    "verification_metrics",
+    "verification_pairs",
+    "verification_roc",
+]
 
 
 def _as_embeddings(x, name: str) -> np.ndarray:

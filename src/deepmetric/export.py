@@ -4,8 +4,9 @@
 (projector.tensorflow.org, or TensorBoard's projector plugin) loads: `vecs.tsv`,
 `meta.tsv` and, for images, a sprite of thumbnails with `projector_config.pbtxt`.
 `plot_embeddings` draws a 2-D map coloured by class, `plot_history` the training
-curves. Every file is written to a temporary name in its directory and renamed into
-place, so an interrupted export never leaves a half-written file.
+curves, `plot_roc` the ROC and DET curves of verification pairs. Every file is
+written to a temporary name in its directory and renamed into place, so an
+interrupted export never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_embeddings", "plot_history", "write_projector", "atomic_write"]
+__all__ = ["plot_embeddings", "plot_history", "plot_roc", "write_projector", "atomic_write"]
 
 MAX_SPRITE_SIZE = 8192
 _MIN_THUMBNAIL = 32
@@ -355,6 +356,70 @@ def plot_history(path, history: Mapping[str, Sequence[float]]) -> Path:
             if keys:
                 ax.legend(fontsize="small")
             ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    finally:
+        plt.close(fig)
+
+
+_DET_TICKS = (0.001, 0.01, 0.05, 0.2, 0.5, 0.8, 0.95)
+
+
+def plot_roc(path, curves, *, title: str | None = None) -> Path:
+    """Writes a PNG of the ROC and DET curves of verification pairs.
+
+    Left, the ROC: TAR against FAR on a logarithmic FAR axis (the low-FAR end is
+    where verification systems operate). Right, the DET curve: FRR against FAR,
+    both on the normal-deviate (probit) scale of Martin et al. 1997, where
+    Gaussian scores give straight lines; its diagonal FAR = FRR crosses each
+    curve at the equal error rate, which is marked. The points are those of
+    `deepmetric.evaluation.verification_roc`.
+
+    Args:
+      path: the PNG to write.
+      curves: `(distances, same)` of one set of pairs, or a mapping from a legend
+        name to such a tuple (for example before and after training).
+      title: the figure's title.
+    """
+    from scipy.stats import norm
+
+    from deepmetric.verification import verification_metrics, verification_roc
+
+    named = dict(curves) if isinstance(curves, Mapping) else {"": tuple(curves)}
+    plt = _pyplot()
+    fig, (roc, det) = plt.subplots(1, 2, figsize=(10, 4.4), dpi=100)
+    try:
+        lo, hi = norm.ppf(5e-4), norm.ppf(0.995)
+        for name, (distances, same) in named.items():
+            far, tar, _ = verification_roc(distances, same)
+            m = verification_metrics(distances, same)
+            label = f"{name + ': ' if name else ''}AUC {m['roc_auc']:.4f}, EER {m['eer']:.4f}"
+            (line,) = roc.plot(np.maximum(far, 1e-4), tar, label=label)
+            clip = np.clip(np.c_[far, 1 - tar], 5e-4, 0.995)
+            det.plot(norm.ppf(clip[:, 0]), norm.ppf(clip[:, 1]), color=line.get_color())
+            eer = norm.ppf(np.clip(m["eer"], 5e-4, 0.995))
+            det.plot([eer], [eer], "o", color=line.get_color())
+        roc.set_xscale("log")
+        roc.set_xlim(1e-4, 1)
+        roc.set_ylim(0, 1.01)
+        roc.set_xlabel("false accept rate (FAR)")
+        roc.set_ylabel("true accept rate (TAR)")
+        roc.set_title("ROC")
+        roc.legend(fontsize="small", loc="lower right")
+        ticks = norm.ppf(_DET_TICKS)
+        names = [f"{t:g}" for t in _DET_TICKS]
+        det.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        det.set_xticks(ticks, names)
+        det.set_yticks(ticks, names)
+        det.set_xlim(lo, hi)
+        det.set_ylim(lo, hi)
+        det.set_xlabel("false accept rate (FAR)")
+        det.set_ylabel("false reject rate (FRR)")
+        det.set_title("DET (EER where it meets the diagonal)")
+        for ax in (roc, det):
+            ax.grid(alpha=0.3)
+        if title:
+            fig.suptitle(title)
         fig.tight_layout()
         return atomic_write(path, lambda p: fig.savefig(p, format="png"))
     finally:

@@ -125,3 +125,38 @@ def test_plot_history_draws_recall_at_1_once_when_it_equals_precision_at_1(tmp_p
     export.plot_history(tmp_path / "d.png", {**history, "val_recall_at_1": [0.7, 0.9]})
     assert seen[1] == ["val_precision_at_1 = val_recall_at_1", "val_recall_at_4"]
     assert seen[3] == ["val_precision_at_1", "val_recall_at_1", "val_recall_at_4"]
+
+
+def test_plot_roc_draws_the_roc_points_and_the_eer(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    from deepmetric.evaluation import verification_metrics, verification_roc
+
+    rng = np.random.default_rng(0)
+    same = rng.random(400) < 0.5
+    before = rng.normal(1.0, 0.4, 400) - 0.3 * same
+    after = rng.normal(1.0, 0.3, 400) - 0.8 * same
+    drawn = []
+    original = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        drawn.append(
+            [[(ln.get_xdata(), ln.get_ydata()) for ln in ax.get_lines()] for ax in fig.axes]
+        )
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    path = export.plot_roc(
+        tmp_path / "roc.png", {"before": (before, same), "after": (after, same)}, title="pairs"
+    )
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (1000, 440)
+    roc, det = drawn[0]
+    far, tar, _ = verification_roc(after, same)
+    np.testing.assert_allclose(roc[1][0], np.maximum(far, 1e-4))
+    np.testing.assert_allclose(roc[1][1], tar)
+    eer = norm.ppf(verification_metrics(after, same)["eer"])
+    np.testing.assert_allclose([det[3][0][0], det[3][1][0]], [eer, eer])
+    export.plot_roc(tmp_path / "one.png", (after, same))
+    assert (tmp_path / "one.png").stat().st_size > 0
