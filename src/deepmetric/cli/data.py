@@ -8,7 +8,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from deepmetric import datasets
 from deepmetric.cli.parser import CliError, note
@@ -64,14 +63,11 @@ def label_names(data: datasets.Dataset, y) -> np.ndarray:
 
 
 def split_indices(data, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of the train and test parts of `split`."""
-    _check_splittable(data)
+    """The rows of the train and test parts of `split` (`datasets.split_samples`)."""
     try:
-        return train_test_split(
-            np.arange(len(data.y)), test_size=test_size, stratify=data.y, random_state=seed
-        )
-    except ValueError as e:
-        raise CliError(f"cannot split the data with --test-size {test_size}: {e}") from None
+        return datasets.split_samples(data.y, test_size, seed)
+    except datasets.DataError as e:
+        raise CliError(str(e).replace("test_size=", "--test-size ")) from None
 
 
 def select_indices(data, part: str, test_size: float, seed: int) -> np.ndarray:
@@ -80,18 +76,6 @@ def select_indices(data, part: str, test_size: float, seed: int) -> np.ndarray:
         return np.arange(len(data.y))
     train, test = split_indices(data, test_size, seed)
     return train if part == "train" else test
-
-
-def _check_splittable(data) -> None:
-    counts = np.bincount(data.y)
-    present = counts[counts > 0]
-    if len(present) < 2:
-        raise CliError(f"the data has {len(present)} class; metric learning needs at least 2")
-    if present.min() < 2:
-        raise CliError(
-            "every class needs at least 2 examples for the stratified split; "
-            f"{int((present < 2).sum())} classes have 1"
-        )
 
 
 def split(data, test_size: float, seed: int):
