@@ -164,7 +164,42 @@ def _check_lengths(x: np.ndarray, y: np.ndarray, name: str) -> None:
         raise DataError(f"{name}: the data set is empty")
 
 
+def _check_finite(x: np.ndarray, name: str) -> None:
+    """DataError naming `name`, the count of NaN/inf values and the first row holding one."""
+    if x.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(x.reshape(len(x), -1))
+    count = int(bad.sum())
+    if count:
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise DataError(
+            f"{name}: {count} non-finite values (NaN or inf) in {len(rows)} rows of the "
+            f"features; the first is row {int(rows[0])}"
+        )
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_npz_file(path: Path) -> None:
+    """DataError unless `path` is a zip archive, as `numpy.savez` writes (before numpy reads
+    it: `np.load` takes any other file for a pickle and says so)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    if head[:4] in _ZIP_MAGIC:
+        return
+    kind = "a single .npy array" if head == b"\x93NUMPY" else "not a zip archive"
+    raise DataError(
+        f"{path}: not an .npz file ({kind}); expected the arrays x and y saved with "
+        "numpy.savez or numpy.savez_compressed"
+    )
+
+
 def _load_npz(path: Path) -> Dataset:
+    _check_npz_file(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             files = set(f.files)
@@ -172,19 +207,37 @@ def _load_npz(path: Path) -> Dataset:
                 raise DataError(f"{path}: no array 'x' in the .npz (found: {sorted(files)})")
             if "y" not in files:
                 raise DataError(f"{path}: no array 'y' in the .npz (found: {sorted(files)})")
-            x, y = f["x"], f["y"]
-            names = [str(n) for n in f["class_names"].tolist()] if "class_names" in files else None
+            arrays = {}
+            for key in ("x", "y", "class_names"):
+                if key not in files:
+                    continue
+                try:
+                    arrays[key] = f[key]
+                except ValueError as e:
+                    if "allow_pickle" not in str(e):
+                        raise
+                    raise DataError(
+                        f"{path}: the array {key!r} holds Python objects (a pickled object "
+                        "array), which deepmetric does not unpickle; save numbers or strings"
+                    ) from None
+            x, y = arrays["x"], arrays["y"]
+            names = arrays.get("class_names")
+            names = None if names is None else [str(n) for n in names.tolist()]
     except DataError:
         raise
-    except Exception as e:  # zipfile, pickle and format errors from numpy
+    except Exception as e:  # zipfile and format errors from numpy
         raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     if x.ndim < 2:
         raise DataError(
             f"{path}: 'x' must have shape (n, features) or (n, H, W[, C]), got {x.shape}"
         )
     if x.dtype.kind not in "iuf" or x.dtype == np.float16:
-        x = x.astype("float32")
+        try:
+            x = x.astype("float32")
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path}: 'x' must hold numbers, got dtype {x.dtype} ({e})") from None
     _check_lengths(x, y, str(path))
+    _check_finite(x, str(path))
     labels, class_names = _labels_to_ints(y, str(path))
     if names is not None and len(names) >= len(class_names):
         class_names = names
@@ -240,6 +293,7 @@ def _load_idx(pairs: list[tuple[Path, Path]]) -> Dataset:
         if x.ndim not in (2, 3, 4):
             raise DataError(f"{images}: expected (n, H, W) images, got shape {x.shape}")
         _check_lengths(x, y, str(images))
+        _check_finite(x, str(images))
         xs.append(x)
         ys.append(y)
     x = np.concatenate(xs)
@@ -287,6 +341,13 @@ def _load_image_folder(folder: Path) -> Dataset:
         labels.append(label)
     if not images:
         raise DataError(f"{folder}: none of the {len(files)} files is a readable image")
+    counts = np.bincount(labels, minlength=len(classes))
+    if not counts.all():
+        empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+        more = f" (nor do {len(empty) - 1} more: {', '.join(empty[1:6])})" if empty[1:] else ""
+        raise DataError(
+            f"{folder}: the class folder {folder / empty[0]} holds no readable image{more}"
+        )
     x = np.stack(images)
     if x.ndim == 3:
         x = x[..., None]
@@ -382,9 +443,11 @@ def split_samples(y, test_size: float | int = 0.3, seed: int = 0):
     labels, _, counts = _check_split_labels(y)
     _check_test_size(test_size)
     if counts.min() < 2:
+        single = np.unique(labels)[counts < 2]
+        more = f" (and {len(single) - 1} more)" if len(single) > 1 else ""
         raise DataError(
-            "every class needs at least 2 examples for the stratified split; "
-            f"{int((counts < 2).sum())} classes have 1"
+            f"class {single[0].item()!r}{more} has 1 example; every class needs at least 2 "
+            "examples for the stratified split"
         )
     try:
         train, test = train_test_split(

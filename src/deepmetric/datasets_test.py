@@ -260,3 +260,68 @@ def test_split_samples_matches_the_stratified_split():
 def test_split_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _non_finite_npz(tmp_path):
+    x = np.ones((6, 3), "float32")
+    x[4, 1], x[4, 2], x[5, 0] = np.nan, np.inf, -np.inf
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(6) % 2)
+    return tmp_path / "nan.npz"
+
+
+def _non_finite_idx(tmp_path):
+    x = np.ones((4, 2, 2), ">f4")
+    x[2, 1, 1] = np.nan
+    header = bytes([0, 0, 0x0D, 3]) + struct.pack(">3I", *x.shape)
+    (tmp_path / "f-images-idx3-ubyte").write_bytes(header + x.tobytes())
+    _write_idx(tmp_path / "f-labels-idx1-ubyte", np.array([0, 1, 0, 1], "uint8"), False)
+    return tmp_path / "f-images-idx3-ubyte"
+
+
+def _text_npz(tmp_path):
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    return tmp_path / "text.npz"
+
+
+def _npy_npz(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((3, 2)))
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    return tmp_path / "a.npz"
+
+
+def _object_npz(tmp_path):
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}] * 4, dtype=object), y=np.arange(4))
+    return tmp_path / "obj.npz"
+
+
+def _empty_class_folder(tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    (root / "emu").mkdir()
+    (root / "emu" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (_non_finite_npz, r"nan.npz: 3 non-finite values \(NaN or inf\) in 2 rows.* row 4$"),
+        (_non_finite_idx, r"f-images-idx3-ubyte: 1 non-finite values .* in 1 rows.* row 2$"),
+        (_text_npz, r"text.npz: not an .npz file \(not a zip archive\)"),
+        (_npy_npz, r"a.npz: not an .npz file \(a single .npy array\)"),
+        (_object_npz, r"obj.npz: the array 'x' holds Python objects"),
+        (_empty_class_folder, r"class folder .*emu holds no readable image"),
+    ],
+)
+def test_bad_files_are_named_in_one_line(tmp_path, make, match):
+    path = make(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match=match) as info:
+            datasets.load(path)
+    message = str(info.value)
+    assert "\n" not in message and "pickled data" not in message and "allow_pickle" not in message
+
+
+def test_split_names_the_class_with_one_example():
+    with pytest.raises(DataError, match=r"class 'emu' has 1 example"):
+        datasets.split_samples(np.array(["cat", "cat", "dog", "dog", "emu"]))

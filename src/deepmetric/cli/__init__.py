@@ -38,6 +38,7 @@ import os
 import sys
 
 from deepmetric.cli.parser import (
+    EXIT_DIVERGED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     PROG,
@@ -48,7 +49,7 @@ from deepmetric.cli.parser import (
 )
 from deepmetric.cli.rundir import RunDirectory
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "CliError", "build_parser", "main"]
+__all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_USAGE", "CliError", "build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     2
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    run = None
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help
             return int(e.code or 0)
         if args.command == "train":
-            args.run = RunDirectory.open(args.out, args.name, args.resume, vars(args))
+            run = args.run = RunDirectory.open(args.out, args.name, args.resume, vars(args))
         check_paths(args)
         _start_backend(args.backend)
         command = importlib.import_module(f"deepmetric.cli.{args.command}")
@@ -72,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         message = " ".join(str(e).split())
         print(f"{PROG}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
     except KeyboardInterrupt:
         note("interrupted")
         return EXIT_INTERRUPTED
+    finally:
+        if run is not None:
+            run.release()
 
 
 def _start_backend(backend: str | None) -> None:

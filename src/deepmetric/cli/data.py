@@ -63,7 +63,18 @@ def label_names(data: datasets.Dataset, y) -> np.ndarray:
 
 
 def split_indices(data, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of the train and test parts of `split` (`datasets.split_samples`)."""
+    """The rows of the train and test parts of `split` (`datasets.split_samples`).
+
+    CliError naming the class (its folder for an image folder) of a class with 1 example.
+    """
+    counts = np.bincount(np.asarray(data.y, dtype="int64"), minlength=len(data.class_names))
+    single = [data.class_names[i] for i in np.flatnonzero(counts == 1)]
+    if single:
+        more = f" (and {len(single) - 1} more: {', '.join(single[1:6])})" if single[1:] else ""
+        raise CliError(
+            f"class {single[0]!r}{more} has 1 example; the stratified split of the data "
+            "needs at least 2 per class"
+        )
     try:
         return datasets.split_samples(data.y, test_size, seed)
     except datasets.DataError as e:

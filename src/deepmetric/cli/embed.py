@@ -7,14 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from deepmetric.cli import data
-from deepmetric.cli.parser import CliError
 from deepmetric.export import atomic_write
 
 
 def run(args) -> int:
-    output = Path(args.output)
-    if output.suffix not in (".npy", ".tsv"):
-        raise CliError(f"--output must end in .npy or .tsv, got {output.name!r}")
+    output = Path(args.output)  # suffix, existence and folder checked by parser.check_paths
     model = data.load_model(args.model)
     dataset = data.load_data(args.data)
     x, _ = data.select(dataset, args.split, args.test_size, args.seed)

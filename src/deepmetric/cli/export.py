@@ -1,7 +1,15 @@
-"""`deepmetric export MODEL`: Embedding Projector files and a 2-D map of data."""
+"""`deepmetric export MODEL`: Embedding Projector files and a 2-D map of data.
+
+The files are written into a hidden temporary folder beside --out and renamed to --out
+when complete. An existing --out is refused unless --force, which replaces only a folder
+holding export's own files (checked by `parser.check_paths` before keras loads).
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from deepmetric.cli import data
@@ -15,12 +23,23 @@ def run(args) -> int:
     x, y = data.select(dataset, args.split, args.test_size, args.seed)
     embeddings = data.embed(model, x)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} exists and is not a directory")
     names = dataset.class_names
     images = x if dataset.is_image else None
-    write_projector(out, embeddings, y, images=images, class_names=names)
-    plot_embeddings(out / "map.png", embeddings, y, args.map_method, class_names=names)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's folder is private
+        write_projector(tmp, embeddings, y, images=images, class_names=names)
+        plot_embeddings(tmp / "map.png", embeddings, y, args.map_method, class_names=names)
+        if out.exists():  # --force, checked: a folder of export files
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except OSError as e:
+        raise CliError(f"--out {out}: cannot write the export ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if not args.quiet:
         print(f"wrote Embedding Projector files and map.png to {out}")
     return 0

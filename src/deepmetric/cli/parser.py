@@ -8,15 +8,41 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 from deepmetric.cli import names
 
 PROG = "deepmetric"
 BACKENDS = ("jax", "tensorflow", "torch")
+# The exit statuses of the command (docs/cli.md lists them): 0 done; EXIT_USAGE bad input,
+# a run locked by another process, or a write that failed (no space, no permission);
+# EXIT_DIVERGED a training loss that became NaN or inf; EXIT_INTERRUPTED Ctrl-C.
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+
+DATA_FORMATS = """\
+--data formats:
+  digits                 scikit-learn's 8x8 digits (1797 images, 10 classes; the default)
+  DIR/<class>/<image>    a folder with one sub-folder of images per class (PIL formats);
+                         all images take the mode and size of the first readable one
+  DIR with IDX files     MNIST format: *images-idx3-ubyte[.gz] beside *labels-idx1-ubyte[.gz]
+  FILE-images-idx3-ubyte[.gz]  one IDX images file and its labels-idx1 partner
+  FILE.npz               arrays x, (n, features) vectors or (n, H, W[, C]) images, and y,
+                         integer labels or class names (numpy.savez; no pickled objects)
+Features must be finite (no NaN or inf), and every class needs at least 2 examples.
+"""
+EXIT_CODES = f"""
+exit status: 0 done; {EXIT_USAGE} bad input, a run locked by another process, or a failed
+write (no space, no permission: the last checkpoint is kept); {EXIT_DIVERGED} the loss became
+NaN or inf (the last good checkpoint is kept); {EXIT_INTERRUPTED} interrupted (Ctrl-C).
+"""
+# The free space an output folder needs before a command starts writing (train adds an
+# estimate from the model's size); DEEPMETRIC_MIN_FREE_MB overrides it.
+MIN_FREE_MB = 64
 
 # Defaults of `deepmetric train`, tuned on the digits (see docs/cli.md).
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -39,7 +65,15 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 
 
 class CliError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2."""
+    """Bad input: reported as one line on stderr, exit status `exit_code` (2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DivergedError(CliError):
+    """The training loss became NaN or inf: one line on stderr, exit status 3."""
+
+    exit_code = EXIT_DIVERGED
 
 
 def note(message: str) -> None:
@@ -115,7 +149,8 @@ def _add_data_split(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         default="digits",
-        help="'digits' (default), an image folder, an .npz with x and y, or IDX files",
+        help="'digits' (default), an image folder, an .npz with x and y, or IDX files "
+        "(formats below)",
     )
     p.add_argument(
         "--split",
@@ -134,7 +169,11 @@ def _add_train(t: argparse.ArgumentParser) -> None:
     d = TRAIN_DEFAULTS
     # Defaults are None here and filled in by RunDirectory.open, so that --resume can tell
     # the options given on the command line from the saved ones.
-    t.add_argument("--data", help=f"data set (default: {d['data']})")
+    t.add_argument(
+        "--data",
+        help=f"data set: digits, an image folder, an .npz or IDX files, see the formats below "
+        f"(default: {d['data']})",
+    )
     t.add_argument(
         "--loss",
         help=f"loss of deepmetric.losses or head of deepmetric.heads ({', '.join(names.HEADS)}), "
@@ -208,10 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
             description="Train an embedding model with a metric-learning loss on P x K "
             "batches, evaluate retrieval on a held-out split before and after, and write the "
             "run directory <out>/<name>/.",
+            epilog=DATA_FORMATS + EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
 
-    e = sub.add_parser("evaluate", help="retrieval metrics of a saved model on data")
+    formats: dict[str, Any] = {
+        "epilog": DATA_FORMATS,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+    e = sub.add_parser("evaluate", help="retrieval metrics of a saved model on data", **formats)
     e.add_argument("model", help="a saved .keras model")
     _add_data_split(e)
     e.add_argument(
@@ -222,33 +267,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="k of recall@k (default: 1 2 4 8)",
     )
     e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.add_argument("--force", action="store_true", help="replace an existing --json file")
     _add_common(e)
 
-    m = sub.add_parser("embed", help="embeddings of data by a saved model, as .npy or .tsv")
+    m = sub.add_parser(
+        "embed", help="embeddings of data by a saved model, as .npy or .tsv", **formats
+    )
     m.add_argument("model", help="a saved .keras model")
     _add_data_split(m)
     m.add_argument(
         "--output", default="embeddings.npy", help=".npy (default: embeddings.npy) or .tsv"
     )
     m.add_argument("--batch-size", type=_positive_int, default=256)
+    m.add_argument("--force", action="store_true", help="replace an existing --output file")
     _add_common(m)
 
-    x = sub.add_parser("export", help="Embedding Projector files and a 2-D map of data")
+    x = sub.add_parser("export", help="Embedding Projector files and a 2-D map of data", **formats)
     x.add_argument("model", help="a saved .keras model")
     _add_data_split(x)
     x.add_argument("--out", default="projector", help="output folder (default: projector)")
     x.add_argument("--map-method", choices=("pca", "tsne", "umap"), default="pca")
+    x.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out folder that holds export files (or nothing else)",
+    )
     _add_common(x)
-    _add_index_and_search(sub)
+    _add_index_and_search(sub, formats)
     return parser
 
 
-def _add_index_and_search(sub) -> None:
+def _add_index_and_search(sub, formats) -> None:
     i = sub.add_parser(
         "index",
         help="a nearest-neighbour index of data embedded by a saved model",
         description="Embed a data set and write a deepmetric.index.Index folder (labels: the "
         "class names; metadata: the file paths for an image folder), read by Index.load.",
+        **formats,
     )
     i.add_argument("model", help="a saved .keras model")
     _add_data_split(i)
@@ -277,21 +332,43 @@ def _add_index_and_search(sub) -> None:
 INDEX_METRICS = ("euclidean", "squared_euclidean", "cosine", "inner_product")
 
 
-def check_paths(args: argparse.Namespace) -> None:
-    """The checks of `index` and `search` that need neither keras nor the model.
+EXPORT_FILES = ("vecs.tsv", "meta.tsv", "sprite.png", "projector_config.pbtxt", "map.png")
 
-    `index`: the model file exists, and --out does not unless --force. `search`: the model
-    and the queries exist, and DIR holds an index, which is loaded into `args.loaded_index`
-    (numpy only) so that a missing or damaged index is reported before a backend loads.
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The checks of the paths of a command that need neither keras nor the model.
+
+    The model file and --data exist; an output that exists is refused unless --force
+    (`export` replaces only a folder of its own files); every output folder can be written
+    and has `min_free_bytes()` free. `search`: the queries exist, and DIR holds an index,
+    which is loaded into `args.loaded_index` (numpy only) so that a missing or damaged
+    index is reported before a backend loads. `train` is checked by `RunDirectory.open`.
     """
-    if args.command not in ("index", "search"):
+    if args.command == "train":
         return
     if not os.path.isfile(args.model):
         raise CliError(f"{args.model}: no such model file")
+    if args.command == "search":
+        _check_search(args)
+        return
+    check_data_path(args.data)
     if args.command == "index":
         if os.path.exists(args.out) and not args.force:
             raise CliError(f"--out {args.out} exists; pass --force to replace the index there")
-        return
+        check_output_location(args.out, "--out")
+    elif args.command == "export":
+        _check_export_out(args.out, args.force)
+        check_output_location(args.out, "--out")
+    elif args.command == "embed":
+        if not args.output.endswith((".npy", ".tsv")):
+            name = os.path.basename(args.output)
+            raise CliError(f"--output must end in .npy or .tsv, got {name!r}")
+        _check_output_file(args.output, "--output", args.force)
+    elif args.command == "evaluate" and args.json:
+        _check_output_file(args.json, "--json", args.force)
+
+
+def _check_search(args: argparse.Namespace) -> None:
     for query in args.queries:
         if not os.path.isfile(query):
             raise CliError(f"{query}: no such query file")
@@ -303,6 +380,76 @@ def check_paths(args: argparse.Namespace) -> None:
         args.loaded_index = Index.load(args.index)
     except (IndexFileError, OSError, ValueError, ImportError) as e:
         raise CliError(str(e)) from None
+
+
+def _check_export_out(out: str, force: bool) -> None:
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise CliError(f"--out {out} exists and is not a directory")
+    if not force:
+        raise CliError(f"--out {out} exists; pass --force to replace the export there")
+    others = sorted(set(os.listdir(out)) - set(EXPORT_FILES))
+    if others:
+        raise CliError(
+            f"--out {out} holds files that export does not write ({', '.join(others[:3])}); "
+            "--force replaces only a folder of export files"
+        )
+
+
+def _check_output_file(path: str, option: str, force: bool) -> None:
+    if os.path.isdir(path):
+        raise CliError(f"{option} {path} is a directory")
+    if os.path.exists(path) and not force:
+        raise CliError(f"{option} {path} exists; pass --force to replace it")
+    check_output_location(path, option)
+
+
+def check_data_path(spec: str) -> None:
+    """CliError unless --data is "digits" or an existing path (the loader checks the rest)."""
+    if spec != "digits" and not os.path.exists(os.path.expanduser(spec)):
+        raise CliError(f"{os.path.expanduser(spec)}: no such file or folder")
+
+
+def min_free_bytes() -> int:
+    """The free space every output folder needs: MIN_FREE_MB, or $DEEPMETRIC_MIN_FREE_MB."""
+    text = os.environ.get("DEEPMETRIC_MIN_FREE_MB", str(MIN_FREE_MB))
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise CliError(f"DEEPMETRIC_MIN_FREE_MB must be a number of MB >= 0, got {text!r}")
+    return int(value * 2**20)
+
+
+def check_output_location(path, option: str, *, need: int | None = None) -> None:
+    """CliError unless `path` (a file or folder to write) can be created and its file system
+    has `need` bytes free (default `min_free_bytes()`).
+
+    The nearest existing folder at or above the path's parent must be a directory in which
+    a file can really be created (a probe file, removed at once: permissions, a read-only
+    file system, quota), and `shutil.disk_usage` of it must show `need` bytes free.
+    """
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise CliError(f"{option} {path}: cannot create it, {folder} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".deepmetric-probe-") as probe:
+            probe.write(b"0")
+            probe.flush()
+    except OSError as e:
+        raise CliError(f"{option} {path}: cannot write in {folder} ({e.strerror or e})") from None
+    need = min_free_bytes() if need is None else need
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise CliError(
+            f"{option} {path}: only {free / 2**20:.1f} MB free in {folder}, "
+            f"{need / 2**20:.1f} MB needed (see DEEPMETRIC_MIN_FREE_MB)"
+        )
 
 
 def check_train_config(config: dict[str, Any]) -> None:

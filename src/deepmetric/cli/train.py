@@ -18,7 +18,7 @@ from deepmetric.callbacks import RetrievalEvaluation
 from deepmetric.cli import data
 from deepmetric.cli.index import held_out_index
 from deepmetric.cli.objective import Objective
-from deepmetric.cli.parser import EXIT_INTERRUPTED, PROG, CliError, note
+from deepmetric.cli.parser import EXIT_INTERRUPTED, PROG, CliError, DivergedError, note
 from deepmetric.cli.rundir import RunDirectory
 from deepmetric.models import build_embedding_model
 from deepmetric.samplers import PKSampler
@@ -192,6 +192,56 @@ class LearningRateLogger(keras.callbacks.Callback):
             logs["learning_rate"] = float(np.asarray(keras.ops.convert_to_numpy(rate)))
 
 
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops `fit` at the first batch whose loss is NaN or inf, with a DivergedError (exit 3)
+    naming the epoch and the step. It is raised at the batch's end, before the epoch's end,
+    so the checkpoint keeps the last completed epoch (Keras' TerminateOnNaN would let the
+    epoch end, and the diverged weights would be checkpointed)."""
+
+    def __init__(self, run: RunDirectory):
+        super().__init__()
+        self.run = run
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise DivergedError(
+                f"the training loss became {float(loss)} at epoch {self.epoch + 1}, step "
+                f"{batch + 1}; training stopped; {self.run.kept_note()}"
+            )
+
+
+class HeldOutEvaluation(RetrievalEvaluation):
+    """`RetrievalEvaluation` of the held-out split that stops with a DivergedError (exit 3)
+    when the model's embeddings hold NaN or inf: the weights diverged in the epoch's last
+    step, after its (finite) loss. It runs before the checkpoint, which keeps the last
+    good epoch."""
+
+    def __init__(self, run: RunDirectory, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run = run
+        self.epoch = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch = epoch
+        super().on_epoch_end(epoch, logs)
+
+    def _embed(self, x):
+        embeddings = np.asarray(super()._embed(x))
+        bad = ~np.isfinite(embeddings.reshape(len(embeddings), -1)).all(axis=1)
+        if bad.any():
+            raise DivergedError(
+                f"after epoch {self.epoch + 1} the model embeds {int(bad.sum())} of the "
+                f"{len(bad)} held-out examples as NaN or inf (its weights diverged); training "
+                f"stopped; {self.run.kept_note()}"
+            )
+        return embeddings
+
+
 class Checkpoint(keras.callbacks.Callback):
     """Checkpoints the model being fitted into the run after each epoch.
 
@@ -204,7 +254,7 @@ class Checkpoint(keras.callbacks.Callback):
         self.before_embeddings = before_embeddings
 
     def on_train_begin(self, logs=None):
-        self.run.begin_epochs()
+        self.run.begin_epochs(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
         self.run.save_epoch(self.model, epoch, logs, self.before_embeddings)
@@ -216,8 +266,10 @@ def callbacks(run: RunDirectory, x_test, y_test, before_embeddings, embedder=Non
     `embedder` is the model to evaluate when the fitted model is a head's trainer.
     """
     return [
+        StopOnNonFiniteLoss(run),
         LearningRateLogger(),
-        RetrievalEvaluation(
+        HeldOutEvaluation(
+            run,
             x_test,
             y_test,
             prefix="val_",
