@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import datetime
 import errno
-import fcntl
 import io
 import json
 import os
@@ -38,6 +37,11 @@ from deepmetric.cli.parser import (
     note,
 )
 from deepmetric.export import atomic_write, plot_embeddings, plot_history, write_projector
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the PID in the lock file decides
+    fcntl = None  # type: ignore[assignment]
 
 # The options --resume takes from the checkpoint; giving another value is an error.
 FIXED_ON_RESUME = (
@@ -429,6 +433,14 @@ class RunLock:
             except FileExistsError:
                 os.close(fd)
                 return None
+            except OSError:  # no hard links here: create the name itself, then fill it
+                os.close(fd)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return None
+                _flock(fd)
+                _write_holder(fd)
             return fd
         except OSError as e:
             os.close(fd)
@@ -452,6 +464,8 @@ class RunLock:
 def _flock(fd: int) -> bool | None:
     """True if this process now holds the exclusive lock of `fd`, False if another process
     does, None if the file system does not support flock."""
+    if fcntl is None:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
