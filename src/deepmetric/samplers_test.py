@@ -145,3 +145,60 @@ def test_fit_with_triplet_semihard_loss():
     assert len(history.history["loss"]) == 2
     assert np.all(np.isfinite(history.history["loss"]))
     assert sampler.epoch >= 1
+
+
+@pytest.mark.parametrize("p, k, w", [(4, 3, 2), (4, 3, 4), (3, 4, 2), (6, 2, 3)])
+def test_replica_shares_make_up_the_global_batch(p, k, w):
+    """Each rank's share is its slice of the one global batch: disjoint, and together the batch.
+
+    Every rank builds its own sampler with the same seed, as every DDP process does; the
+    concatenated shares of one step must be exactly the single-process batch, over two epochs.
+    """
+    x, y = data([8, 9, 12, 4, 7, 16])
+    single = PKSampler(x, y, p, k, seed=7)
+    ranks = [PKSampler(x, y, p, k, seed=7, num_replicas=w, rank=r) for r in range(w)]
+    for _ in range(2):
+        for i in range(len(single)):
+            shares = [s.batch_indices(i) for s in ranks]
+            assert all(len(s) == p * k // w for s in shares)
+            np.testing.assert_array_equal(np.concatenate(shares), single.batch_indices(i))
+            np.testing.assert_array_equal(single.global_batch_indices(i), single.batch_indices(i))
+            # The shares are disjoint positions (rows) of the global batch.
+            xb = np.concatenate([s[i][0] for s in ranks])
+            yb = np.concatenate([s[i][1] for s in ranks])
+            np.testing.assert_array_equal(xb, single[i][0])
+            classes, counts = np.unique(yb, return_counts=True)
+            assert len(classes) == p and np.all(counts == k)
+            for r, s in enumerate(ranks):
+                np.testing.assert_array_equal(s.global_batch_indices(i), single.batch_indices(i))
+                assert s.rank == r and s.batch_size * w == s.global_batch_size == p * k
+        for s in [single, *ranks]:
+            s.on_epoch_end()
+
+
+def test_replica_shares_are_disjoint_when_classes_are_large():
+    x, y = data([20] * 6)
+    ranks = [PKSampler(x, y, 4, 4, seed=1, num_replicas=2, rank=r) for r in range(2)]
+    for i in range(len(ranks[0])):
+        a, b = (s.batch_indices(i) for s in ranks)
+        assert not set(a.tolist()) & set(b.tolist())
+        # W divides P: every share holds P / W whole classes of K samples.
+        for s in ranks:
+            _, counts = np.unique(s[i][1], return_counts=True)
+            assert len(counts) == 2 and np.all(counts == 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_replicas": 0}, ValueError, "num_replicas"),
+        ({"num_replicas": 5}, ValueError, r"multiple of `num_replicas`.*num_replicas=5"),
+        ({"num_replicas": 2, "rank": 2}, ValueError, r"`rank` must be in \[0, num_replicas=2\)"),
+        ({"num_replicas": 2, "rank": -1}, ValueError, "rank=-1"),
+        ({"num_replicas": 2, "rank": 1.0}, TypeError, "rank=1.0"),
+    ],
+)
+def test_bad_replica_arguments(kwargs, error, match):
+    x, y = data([5] * 4)
+    with pytest.raises(error, match=match):
+        PKSampler(x, y, 3, 2, **kwargs)
