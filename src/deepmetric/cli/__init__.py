@@ -45,6 +45,7 @@ from deepmetric.cli.parser import (
     build_parser,
     check_paths,
     note,
+    prepare_devices,
 )
 from deepmetric.cli.rundir import RunDirectory
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             args.run = RunDirectory.open(args.out, args.name, args.resume, vars(args))
         check_paths(args)
+        prepare_devices(args)
         _start_backend(args.backend)
         command = importlib.import_module(f"deepmetric.cli.{args.command}")
         return command.run(args)
