@@ -202,3 +202,49 @@ def test_bad_replica_arguments(kwargs, error, match):
     x, y = data([5] * 4)
     with pytest.raises(error, match=match):
         PKSampler(x, y, 3, 2, **kwargs)
+
+
+TF_SPLIT = """
+import json
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+from deepmetric.samplers import PKSampler
+x = np.arange(48, dtype="float32").reshape(48, 1)
+y = np.repeat(np.arange(6), 8)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+sampler = PKSampler(x, y, 4, 3, batches_per_epoch=3, seed=2)
+dataset = PyDatasetAdapter(sampler, shuffle=False).get_tf_dataset()
+shares = []
+for xb, _ in strategy.experimental_distribute_dataset(dataset):  # as Keras' fit does
+    shares.append([r.numpy()[:, 0].astype(int).tolist() for r in
+                   strategy.experimental_local_results(xb)])
+print(json.dumps(shares))
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute")
+def test_tensorflow_mirrored_split_gives_each_replica_its_rank_share():
+    """Backend-specific: MirroredStrategy on 2 logical CPUs splits the sampler's global batch
+    into the contiguous shares that `PKSampler(num_replicas=2, rank=r)` gives each rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    done = subprocess.run(
+        [sys.executable, "-c", TF_SPLIT], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    shares = json.loads(done.stdout.strip().splitlines()[-1])
+    x = np.arange(48, dtype="float32").reshape(48, 1)
+    y = np.repeat(np.arange(6), 8)
+    ranks = [
+        PKSampler(x, y, 4, 3, batches_per_epoch=3, seed=2, num_replicas=2, rank=r) for r in range(2)
+    ]
+    expected = [[ranks[r].batch_indices(i).tolist() for r in range(2)] for i in range(3)]
+    assert shares == expected
