@@ -15,8 +15,10 @@ Limited Setup", arXiv:2101.06983) uses that: with the batch cut into chunks x_1.
 
 By the chain rule this is the gradient of the whole batch, whatever the chunk size; peak memory
 is that of one chunk's activations plus the B x D embeddings and the loss. The price is a
-second forward pass over the batch (about 1.3-1.5x the time of a plain step; see
-docs/benchmarks.md).
+second forward pass over the batch (4/3 of a plain step's arithmetic if a backward pass costs
+two forward passes) plus the overhead of calling the model once per chunk: 2.2x the CPU time
+of the plain step at B = 256 in chunks of 32 on torch, CPU (docs/benchmarks.md, "Gradient
+caching").
 
 `GradCacheModel(embedder, chunk_size)` is a `keras.Model` whose `train_step` does this on every
 backend, so `compile` and `fit` are used as usual with any loss of labels and embeddings. The
