@@ -15,7 +15,8 @@ line `deepmetric: error: ...` on stderr and exits with status 2.
 
 Modules: `parser` (the arguments and their checks), `names` (the names --loss, --optimizer
 and --schedule accept), `rundir` (`RunDirectory`: checkpoint, resume, atomic outputs),
-`objective` (`Objective`: how a loss or a head is built, compiled and fed), `data` (data,
+`objective` (`Objective`: how a loss or a head is built, compiled and fed), `devices`
+(`Devices`: --devices and --grad-cache-chunk), `data` (data,
 models and metrics for the commands), and one module per command: `train`, `evaluate`,
 `embed`, `export`, `index`, `search`, each with `run(args)`.
 

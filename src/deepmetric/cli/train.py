@@ -1,7 +1,8 @@
 """`deepmetric train`: train an embedding model, evaluate it before and after, write the run.
 
 The steps: the objective (loss or head) of --loss, the data and its stratified split, P x K
-batches, the model (new, or the checkpoint of an interrupted run), `fit` with a checkpoint
+batches, the model (new, or the checkpoint of an interrupted run; on the devices of --devices
+and wrapped for --grad-cache-chunk by `deepmetric.cli.devices.Devices`), `fit` with a checkpoint
 after every epoch, the metrics after training, the index of the held-out split with its
 calibrated threshold (`deepmetric.cli.index.held_out_index`), and the atomic commit of the
 run directory.
