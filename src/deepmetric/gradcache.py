@@ -17,8 +17,9 @@ By the chain rule this is the gradient of the whole batch, whatever the chunk si
 is that of one chunk's activations plus the B x D embeddings and the loss. The price is a
 second forward pass over the batch (4/3 of a plain step's arithmetic if a backward pass costs
 two forward passes) plus the overhead of calling the model once per chunk: 2.2x the CPU time
-of the plain step at B = 256 in chunks of 32 on torch, CPU (docs/benchmarks.md, "Gradient
-caching").
+of the plain step at B = 256 in chunks of 32 on torch, CPU; about 10x on jax, CPU, where the
+chunks run in a `lax.scan` loop (so that XLA keeps one chunk alive) and XLA's CPU convolutions
+are slow inside it (docs/benchmarks.md, "Gradient caching").
 
 `GradCacheModel(embedder, chunk_size)` is a `keras.Model` whose `train_step` does this on every
 backend, so `compile` and `fit` are used as usual with any loss of labels and embeddings. The
