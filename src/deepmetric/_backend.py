@@ -167,3 +167,108 @@ def torch_threads(threads: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------
+# The command line: data parallelism on local devices (`deepmetric train --devices N`)
+
+
+def local_devices() -> list[str]:
+    """The devices data parallelism can use: accelerators if any, else the CPUs.
+
+    jax: `jax.devices()` (N host CPUs when XLA_FLAGS has
+    `--xla_force_host_platform_device_count=N`, set before jax was imported); tensorflow: the
+    logical GPUs, else the logical CPUs (see `split_host_cpu`); torch: none (one process per
+    device with torchrun, see docs/cli.md).
+    """
+    backend = name()
+    if backend == "jax":
+        import jax
+
+        return [f"{d.platform}:{d.id}" for d in jax.devices()]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        return [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+    return []
+
+
+def split_host_cpu(count: int) -> None:
+    """TensorFlow without GPUs: makes the CPU `count` logical devices, if TF has not started.
+
+    Once TensorFlow's runtime has started the devices are fixed; nothing changes then.
+    """
+    if name() != "tensorflow" or count < 2:
+        return
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return
+    (cpu,) = tf.config.list_physical_devices("CPU")[:1]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+        )
+    except RuntimeError:  # the runtime has started: keep its devices
+        pass
+
+
+@contextlib.contextmanager
+def data_parallel_scope(devices: list[str]):
+    """Builds and trains models under data parallelism over `devices` (tensorflow).
+
+    TensorFlow: `tf.distribute.MirroredStrategy(devices)`, whose scope must hold the model's
+    creation and compile (`fit` then splits each global batch into contiguous replica
+    shares). jax: nothing here; see `data_parallel_fit`.
+    """
+    if name() == "tensorflow" and len(devices) > 1:
+        import tensorflow as tf
+
+        with tf.distribute.MirroredStrategy(devices).scope():
+            yield
+        return
+    yield
+
+
+@contextlib.contextmanager
+def data_parallel_fit(model, devices: list[str]):
+    """Runs `model.fit` under `keras.distribution.DataParallel(devices)` (jax).
+
+    The model's, optimizer's and metrics' variables are replicated onto the devices and each
+    batch is sharded over them, so that the loss sees the global batch. The distribution is
+    set only around `fit`: Keras' jax `predict` under `DataParallel` needs every batch to be
+    a multiple of the devices, which a held-out set rarely is, so predictions (callbacks
+    included: wrap them with `outside_distribution`) run on the replicated weights without it.
+    Other backends: nothing.
+    """
+    if name() != "jax" or len(devices) < 2:
+        yield
+        return
+    import jax
+
+    distribution = keras.distribution.DataParallel(devices=devices)
+    sharding = jax.sharding.NamedSharding(
+        distribution.device_mesh.backend_mesh, jax.sharding.PartitionSpec()
+    )
+    state = list(model.variables) + list(model.metrics_variables)
+    if model.optimizer is not None:
+        state += list(model.optimizer.variables)
+    for variable in state:
+        variable.assign(jax.device_put(variable.value, sharding))
+    with distribution.scope():
+        yield
+
+
+@contextlib.contextmanager
+def outside_distribution():
+    """Runs the block without the current `keras.distribution` (jax predictions in `fit`)."""
+    if name() != "jax":
+        yield
+        return
+    current = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)

@@ -63,6 +63,22 @@ class PKSampler(keras.utils.PyDataset):
     with a single sample cannot form a positive pair; the sampler warns and
     names them (it still uses them, as negatives).
 
+    Several devices. The batch of P * K samples is the *global* batch: one
+    batch of the whole step, whatever the number of devices.
+    - JAX (`keras.distribution.DataParallel`) and TensorFlow (a
+      `tf.distribute` strategy such as `MirroredStrategy`): Keras feeds the
+      global batch and shards it, replica r taking rows
+      [r * B / W, (r + 1) * B / W) of it (contiguous and in order, checked by
+      the tests). Keep the defaults `num_replicas=1, rank=0`.
+    - torch DDP (one process per device): each process builds the sampler with
+      the same `seed` and `num_replicas=W, rank=r` and gets exactly that share:
+      rows [r * B / W, (r + 1) * B / W) of the same global batch. The shares of
+      one step are disjoint and together are the global batch, so the class
+      balance (P classes x K samples) holds over the global batch.
+    The batch is grouped by class, so when W divides P every share holds P / W
+    whole classes of K samples (local mining then still has positive pairs).
+    P * K must be a multiple of W.
+
     Labels. Integer labels reach the model as given. String labels are mapped
     to integers 0..C-1 in sorted order; `classes` holds the mapping
     (`classes[i]` is the name of label i). For integer labels, `classes` holds
@@ -75,7 +91,10 @@ class PKSampler(keras.utils.PyDataset):
         classes_per_batch: P, at least 2 and at most the number of classes.
         samples_per_class: K, at least 1.
         batches_per_epoch: batches per epoch; default ceil(N / (P * K)).
-        seed: seed of the shuffling.
+        seed: seed of the shuffling; the same on every replica.
+        num_replicas: W, the number of processes that share each global batch
+            (torch DDP: the world size); 1 when Keras shards the batch itself.
+        rank: this process's rank r in [0, W): its share of each batch.
         **kwargs: passed to `keras.utils.PyDataset` (`workers`,
             `use_multiprocessing`, `max_queue_size`).
 
@@ -99,6 +118,8 @@ class PKSampler(keras.utils.PyDataset):
         *,
         batches_per_epoch=None,
         seed=0,
+        num_replicas=1,
+        rank=0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -128,6 +149,20 @@ class PKSampler(keras.utils.PyDataset):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"`seed` must be an integer. Received: seed={seed!r}")
         self.seed = int(seed)
+        self.num_replicas = _positive_int(num_replicas, "num_replicas", 1)
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+            raise TypeError(f"`rank` must be an integer. Received: rank={rank!r}")
+        if not 0 <= rank < self.num_replicas:
+            raise ValueError(
+                f"`rank` must be in [0, num_replicas={self.num_replicas}). Received: rank={rank}"
+            )
+        self.rank = int(rank)
+        if batch % self.num_replicas:
+            raise ValueError(
+                "The global batch `classes_per_batch * samples_per_class` "
+                f"({self.classes_per_batch} * {self.samples_per_class} = {batch}) must be a "
+                f"multiple of `num_replicas`. Received: num_replicas={self.num_replicas}"
+            )
         order = np.argsort(codes, kind="stable")
         sizes = np.bincount(codes, minlength=num_classes)
         self._members = np.split(order, np.cumsum(sizes)[:-1])
@@ -155,11 +190,26 @@ class PKSampler(keras.utils.PyDataset):
             index += self.batches_per_epoch
         if not 0 <= index < self.batches_per_epoch:
             raise IndexError(f"batch index {index} out of range [0, {self.batches_per_epoch})")
-        indices = self._batches[index]
+        indices = self.batch_indices(index)
         return self.x[indices], self._y[indices]
 
+    @property
+    def global_batch_size(self) -> int:
+        """P * K: the samples of one step over all replicas."""
+        return self.classes_per_batch * self.samples_per_class
+
+    @property
+    def batch_size(self) -> int:
+        """The samples this replica gets per step: P * K / num_replicas."""
+        return self.global_batch_size // self.num_replicas
+
     def batch_indices(self, index):
-        """The sample indices of batch `index` of the current epoch."""
+        """The sample indices of this replica's share of batch `index` of the current epoch."""
+        share = self.batch_size
+        return self._batches[index, self.rank * share : (self.rank + 1) * share].copy()
+
+    def global_batch_indices(self, index):
+        """The sample indices of the whole global batch `index` (all replicas' shares)."""
         return self._batches[index].copy()
 
     def on_epoch_end(self):

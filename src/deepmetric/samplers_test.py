@@ -145,3 +145,106 @@ def test_fit_with_triplet_semihard_loss():
     assert len(history.history["loss"]) == 2
     assert np.all(np.isfinite(history.history["loss"]))
     assert sampler.epoch >= 1
+
+
+@pytest.mark.parametrize("p, k, w", [(4, 3, 2), (4, 3, 4), (3, 4, 2), (6, 2, 3)])
+def test_replica_shares_make_up_the_global_batch(p, k, w):
+    """Each rank's share is its slice of the one global batch: disjoint, and together the batch.
+
+    Every rank builds its own sampler with the same seed, as every DDP process does; the
+    concatenated shares of one step must be exactly the single-process batch, over two epochs.
+    """
+    x, y = data([8, 9, 12, 4, 7, 16])
+    single = PKSampler(x, y, p, k, seed=7)
+    ranks = [PKSampler(x, y, p, k, seed=7, num_replicas=w, rank=r) for r in range(w)]
+    for _ in range(2):
+        for i in range(len(single)):
+            shares = [s.batch_indices(i) for s in ranks]
+            assert all(len(s) == p * k // w for s in shares)
+            np.testing.assert_array_equal(np.concatenate(shares), single.batch_indices(i))
+            np.testing.assert_array_equal(single.global_batch_indices(i), single.batch_indices(i))
+            # The shares are disjoint positions (rows) of the global batch.
+            xb = np.concatenate([s[i][0] for s in ranks])
+            yb = np.concatenate([s[i][1] for s in ranks])
+            np.testing.assert_array_equal(xb, single[i][0])
+            classes, counts = np.unique(yb, return_counts=True)
+            assert len(classes) == p and np.all(counts == k)
+            for r, s in enumerate(ranks):
+                np.testing.assert_array_equal(s.global_batch_indices(i), single.batch_indices(i))
+                assert s.rank == r and s.batch_size * w == s.global_batch_size == p * k
+        for s in [single, *ranks]:
+            s.on_epoch_end()
+
+
+def test_replica_shares_are_disjoint_when_classes_are_large():
+    x, y = data([20] * 6)
+    ranks = [PKSampler(x, y, 4, 4, seed=1, num_replicas=2, rank=r) for r in range(2)]
+    for i in range(len(ranks[0])):
+        a, b = (s.batch_indices(i) for s in ranks)
+        assert not set(a.tolist()) & set(b.tolist())
+        # W divides P: every share holds P / W whole classes of K samples.
+        for s in ranks:
+            _, counts = np.unique(s[i][1], return_counts=True)
+            assert len(counts) == 2 and np.all(counts == 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_replicas": 0}, ValueError, "num_replicas"),
+        ({"num_replicas": 5}, ValueError, r"multiple of `num_replicas`.*num_replicas=5"),
+        ({"num_replicas": 2, "rank": 2}, ValueError, r"`rank` must be in \[0, num_replicas=2\)"),
+        ({"num_replicas": 2, "rank": -1}, ValueError, "rank=-1"),
+        ({"num_replicas": 2, "rank": 1.0}, TypeError, "rank=1.0"),
+    ],
+)
+def test_bad_replica_arguments(kwargs, error, match):
+    x, y = data([5] * 4)
+    with pytest.raises(error, match=match):
+        PKSampler(x, y, 3, 2, **kwargs)
+
+
+TF_SPLIT = """
+import json
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+from deepmetric.samplers import PKSampler
+x = np.arange(48, dtype="float32").reshape(48, 1)
+y = np.repeat(np.arange(6), 8)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+sampler = PKSampler(x, y, 4, 3, batches_per_epoch=3, seed=2)
+dataset = PyDatasetAdapter(sampler, shuffle=False).get_tf_dataset()
+shares = []
+for xb, _ in strategy.experimental_distribute_dataset(dataset):  # as Keras' fit does
+    shares.append([r.numpy()[:, 0].astype(int).tolist() for r in
+                   strategy.experimental_local_results(xb)])
+print(json.dumps(shares))
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute")
+def test_tensorflow_mirrored_split_gives_each_replica_its_rank_share():
+    """Backend-specific: MirroredStrategy on 2 logical CPUs splits the sampler's global batch
+    into the contiguous shares that `PKSampler(num_replicas=2, rank=r)` gives each rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    done = subprocess.run(
+        [sys.executable, "-c", TF_SPLIT], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    shares = json.loads(done.stdout.strip().splitlines()[-1])
+    x = np.arange(48, dtype="float32").reshape(48, 1)
+    y = np.repeat(np.arange(6), 8)
+    ranks = [
+        PKSampler(x, y, 4, 3, batches_per_epoch=3, seed=2, num_replicas=2, rank=r) for r in range(2)
+    ]
+    expected = [[ranks[r].batch_indices(i).tolist() for r in range(2)] for i in range(3)]
+    assert shares == expected

@@ -15,7 +15,8 @@ line `deepmetric: error: ...` on stderr and exits with status 2.
 
 Modules: `parser` (the arguments and their checks), `names` (the names --loss, --optimizer
 and --schedule accept), `rundir` (`RunDirectory`: checkpoint, resume, atomic outputs),
-`objective` (`Objective`: how a loss or a head is built, compiled and fed), `data` (data,
+`objective` (`Objective`: how a loss or a head is built, compiled and fed), `devices`
+(`Devices`: --devices and --grad-cache-chunk), `data` (data,
 models and metrics for the commands), and one module per command: `train`, `evaluate`,
 `embed`, `export`, `index`, `search`, each with `run(args)`.
 
@@ -46,6 +47,7 @@ from deepmetric.cli.parser import (
     build_parser,
     check_paths,
     note,
+    prepare_devices,
 )
 from deepmetric.cli.rundir import RunDirectory
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             run = args.run = RunDirectory.open(args.out, args.name, args.resume, vars(args))
         check_paths(args)
+        prepare_devices(args)
         _start_backend(args.backend)
         command = importlib.import_module(f"deepmetric.cli.{args.command}")
         return command.run(args)

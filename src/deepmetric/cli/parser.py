@@ -61,6 +61,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "test_size": 0.3,
     "map_method": "pca",
+    "devices": 1,
+    "grad_cache_chunk": None,  # no gradient caching
 }
 
 
@@ -218,6 +220,18 @@ def _add_train(t: argparse.ArgumentParser) -> None:
         "--map-method",
         choices=("pca", "tsne", "umap"),
         help="2-D projection of the maps (default: pca)",
+    )
+    t.add_argument(
+        "--devices",
+        type=_positive_int,
+        help="train data-parallel on N local devices: jax and tensorflow (on CPU the host is "
+        "split into N devices); torch: see docs/cli.md (torchrun) (default: 1)",
+    )
+    t.add_argument(
+        "--grad-cache-chunk",
+        type=_positive_int,
+        help="gradient caching: embed each batch C samples at a time, for batches larger than "
+        "memory, with the gradient of the whole batch (default: off)",
     )
     t.add_argument(
         "--threads",
@@ -459,6 +473,11 @@ def check_train_config(config: dict[str, Any]) -> None:
         names.check_head_margin(name, config["margin"])
     except ValueError as e:
         raise CliError(str(e)) from None
+    if config.get("grad_cache_chunk") and name in names.HEADS:
+        raise CliError(
+            f"--grad-cache-chunk works with the losses of labels and embeddings; the head "
+            f"{name!r} adds its loss inside the model (train it without --grad-cache-chunk)"
+        )
     optimizer = config["optimizer"]
     if optimizer.lower() not in names.OPTIMIZERS:
         allowed = ", ".join(repr(n) for n in names.OPTIMIZERS)
@@ -470,3 +489,31 @@ def check_train_config(config: dict[str, Any]) -> None:
         raise CliError(
             f"--schedule: Unknown schedule name: {config['schedule']!r}. Allowed names: {allowed}."
         )
+
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def prepare_devices(args: argparse.Namespace) -> None:
+    """`train --devices N`, before keras loads: refuse torch, give jax N host CPUs.
+
+    torch trains on several devices with one process per device (torchrun), which `fit`
+    does not do: CliError pointing to docs/cli.md. jax: unless XLA_FLAGS already sets it, or
+    jax is already imported, appends `--xla_force_host_platform_device_count=N` to XLA_FLAGS,
+    so that a CPU-only machine shows N devices (accelerators are not affected). Whether N
+    devices exist is checked once the backend has loaded (`deepmetric.cli.devices`).
+    """
+    if args.command != "train":
+        return
+    count = args.run.config.get("devices", 1)
+    if count < 2:
+        return
+    backend = args.backend or os.environ.get("KERAS_BACKEND") or "jax"
+    if backend == "torch":
+        raise CliError(
+            f"--devices {count}: on the torch backend, train with one process per device "
+            "(torchrun); see docs/cli.md"
+        )
+    flags = os.environ.get("XLA_FLAGS", "")
+    if backend == "jax" and "jax" not in sys.modules and DEVICE_COUNT_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()

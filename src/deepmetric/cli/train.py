@@ -1,7 +1,8 @@
 """`deepmetric train`: train an embedding model, evaluate it before and after, write the run.
 
 The steps: the objective (loss or head) of --loss, the data and its stratified split, P x K
-batches, the model (new, or the checkpoint of an interrupted run), `fit` with a checkpoint
+batches, the model (new, or the checkpoint of an interrupted run; on the devices of --devices
+and wrapped for --grad-cache-chunk by `deepmetric.cli.devices.Devices`), `fit` with a checkpoint
 after every epoch, the metrics after training, the index of the held-out split with its
 calibrated threshold (`deepmetric.cli.index.held_out_index`), and the atomic commit of the
 run directory.
@@ -16,6 +17,7 @@ import numpy as np
 from deepmetric import _backend, optimizers, schedules
 from deepmetric.callbacks import RetrievalEvaluation
 from deepmetric.cli import data
+from deepmetric.cli.devices import Devices
 from deepmetric.cli.index import held_out_index
 from deepmetric.cli.objective import Objective
 from deepmetric.cli.parser import EXIT_INTERRUPTED, PROG, CliError, DivergedError, note
@@ -26,12 +28,14 @@ from deepmetric.samplers import PKSampler
 
 def run(args) -> int:
     """Trains the run `args.run` (a RunDirectory checked before keras was imported)."""
-    with _backend.torch_threads(args.threads):
-        return train(args.run, verbose=not args.quiet)
+    devices = Devices(args.run.config)  # N devices exist, before the data loads
+    with _backend.torch_threads(args.threads), devices.scope():
+        return train(args.run, verbose=not args.quiet, devices=devices)
 
 
-def train(run: RunDirectory, *, verbose: bool = True) -> int:
+def train(run: RunDirectory, *, verbose: bool = True, devices: Devices | None = None) -> int:
     config = run.config
+    devices = devices or Devices(config)
     objective = Objective(config["loss"], config["margin"])
     if objective.is_head and not run.resuming:
         objective.head(2)  # a bad --margin fails before the data load
@@ -53,14 +57,14 @@ def train(run: RunDirectory, *, verbose: bool = True) -> int:
             pixel_scale=dataset.pixel_scale,
             standardize=None if dataset.is_image else _feature_stats(x_train),
         )
-        trainer = objective.trainer(model, len(classes))
+        trainer = devices.trainer(objective.trainer(model, len(classes)))
         objective.compile(trainer, _optimizer(config, len(sampler) * config["epochs"]))
         before_embeddings = data.embed(model, x_test)
         run.start(
             loss=objective.name,
             backend=keras.backend.backend(),
             before=data.metrics(before_embeddings, y_test, seed=config["seed"]),
-            embedder=model.name if objective.is_head else None,
+            embedder=model.name if trainer is not model else None,
         )
     assert run.state is not None
     if verbose:
@@ -72,13 +76,16 @@ def train(run: RunDirectory, *, verbose: bool = True) -> int:
         )
     embedder = model if objective.is_head else None
     try:
-        trainer.fit(
-            objective.batches(sampler, classes),
-            epochs=config["epochs"],
-            initial_epoch=run.state["epoch"],
-            callbacks=callbacks(run, x_test, y_test, before_embeddings, embedder),
-            verbose=1 if verbose else 0,
-        )
+        with devices.fit(trainer, config["classes_per_batch"] * config["samples_per_class"]):
+            trainer.fit(
+                objective.batches(sampler, classes),
+                epochs=config["epochs"],
+                initial_epoch=run.state["epoch"],
+                callbacks=devices.callbacks(
+                    callbacks(run, x_test, y_test, before_embeddings, embedder)
+                ),
+                verbose=1 if verbose else 0,
+            )
     except KeyboardInterrupt:
         _note_interrupted(run)
         return EXIT_INTERRUPTED
