@@ -26,7 +26,7 @@ from deepmetric.samplers import PKSampler
 
 def run(args) -> int:
     """Trains the run `args.run` (a RunDirectory checked before keras was imported)."""
-    with _backend.torch_threads(args.threads):
+    with _backend.torch_threads(args.threads), _backend.deterministic():
         return train(args.run, verbose=not args.quiet)
 
 
@@ -76,6 +76,7 @@ def train(run: RunDirectory, *, verbose: bool = True) -> int:
             objective.batches(sampler, classes),
             epochs=config["epochs"],
             initial_epoch=run.state["epoch"],
+            shuffle=False,  # the sampler orders the batches from (seed, epoch)
             callbacks=callbacks(run, x_test, y_test, before_embeddings, embedder),
             verbose=1 if verbose else 0,
         )
@@ -183,6 +184,21 @@ def _note_interrupted(run: RunDirectory) -> None:
     )
 
 
+class EpochSeeds(keras.callbacks.Callback):
+    """Seeds each epoch's random draws (dropout) from the run's seed and the epoch number.
+
+    `_backend.seed_epoch` at the start of every epoch: an epoch resumed from a checkpoint
+    draws the same dropout masks as in an uninterrupted run.
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        _backend.seed_epoch(self.model, self.seed, epoch)
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Logs the optimizer's learning rate of each epoch as `learning_rate`."""
 
@@ -211,11 +227,12 @@ class Checkpoint(keras.callbacks.Callback):
 
 
 def callbacks(run: RunDirectory, x_test, y_test, before_embeddings, embedder=None) -> list:
-    """Learning-rate logging, per-epoch retrieval metrics, and the checkpoint.
+    """Per-epoch seeding, learning-rate logging, per-epoch retrieval metrics, the checkpoint.
 
     `embedder` is the model to evaluate when the fitted model is a head's trainer.
     """
     return [
+        EpochSeeds(run.config["seed"]),
         LearningRateLogger(),
         RetrievalEvaluation(
             x_test,
