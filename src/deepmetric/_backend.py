@@ -4,9 +4,10 @@ Library code uses `keras.ops` only. Tests and benchmarks need two things that
 `keras.ops` does not offer: the gradient of a scalar function with respect to a
 tensor, and the function compiled the way `fit` compiles it (`jax.jit`,
 `tf.function` with an unknown batch dimension, torch eager). Both live here;
-`deepmetric.testing` exposes them. The command line seeds every generator and sets torch's
-threads through `seed_everything` and `torch_threads`; the blocked losses ask
-`sequential_blocks` whether blocks must run as a Python loop.
+`deepmetric.testing` exposes them. The command line seeds every generator, turns on the
+backends' deterministic settings and sets torch's threads through `seed_everything`,
+`seed_epoch` and `torch_threads`; the blocked losses ask `sequential_blocks` whether blocks
+must run as a Python loop.
 """
 
 from __future__ import annotations
@@ -143,6 +144,70 @@ def seed_everything(seed: int) -> None:
         import torch
 
         torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Runs the block with the backend's deterministic ops, then restores the setting.
+
+    TensorFlow: `tf.config.experimental.enable_op_determinism()` (an op without a
+    deterministic kernel raises instead of varying; the setting is turned off again after
+    the block unless it was on before). torch: `torch.use_deterministic_algorithms(True)`.
+    jax: nothing to set; XLA's CPU kernels give the same result for the same program.
+    """
+    backend = name()
+    if backend == "tensorflow":
+        from tensorflow.python.framework import config as tf_config
+
+        before = tf_config.is_op_determinism_enabled()
+        tf_config.enable_op_determinism()
+        try:
+            yield
+        finally:
+            if not before:
+                tf_config.disable_op_determinism()
+    elif backend == "torch":
+        import torch
+
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before)
+    else:
+        yield
+
+
+SEED_STATE = "seed_generator_state"  # the variable of a keras.random.SeedGenerator
+
+
+def seed_epoch(model, seed: int, epoch: int) -> None:
+    """Seeds every random draw of epoch `epoch` of `model.fit` from `seed` and `epoch` alone.
+
+    Called at the start of each epoch, it makes an epoch draw the same numbers whether it
+    follows the previous epoch in the same process or starts from a checkpoint. Dropout
+    draws its masks from the layer's `keras.random.SeedGenerator` (jax, TensorFlow; torch
+    when the layer has a seed) or, for an unseeded `Dropout` on torch, from torch's global
+    generator. Neither is saved with a model: a `.keras` file keeps weights and optimizer
+    state, not a SeedGenerator's position, so without this a resumed run would draw the
+    masks of its first epochs again. With `w_0, w_1, ...` the 31-bit words of
+    `numpy.random.SeedSequence([seed, epoch])`, Python's, numpy's and torch's global
+    generators are seeded with `w_0`, and the i-th SeedGenerator of `model` (in the order
+    of `model.variables`, the same in a model built anew and one loaded) gets the state
+    `[w_i, 0]`, i = 1, 2, ...
+    """
+    states = [v for v in model.variables if v.name == SEED_STATE]
+    state = np.random.SeedSequence([seed, epoch]).generate_state(len(states) + 1)
+    words = [int(w) & 0x7FFFFFFF for w in state]
+    random.seed(words[0])
+    np.random.seed(words[0])
+    if name() == "torch":
+        import torch
+
+        torch.manual_seed(words[0])
+    for variable, word in zip(states, words[1:], strict=True):
+        variable.assign(keras.ops.convert_to_tensor([word, 0], dtype=variable.dtype))
 
 
 @contextlib.contextmanager

@@ -104,3 +104,6 @@ class _OutsideDistribution(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         with _backend.outside_distribution():
             self.callback.on_train_end(logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.callback.on_train_batch_end(batch, logs)  # no prediction: inside is fine

@@ -29,7 +29,7 @@ from deepmetric.samplers import PKSampler
 def run(args) -> int:
     """Trains the run `args.run` (a RunDirectory checked before keras was imported)."""
     devices = Devices(args.run.config)  # N devices exist, before the data loads
-    with _backend.torch_threads(args.threads), devices.scope():
+    with _backend.torch_threads(args.threads), _backend.deterministic(), devices.scope():
         return train(args.run, verbose=not args.quiet, devices=devices)
 
 
@@ -81,6 +81,7 @@ def train(run: RunDirectory, *, verbose: bool = True, devices: Devices | None = 
                 objective.batches(sampler, classes),
                 epochs=config["epochs"],
                 initial_epoch=run.state["epoch"],
+                shuffle=False,  # the sampler orders the batches from (seed, epoch)
                 callbacks=devices.callbacks(
                     callbacks(run, x_test, y_test, before_embeddings, embedder)
                 ),
@@ -190,6 +191,21 @@ def _note_interrupted(run: RunDirectory) -> None:
     )
 
 
+class EpochSeeds(keras.callbacks.Callback):
+    """Seeds each epoch's random draws (dropout) from the run's seed and the epoch number.
+
+    `_backend.seed_epoch` at the start of every epoch: an epoch resumed from a checkpoint
+    draws the same dropout masks as in an uninterrupted run.
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        _backend.seed_epoch(self.model, self.seed, epoch)
+
+
 class LearningRateLogger(keras.callbacks.Callback):
     """Logs the optimizer's learning rate of each epoch as `learning_rate`."""
 
@@ -268,11 +284,12 @@ class Checkpoint(keras.callbacks.Callback):
 
 
 def callbacks(run: RunDirectory, x_test, y_test, before_embeddings, embedder=None) -> list:
-    """Learning-rate logging, per-epoch retrieval metrics, and the checkpoint.
+    """Per-epoch seeding, learning-rate logging, per-epoch retrieval metrics, the checkpoint.
 
     `embedder` is the model to evaluate when the fitted model is a head's trainer.
     """
     return [
+        EpochSeeds(run.config["seed"]),
         StopOnNonFiniteLoss(run),
         LearningRateLogger(),
         HeldOutEvaluation(
