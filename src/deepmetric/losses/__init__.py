@@ -12,7 +12,10 @@
   SupCon, NT-Xent.
 - `pair`: pytorch-metric-learning's pair and triplet losses on the B x B matrix: NCA,
   signal-to-noise-ratio contrastive, generalized lifted structure, intra-pair variance, tuplet
-  margin, angular, margin.
+  margin, angular, margin, threshold-consistent margin.
+- `ranking`: pytorch-metric-learning's ranked list loss.
+- `self_supervised`: two-view losses on `y_pred` of shape (B, 2, D): VICReg and the
+  `SelfSupervisedLoss` wrapper.
 - `npairs`: N-pairs losses on a given similarity matrix (TFA).
 - `proxy`: the losses of the proxy heads (Proxy-Anchor, Proxy-NCA) on given proxies; the
   trainable heads are in `deepmetric.heads`.
@@ -46,6 +49,7 @@ from deepmetric.losses.pair import (
     MarginLoss,
     NCALoss,
     SignalToNoiseRatioContrastiveLoss,
+    ThresholdConsistentMarginLoss,
     TupletMarginLoss,
     angular_loss,
     generalized_lifted_structure_loss,
@@ -53,9 +57,12 @@ from deepmetric.losses.pair import (
     margin_loss,
     nca_loss,
     signal_to_noise_ratio_contrastive_loss,
+    threshold_consistent_margin_loss,
     tuplet_margin_loss,
 )
 from deepmetric.losses.proxy import proxy_anchor_loss, proxy_nca_loss
+from deepmetric.losses.ranking import RankedListLoss, ranked_list_loss
+from deepmetric.losses.self_supervised import SelfSupervisedLoss, VICRegLoss, vicreg_loss
 from deepmetric.losses.softmax import (
     CircleLoss,
     MultiSimilarityLoss,
@@ -92,14 +99,18 @@ __all__ = [
     "NpairsLoss",
     "NpairsMultilabelLoss",
     "OnlineContrastiveLoss",
+    "RankedListLoss",
+    "SelfSupervisedLoss",
     "SignalToNoiseRatioContrastiveLoss",
     "SupConLoss",
+    "ThresholdConsistentMarginLoss",
     "TripletBatchAllLoss",
     "TripletHardLoss",
     "TripletLoss",
     "TripletMarginLoss",
     "TripletSemiHardLoss",
     "TupletMarginLoss",
+    "VICRegLoss",
     "angular_loss",
     "circle_loss",
     "contrastive_loss",
@@ -115,14 +126,17 @@ __all__ = [
     "online_contrastive_loss",
     "proxy_anchor_loss",
     "proxy_nca_loss",
+    "ranked_list_loss",
     "signal_to_noise_ratio_contrastive_loss",
     "sup_con_loss",
+    "threshold_consistent_margin_loss",
     "triplet_batch_all_loss",
     "triplet_hard_loss",
     "triplet_loss",
     "triplet_margin_with_distance_loss",
     "triplet_semihard_loss",
     "tuplet_margin_loss",
+    "vicreg_loss",
 ]
 
 

@@ -794,3 +794,88 @@ class MarginLoss(MetricLoss):
         Option("learn_beta", False, _learn_beta),
         Option("num_classes", None, _num_classes),
     )
+
+
+# -------------------------------------------------------------- threshold-consistent margin
+
+
+@export
+def threshold_consistent_margin_loss(
+    labels,
+    embeddings,
+    *,
+    lambda_plus=1.0,
+    lambda_minus=1.0,
+    margin_plus=0.9,
+    margin_minus=0.5,
+):
+    r"""Threshold-consistent margin (TCM) loss, per anchor (Zhang et al., 2023).
+
+    On cosine similarities $s$ of the L2-normalised embeddings, over the ordered pairs, with
+    $P' = \{(i, p): s_{ip} \le m_+\}$ and $N' = \{(i, n): s_{in} \ge m_-\}$:
+
+    $$L = \lambda_+ \frac{\sum_{P'} (m_+ - s_{ip})}{|P'|}
+        + \lambda_- \frac{\sum_{N'} (s_{in} - m_-)}{|N'|}$$
+
+    (a term is 0 when its set is empty): a regulariser that pulls every positive pair above
+    $m_+$ and pushes every negative pair below $m_-$, so that one threshold fits all classes.
+    A batch without positive pairs keeps the negative term and a single-class batch the
+    positive term. Same value and gradient as
+    `pytorch_metric_learning.losses.ThresholdConsistentMarginLoss()` (which compares the batch
+    with itself only: no reference set). Paper: "Threshold-Consistent Margin Loss for Open-World
+    Deep Metric Learning", arXiv:2307.04047.
+
+    Args:
+      labels: integer class labels, shape (B,) or (B, 1).
+      embeddings: float embeddings, shape (B, D); normalised inside.
+      lambda_plus: the weight $\lambda_+$ of the positive term.
+      lambda_minus: the weight $\lambda_-$ of the negative term.
+      margin_plus: the similarity $m_+$ every positive pair should exceed.
+      margin_minus: the similarity $m_-$ every negative pair should stay below.
+
+    Returns:
+      (B,) per-anchor shares; their mean is the batch loss.
+
+    >>> import numpy as np
+    >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
+    >>> round(float(ops.mean(threshold_consistent_margin_loss(np.array([0, 0, 1, 1]), x))), 4)
+    0.5
+    """
+    lambda_plus = check_number("lambda_plus", lambda_plus)
+    lambda_minus = check_number("lambda_minus", lambda_minus)
+    margin_plus = check_number("margin_plus", margin_plus)
+    margin_minus = check_number("margin_minus", margin_minus)
+
+    def rows(s, positives, negatives):
+        low = ops.logical_and(positives, ops.less_equal(s, margin_plus))
+        high = ops.logical_and(negatives, ops.greater_equal(s, margin_minus))
+        return (
+            ops.sum(ops.where(low, margin_plus - s, 0.0), axis=1),
+            _count(low, s, axis=1),
+            ops.sum(ops.where(high, s - margin_minus, 0.0), axis=1),
+            _count(high, s, axis=1),
+        )
+
+    pos_sum, pos_count, neg_sum, neg_count = normalized_rows(rows, labels, embeddings)
+    return lambda_plus * per_anchor_share(pos_sum, ops.sum(pos_count)) + (
+        lambda_minus * per_anchor_share(neg_sum, ops.sum(neg_count))
+    )
+
+
+@export
+class ThresholdConsistentMarginLoss(MetricLoss):
+    """Threshold-consistent margin loss; see `threshold_consistent_margin_loss`.
+
+    ```python
+    model.compile(optimizer="adam", loss=deepmetric.losses.ThresholdConsistentMarginLoss())
+    ```
+    """
+
+    function = staticmethod(threshold_consistent_margin_loss)
+    takes_reference = False
+    options = (
+        number_option("lambda_plus", 1.0),
+        number_option("lambda_minus", 1.0),
+        number_option("margin_plus", 0.9),
+        number_option("margin_minus", 0.5),
+    )

@@ -17,7 +17,9 @@ ONE_SIDED = {
     "IntraPairVarianceLoss",
     "MultiSimilarityLoss",
     "OnlineContrastiveLoss",
+    "RankedListLoss",
     "SignalToNoiseRatioContrastiveLoss",
+    "ThresholdConsistentMarginLoss",
 }
 
 LOSSES = testing.metric_losses()
@@ -49,6 +51,8 @@ VARIANTS: dict[str, list[dict[str, object]]] = {
     "TupletMarginLoss": [{"margin": 10.0, "scale": 16.0}],
     "AngularLoss": [{"alpha": 30.0}],
     "MarginLoss": [{"margin": 0.1, "beta": 0.8, "num_classes": 3}],
+    "ThresholdConsistentMarginLoss": [{"margin_plus": 0.2, "margin_minus": -0.2}],
+    "RankedListLoss": [{"margin": 0.6, "Tn": 3.0, "imbalance": 0.3, "alpha": 1.3, "Tp": 2.0}],
 }
 VARIANT_CHECKS = [
     "large_labels",
