@@ -346,15 +346,27 @@ def intra_pair_variance_loss(
     pos_mean = ops.divide_no_nan(ops.sum(pos_sum), num_pos)
     neg_mean = ops.divide_no_nan(ops.sum(neg_sum), num_neg)
 
+    # The second pass takes the thresholds as constants (a block of rows under `keras.remat`
+    # gets no gradient through a captured tensor on every backend); their gradient is added
+    # back through each row's slope: d/dc sum_p [c - s_ip]_+^2 = sum_p 2 [c - s_ip]_+.
+    pos_threshold = (1.0 - pos_eps) * pos_mean
+    neg_threshold = (1.0 + neg_eps) * neg_mean
+    fixed_pos = ops.stop_gradient(pos_threshold)
+    fixed_neg = ops.stop_gradient(neg_threshold)
+
     def rows(s, positives, negatives):
-        pos_loss = ops.square(ops.relu((1.0 - pos_eps) * pos_mean - s))
-        neg_loss = ops.square(ops.relu(s - (1.0 + neg_eps) * neg_mean))
+        pos_gap = ops.where(positives, ops.relu(fixed_pos - s), 0.0)
+        neg_gap = ops.where(negatives, ops.relu(s - fixed_neg), 0.0)
         return (
-            ops.sum(ops.where(positives, pos_loss, 0.0), axis=1),
-            ops.sum(ops.where(negatives, neg_loss, 0.0), axis=1),
+            ops.sum(ops.square(pos_gap), axis=1),
+            ops.sum(ops.square(neg_gap), axis=1),
+            ops.stop_gradient(2.0 * ops.sum(pos_gap, axis=1)),
+            ops.stop_gradient(2.0 * ops.sum(neg_gap, axis=1)),
         )
 
-    pos_loss, neg_loss = normalized_rows(rows, *inputs)
+    pos_loss, neg_loss, pos_slope, neg_slope = normalized_rows(rows, *inputs)
+    pos_loss = pos_loss + (pos_threshold - fixed_pos) * pos_slope
+    neg_loss = neg_loss - (neg_threshold - fixed_neg) * neg_slope
     return per_anchor_share(pos_loss, num_pos) + per_anchor_share(neg_loss, num_neg)
 
 
