@@ -39,6 +39,14 @@ BATCH_LOSSES = [
     (losses.TripletLoss, {"positive_mining": "easy", "negative_mining": "all"}),
     (losses.TripletLoss, {"positive_mining": "hard", "negative_mining": "semi-hard"}),
     (losses.TripletLoss, {"soft_margin": True, "average_nonzero": True}),
+    (losses.NCALoss, {}),
+    (losses.SignalToNoiseRatioContrastiveLoss, {}),
+    (losses.GeneralizedLiftedStructureLoss, {}),
+    (losses.IntraPairVarianceLoss, {}),
+    (losses.TupletMarginLoss, {"scale": 16.0}),
+    (losses.MarginLoss, {}),
+    (losses.ThresholdConsistentMarginLoss, {}),
+    (losses.RankedListLoss, {}),
 ]
 
 
@@ -48,9 +56,10 @@ def _ids(params):
 
 
 # Every configuration eagerly; compiled, one per code path of the blocks (the row driver with
-# mining order, the lifted loss's two passes, the driver on normalised rows, a similarity),
+# mining order, the lifted loss's two passes, the driver on normalised rows, a similarity, the
+# intra-pair variance loss's two passes),
 # except on torch, which runs eagerly when compiled.
-COMPILED = [BATCH_LOSSES[i] for i in (2, 7, 8, 14)] if _backend.name() != "torch" else []
+COMPILED = [BATCH_LOSSES[i] for i in (2, 7, 8, 14, 22)] if _backend.name() != "torch" else []
 CASES = [(p, False) for p in BATCH_LOSSES] + [(p, True) for p in COMPILED]
 
 

@@ -25,6 +25,9 @@ trainer.fit((x, y), y)
 trainer with `loss=None` and fit it on `(x, y)` alone. Called on embeddings only (no labels),
 each head returns its logits without margin (the scaled cosine similarities; for `ProxyNCA`
 minus the scaled squared distances).
+
+`MarginBeta` is not a proxy head: it holds the learned boundaries of the margin loss (PML's
+`MarginLoss(learn_beta=True)`), adds that loss and returns the embeddings.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from deepmetric.losses.base import (
     options_signature,
     store_options,
 )
+from deepmetric.losses.pair import margin_loss
 from deepmetric.losses.proxy import (
     proxy_anchor_loss,
     proxy_nca_logits,
@@ -54,6 +58,7 @@ from deepmetric.losses.proxy import (
 __all__ = [
     "ArcFace",
     "CosFace",
+    "MarginBeta",
     "NormalizedSoftmax",
     "ProxyAnchor",
     "ProxyNCA",
@@ -393,6 +398,87 @@ class ProxyNCA(_ProxyHead):
 
     def loss(self, labels, embeddings):
         return proxy_nca_loss(labels, embeddings, self.proxies, softmax_scale=self.softmax_scale)
+
+
+@export
+class MarginBeta(keras.layers.Layer):
+    r"""The learned boundaries $\beta$ of the margin loss (PML's `MarginLoss(learn_beta=True)`).
+
+    A Keras loss holds no trainable weight, so the margin loss with a learned $\beta$ (Wu et
+    al., "Sampling Matters in Deep Embedding Learning", ICCV 2017, arXiv:1706.07567) is this
+    layer: it holds $\beta$ (one value, or one per class with `num_classes`), adds
+    `deepmetric.losses.margin_loss(labels, embeddings, beta=self.beta, learn_beta=True, ...)`
+    with `add_loss`, and returns the embeddings unchanged. The loss equals PML's
+    `MarginLoss(margin, nu, beta, learn_beta=True, num_classes=num_classes)` with the same
+    betas, value and gradient (in the embeddings and in $\beta$). Labels must be in
+    [0, num_classes) with `num_classes`. Compile the trainer with `loss=None`:
+
+    ```python
+    labels = keras.Input((), dtype="int32")
+    out = deepmetric.heads.MarginBeta(num_classes=100, nu=0.1)([embedder(images), labels])
+    trainer = keras.Model([images, labels], out)
+    trainer.compile(optimizer="adam")   # the loss comes from the layer
+    trainer.fit((x, y), epochs=10)
+    ```
+
+    Args:
+      num_classes: None for one $\beta$ shared by every class, else the number of classes.
+      margin: the margin m.
+      nu: the weight $\nu$ of the regulariser $\nu\beta$.
+      beta: the initial value of $\beta$.
+
+    >>> import numpy as np
+    >>> layer = MarginBeta(num_classes=3)
+    >>> out = layer([np.eye(4)[:, :3] + 0.1, np.array([0, 0, 1, 1])])
+    >>> tuple(layer.beta.shape), len(layer.losses)
+    ((3,), 1)
+    """
+
+    def __init__(self, num_classes=None, margin=0.2, nu=0.0, beta=1.2, **kwargs):
+        super().__init__(**kwargs)
+        if num_classes is not None:
+            num_classes = _positive_int("num_classes", num_classes)
+        self.num_classes = num_classes
+        self.margin = _number("margin", margin)
+        self.nu = _number("nu", nu)
+        self.initial_beta = _number("beta", beta)
+
+    def build(self, input_shape):
+        self.beta = self.add_weight(
+            shape=(self.num_classes or 1,),
+            initializer=keras.initializers.Constant(self.initial_beta),
+            trainable=True,
+            name="beta",
+        )
+
+    def call(self, inputs):
+        embeddings, labels = split_inputs(inputs, "MarginBeta")
+        embeddings = check_embeddings(embeddings, "embeddings")
+        if labels is None:
+            return embeddings
+        labels = check_labels(labels, embeddings.shape[0], "labels")
+        losses = margin_loss(
+            labels,
+            embeddings,
+            margin=self.margin,
+            nu=self.nu,
+            beta=self.beta,
+            learn_beta=True,
+        )
+        self.add_loss(ops.mean(losses))
+        return embeddings
+
+    def compute_output_shape(self, input_shape):
+        return _embedding_shape(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "margin": self.margin,
+            "nu": self.nu,
+            "beta": self.initial_beta,
+        }
 
 
 def get(identifier):

@@ -314,3 +314,88 @@ def test_bad_inputs(name):
         head([x, labels, labels])
     with pytest.raises(ValueError, match=r"labels.shape=\(12, 2\)"):
         head([x, np.stack([labels, labels], 1)])
+
+
+# --- MarginBeta: the learned boundaries of the margin loss. ---
+
+
+@pytest.mark.parametrize("num_classes", [None, 4])
+def test_margin_beta_adds_the_margin_loss_with_its_betas(num_classes):
+    """The added loss is `margin_loss` with the layer's betas and the regulariser."""
+    from deepmetric.losses import margin_loss
+
+    labels, x = data(3)
+    layer = heads.MarginBeta(num_classes=num_classes, margin=0.1, nu=0.2, beta=0.9)
+    out = layer([x, labels])
+    np.testing.assert_array_equal(ops.convert_to_numpy(out), x)
+    betas = np.linspace(0.8, 1.2, num_classes or 1).astype("float32")
+    layer.beta.assign(betas)
+    layer([x, labels])
+    expected = margin_loss(labels, x, margin=0.1, nu=0.2, beta=betas, learn_beta=True)
+    got = float(ops.convert_to_numpy(layer.losses[0]))
+    assert got == pytest.approx(float(ops.convert_to_numpy(ops.mean(expected))), rel=1e-6)
+    plain = float(ops.convert_to_numpy(ops.mean(margin_loss(labels, x, margin=0.1, beta=0.9))))
+    if num_classes is None:  # one beta: the regulariser nu * beta is added as it is
+        layer.beta.assign(np.full(1, 0.9, "float32"))
+        layer([x, labels])
+        assert float(ops.convert_to_numpy(layer.losses[0])) == pytest.approx(
+            plain + 0.2 * 0.9, rel=1e-6
+        )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PML runs on torch only")
+@pytest.mark.parametrize("num_classes", [None, 4])
+def test_margin_beta_equals_pytorch_metric_learning(num_classes):
+    """PML's `MarginLoss(learn_beta=True)`: value and the gradient in beta."""
+    import torch
+    from pytorch_metric_learning.losses import MarginLoss
+
+    labels, x = data(5)
+    pml = MarginLoss(nu=0.3, learn_beta=True, num_classes=num_classes)
+    betas = np.linspace(0.9, 1.3, num_classes or 1).astype("float32")
+    with torch.no_grad():
+        pml.beta.copy_(torch.tensor(betas))
+    expected = pml(torch.tensor(x), torch.tensor(labels))
+    expected.backward()
+    layer = heads.MarginBeta(num_classes=num_classes, nu=0.3)
+    layer.build((None, 5))
+    layer.beta.assign(betas)
+    layer([x, labels])
+    value = layer.losses[0]
+    value.backward()
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+    np.testing.assert_allclose(
+        layer.beta.value.grad.numpy(), pml.beta.grad.numpy(), rtol=1e-4, atol=1e-7
+    )
+
+
+def test_margin_beta_trains_and_saves():
+    """A short fit moves the betas and lowers the loss; `.keras` keeps the layer and them."""
+    import os
+    import tempfile
+
+    labels, x = data(36)
+    images = keras.Input((5,))
+    label_input = keras.Input((), dtype="int32")
+    embeddings = keras.layers.Dense(3)(images)
+    layer = heads.MarginBeta(num_classes=4, nu=0.1, beta=1.0)
+    model = keras.Model([images, label_input], layer([embeddings, label_input]))
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    history = model.fit((x, labels), batch_size=12, epochs=10, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    betas = ops.convert_to_numpy(layer.beta)
+    assert not np.allclose(betas, 1.0)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "model.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path, safe_mode=True)
+    restored = next(lay for lay in loaded.layers if isinstance(lay, heads.MarginBeta))
+    assert restored.get_config() == layer.get_config()
+    np.testing.assert_array_equal(ops.convert_to_numpy(restored.beta), betas)
+
+
+def test_margin_beta_bad_options():
+    with pytest.raises(ValueError, match="`num_classes` must be a positive integer"):
+        heads.MarginBeta(num_classes=0)
+    with pytest.raises(TypeError, match="`nu` must be a number"):
+        heads.MarginBeta(nu="0.1")

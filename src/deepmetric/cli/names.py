@@ -14,16 +14,25 @@ from deepmetric._api import normalize_name
 # `NpairsLoss`, which takes a similarity matrix), by command-line name: the snake_case class
 # name without `Loss`.
 LOSSES = {
+    "angular": "AngularLoss",
     "circle": "CircleLoss",
+    "generalized_lifted_structure": "GeneralizedLiftedStructureLoss",
+    "intra_pair_variance": "IntraPairVarianceLoss",
     "lifted_struct": "LiftedStructLoss",
+    "margin": "MarginLoss",
     "multi_similarity": "MultiSimilarityLoss",
+    "nca": "NCALoss",
     "nt_xent": "NTXentLoss",
     "online_contrastive": "OnlineContrastiveLoss",
+    "ranked_list": "RankedListLoss",
+    "signal_to_noise_ratio_contrastive": "SignalToNoiseRatioContrastiveLoss",
     "sup_con": "SupConLoss",
+    "threshold_consistent_margin": "ThresholdConsistentMarginLoss",
     "triplet": "TripletLoss",
     "triplet_batch_all": "TripletBatchAllLoss",
     "triplet_hard": "TripletHardLoss",
     "triplet_semihard": "TripletSemiHardLoss",
+    "tuplet_margin": "TupletMarginLoss",
 }
 
 # The heads of deepmetric.heads, trained on top of the embedding model.

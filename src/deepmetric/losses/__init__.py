@@ -10,6 +10,12 @@
   and TFA's lifted structured loss.
 - `softmax`: log-sum-exp / soft-max losses on cosine similarities: multi-similarity, circle,
   SupCon, NT-Xent.
+- `pair`: pytorch-metric-learning's pair and triplet losses on the B x B matrix: NCA,
+  signal-to-noise-ratio contrastive, generalized lifted structure, intra-pair variance, tuplet
+  margin, angular, margin, threshold-consistent margin.
+- `ranking`: pytorch-metric-learning's ranked list loss.
+- `self_supervised`: two-view losses on `y_pred` of shape (B, 2, D): VICReg and the
+  `SelfSupervisedLoss` wrapper.
 - `npairs`: N-pairs losses on a given similarity matrix (TFA).
 - `proxy`: the losses of the proxy heads (Proxy-Anchor, Proxy-NCA) on given proxies; the
   trainable heads are in `deepmetric.heads`.
@@ -36,7 +42,27 @@ from deepmetric.losses.npairs import (
     npairs_loss,
     npairs_multilabel_loss,
 )
+from deepmetric.losses.pair import (
+    AngularLoss,
+    GeneralizedLiftedStructureLoss,
+    IntraPairVarianceLoss,
+    MarginLoss,
+    NCALoss,
+    SignalToNoiseRatioContrastiveLoss,
+    ThresholdConsistentMarginLoss,
+    TupletMarginLoss,
+    angular_loss,
+    generalized_lifted_structure_loss,
+    intra_pair_variance_loss,
+    margin_loss,
+    nca_loss,
+    signal_to_noise_ratio_contrastive_loss,
+    threshold_consistent_margin_loss,
+    tuplet_margin_loss,
+)
 from deepmetric.losses.proxy import proxy_anchor_loss, proxy_nca_loss
+from deepmetric.losses.ranking import RankedListLoss, ranked_list_loss
+from deepmetric.losses.self_supervised import SelfSupervisedLoss, VICRegLoss, vicreg_loss
 from deepmetric.losses.softmax import (
     CircleLoss,
     MultiSimilarityLoss,
@@ -60,36 +86,57 @@ from deepmetric.losses.triplet_explicit import TripletMarginLoss, triplet_margin
 
 __all__ = [
     "get",
+    "AngularLoss",
     "CircleLoss",
     "ContrastiveLoss",
+    "GeneralizedLiftedStructureLoss",
+    "IntraPairVarianceLoss",
     "LiftedStructLoss",
+    "MarginLoss",
     "MultiSimilarityLoss",
+    "NCALoss",
     "NTXentLoss",
     "NpairsLoss",
     "NpairsMultilabelLoss",
     "OnlineContrastiveLoss",
+    "RankedListLoss",
+    "SelfSupervisedLoss",
+    "SignalToNoiseRatioContrastiveLoss",
     "SupConLoss",
+    "ThresholdConsistentMarginLoss",
     "TripletBatchAllLoss",
     "TripletHardLoss",
     "TripletLoss",
     "TripletMarginLoss",
     "TripletSemiHardLoss",
+    "TupletMarginLoss",
+    "VICRegLoss",
+    "angular_loss",
     "circle_loss",
     "contrastive_loss",
+    "generalized_lifted_structure_loss",
+    "intra_pair_variance_loss",
     "lifted_struct_loss",
+    "margin_loss",
     "multi_similarity_loss",
+    "nca_loss",
     "npairs_loss",
     "npairs_multilabel_loss",
     "nt_xent_loss",
     "online_contrastive_loss",
     "proxy_anchor_loss",
     "proxy_nca_loss",
+    "ranked_list_loss",
+    "signal_to_noise_ratio_contrastive_loss",
     "sup_con_loss",
+    "threshold_consistent_margin_loss",
     "triplet_batch_all_loss",
     "triplet_hard_loss",
     "triplet_loss",
     "triplet_margin_with_distance_loss",
     "triplet_semihard_loss",
+    "tuplet_margin_loss",
+    "vicreg_loss",
 ]
 
 

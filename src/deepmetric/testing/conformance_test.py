@@ -12,7 +12,15 @@ from deepmetric import testing
 # The losses whose formulas keep the terms of one kind of pair in a batch without the other
 # kind (multi-similarity and online contrastive keep the negative pairs' terms in a batch
 # without a positive pair): in their degenerate batches only the batch of one example is 0.
-ONE_SIDED = {"MultiSimilarityLoss", "OnlineContrastiveLoss"}
+ONE_SIDED = {
+    "GeneralizedLiftedStructureLoss",
+    "IntraPairVarianceLoss",
+    "MultiSimilarityLoss",
+    "OnlineContrastiveLoss",
+    "RankedListLoss",
+    "SignalToNoiseRatioContrastiveLoss",
+    "ThresholdConsistentMarginLoss",
+}
 
 LOSSES = testing.metric_losses()
 HEADS = testing.proxy_heads()
@@ -36,6 +44,15 @@ VARIANTS: dict[str, list[dict[str, object]]] = {
     "SupConLoss": [{"temperature": 0.5}],
     "NTXentLoss": [{"temperature": 0.2}],
     "OnlineContrastiveLoss": [{"pos_margin": 0.1, "neg_margin": 1.2}],
+    "NCALoss": [{"softmax_scale": 4.0}],
+    "SignalToNoiseRatioContrastiveLoss": [{"pos_margin": 0.2, "neg_margin": 0.8}],
+    "GeneralizedLiftedStructureLoss": [{"neg_margin": 0.5, "pos_margin": 0.1}],
+    "IntraPairVarianceLoss": [{"pos_eps": 0.05, "neg_eps": 0.1}],
+    "TupletMarginLoss": [{"margin": 10.0, "scale": 16.0}],
+    "AngularLoss": [{"alpha": 30.0}],
+    "MarginLoss": [{"margin": 0.1, "beta": 0.8, "num_classes": 3}],
+    "ThresholdConsistentMarginLoss": [{"margin_plus": 0.2, "margin_minus": -0.2}],
+    "RankedListLoss": [{"margin": 0.6, "Tn": 3.0, "imbalance": 0.3, "alpha": 1.3, "Tp": 2.0}],
 }
 VARIANT_CHECKS = [
     "large_labels",
