@@ -15,8 +15,10 @@ loss sees then depends on the engine:
 On TensorFlow and torch, every `deepmetric.losses` batch loss (a `MetricLoss`), the heads that add
 their own loss (`ProxyAnchor`, `ProxyNCA`) and `CrossBatchMemory` therefore gather the embeddings
 and labels of all replicas (an all-gather of B x D floats and B integers; the B x B matrix is
-never communicated), compute the loss of the global batch, and keep the per-anchor terms of their
-own rows. The gather is differentiable: its gradient sums the replicas' upstream gradients and
+never communicated) and keep the per-anchor terms of their own rows of the global loss: a loss
+with a reference set scores only its rows against the gathered batch (an (n, B) block, its
+normalising counts summed over the replicas); the others compute the loss of the whole global
+batch. The gather is differentiable: its gradient sums the replicas' upstream gradients and
 hands each replica its own rows, so the gradient that reaches each replica's embeddings is the
 gradient of the global loss, and the summed (TensorFlow) or averaged (torch, scaled by the world
 size) replica gradients equal the single-device gradient of the global batch:
@@ -39,11 +41,14 @@ torch step with the gradients averaged over the processes (as DDP averages them)
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from keras import ops
 
 from deepmetric import _backend
 
-__all__ = ["MINING", "batch_loss", "broadcast_variables", "replicas", "train_step"]
+__all__ = ["MINING", "broadcast_variables", "replicas", "train_step"]
 
 MINING = ("global", "local")
 
@@ -81,14 +86,58 @@ def gather_batch(replicas, labels, embeddings):
     return all_labels, replicas.gather(embeddings), sizes
 
 
-def global_values(replicas, call, labels, embeddings):
-    """This replica's per-anchor values of `call` on the global batch, and the global size.
+# The replicas whose counts `replica_sum` adds up while a loss scores this replica's rows;
+# per thread, since MirroredStrategy runs each replica's step in a thread of its own.
+_STATE = threading.local()
 
-    `call(labels, embeddings)` returns (B,) values whose mean is the loss of a batch.
+
+def replica_sum(x):
+    """A scalar count summed over the replicas while a loss scores only this replica's rows.
+
+    The normalisers of a batch loss (the batch size, the number of positive pairs, of active
+    triplets, of anchors with a non-zero loss) are sums over anchors; a loss that scores the
+    rows of one replica against the global batch (`global_values`) needs their global sums.
+    Outside that, `x` unchanged. No gradient flows through the sum (counts have none).
+    """
+    replicas = getattr(_STATE, "summing", None)
+    if replicas is None:
+        return x
+    return ops.sum(replicas.gather_constant(ops.reshape(x, (1,))))
+
+
+@contextlib.contextmanager
+def _summing(replicas):
+    before = getattr(_STATE, "summing", None)
+    _STATE.summing = replicas
+    try:
+        yield
+    finally:
+        _STATE.summing = before
+
+
+def global_values(replicas, call, labels, embeddings, call_with_reference=None):
+    """This replica's per-anchor values on the global batch, and the global batch size.
+
+    `call(labels, embeddings)` returns (B,) values whose mean is the loss of a batch. With
+    `call_with_reference` (the loss's reference-set hook), only this replica's rows are
+    scored: its anchors against the gathered batch as reference set, each anchor's pair
+    with itself excluded by its global index (`reference_mask`), the normalisers summed over
+    the replicas (`replica_sum`), so each replica builds an (n, B) matrix, not (B, B).
+    Without it, the loss of the whole global batch is computed and this replica's rows kept.
     """
     all_labels, all_embeddings, sizes = gather_batch(replicas, labels, embeddings)
-    values = call(all_labels, all_embeddings)
-    return own_rows(replicas, values, sizes), ops.sum(sizes)
+    total = ops.sum(sizes)
+    if call_with_reference is None:
+        return own_rows(replicas, call(all_labels, all_embeddings), sizes), total
+    rows = own_rows(replicas, ops.arange(total, dtype="int32"), sizes)
+    not_self = ops.not_equal(
+        ops.expand_dims(rows, 1), ops.expand_dims(ops.arange(total, dtype="int32"), 0)
+    )
+    with _summing(replicas):
+        values = call_with_reference(
+            ops.cast(labels, "int32"), embeddings, all_embeddings, all_labels, not_self
+        )
+    return values, total
 
 
 def _weighted(values, sample_weight):
@@ -149,14 +198,25 @@ def scale_for_replicas(loss, reduction):
     return loss
 
 
-def batch_loss(call, labels, embeddings, sample_weight=None, *, reduction, mining="global"):
+def batch_loss(
+    call,
+    labels,
+    embeddings,
+    sample_weight=None,
+    *,
+    reduction,
+    mining="global",
+    call_with_reference=None,
+):
     """The loss a `MetricLoss` returns in one replica: mined globally or locally.
 
-    `call(labels, embeddings)` gives per-anchor values. On one device it is Keras' reduction
-    of them. On several replicas (TensorFlow, torch) it is scaled so that the engine's
-    combination of the replicas' gradients (a sum under `tf.distribute`, an average under
-    torch DDP) gives the gradient of the global-batch loss (`mining="global"`) or of the mean
-    of the replicas' own losses (`mining="local"`, Keras' division by the number of replicas).
+    `call(labels, embeddings)` gives per-anchor values; `call_with_reference`, when the
+    loss has the hook, lets a replica score only its own rows (`global_values`). On one
+    device: Keras' reduction of the values. On several replicas (TensorFlow, torch): scaled
+    so that the engine's combination of the replicas' gradients (a sum under
+    `tf.distribute`, an average under torch DDP) gives the gradient of the global-batch
+    loss (`mining="global"`) or of the mean of the replicas' own losses (`mining="local"`,
+    with Keras' division by the number of replicas).
     """
     from deepmetric.losses.base import reduce_losses
 
@@ -175,7 +235,7 @@ def batch_loss(call, labels, embeddings, sample_weight=None, *, reduction, minin
         if replicas.averages_gradients:
             return loss * replicas.count if reduction == "sum" else loss
         return scale_for_replicas(loss, reduction)
-    values, total = global_values(replicas, call, labels, embeddings)
+    values, total = global_values(replicas, call, labels, embeddings, call_with_reference)
     loss = global_share(replicas, values, total, sample_weight, reduction)
     if replicas.averages_gradients and reduction not in (None, "none"):
         loss = loss * replicas.count

@@ -16,13 +16,15 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
-from deepmetric import distributed, heads, losses, xbm
+from deepmetric import _backend, distributed, heads, losses, xbm
+from deepmetric.losses.base import MetricLoss
 
 BACKEND = keras.backend.backend()
 IN_DIM, DIM, CLASSES, STEPS = 6, 4, 4, 3
@@ -162,19 +164,21 @@ def _torch_process(rank, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        result = {}
+        trained = {}
         for case in CASES:
-            weights = _torch_steps(case, "global", rank, 2)
-            for i, w in enumerate(weights):
-                result[f"global_{case}_{i}"] = w
+            trained[f"global_{case}"] = _torch_steps(case, "global", rank, 2)
             if case in LOCAL_CASES:
-                weights = _torch_steps(case, "local", rank, 2)
-                for i, w in enumerate(weights):
-                    result[f"local_{case}_{i}"] = w
-        if rank == 0:
-            np.savez(out, **result)
+                trained[f"local_{case}"] = _torch_steps(case, "local", rank, 2)
     finally:
         dist.destroy_process_group()
+    if rank == 0:
+        # One process on the whole global batches: train_step is then Keras' plain step.
+        single = {case: _torch_steps(case, "global", 0, 1) for case in CASES}
+        result = {
+            key: _max_difference(weights, single[key.split("_", 1)[1]])
+            for key, weights in trained.items()
+        }
+        np.savez(out, **result)
 
 
 def _torch_child(out):
@@ -216,9 +220,10 @@ def _run_child(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.skipif(BACKEND == "torch", reason="torch: see test_torch_ddp_equals_one_process")
-def test_fit_across_devices_equals_one_device(tmp_path):
-    """JAX DataParallel on 8 host devices / TF MirroredStrategy on 2 logical CPUs."""
+def test_training_across_devices_equals_one_device(tmp_path):
+    """JAX: fit under DataParallel on 8 host devices; TensorFlow: fit under MirroredStrategy on
+    2 logical CPUs; torch: train_step in 2 gloo processes. Against one device on the same
+    global batches; local mining must differ."""
     result = _run_child(tmp_path)
     for case in CASES:
         assert result[f"global_{case}"] < TOLERANCE, (case, result)
@@ -229,31 +234,107 @@ def test_fit_across_devices_equals_one_device(tmp_path):
         assert result["hlo_row_block"] == 1.0 and result["hlo_full_matrix"] == 0.0, result
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed with 2 gloo processes")
-def test_torch_ddp_equals_one_process(tmp_path):
-    result = _run_child(tmp_path)
-    batch = BATCH["torch"]
-    for case in CASES:
-        model, with_labels = _model(case)
-        x, y = _data(batch)
-        for step in range(STEPS):
-            xs, ys = x[step * batch : (step + 1) * batch], y[step * batch : (step + 1) * batch]
-            if with_labels:
-                distributed.train_step(model, [xs, ys])
-            else:
-                distributed.train_step(model, xs, ys)
-        single = model.get_weights()
-        ddp = [result[f"global_{case}_{i}"] for i in range(len(single))]
-        assert _max_difference(ddp, single) < TOLERANCE, case
-        if case in LOCAL_CASES:
-            local = [result[f"local_{case}_{i}"] for i in range(len(single))]
-            assert _max_difference(local, single) > 1e-3, case
-
-
 # ---------------------------------------------------------------------------
 # In-process tests, every backend
+
+
+class _ThreadReplicas(_backend.Replicas):
+    """Replicas simulated by threads of one process: the collectives exchange eager tensors."""
+
+    averages_gradients = False
+
+    def __init__(self, rank, slots, barrier):
+        self.count, self._rank, self.slots, self.barrier = len(slots), rank, slots, barrier
+
+    def gather(self, x):
+        self.slots[self._rank] = x
+        self.barrier.wait()
+        gathered = ops.concatenate(list(self.slots), axis=0)
+        self.barrier.wait()
+        return gathered
+
+    gather_constant = gather
+
+    def rank(self):
+        return self._rank
+
+
+def _reference_losses():
+    return [
+        name
+        for name in losses.__all__
+        if isinstance(cls := getattr(losses, name), type)
+        and issubclass(cls, MetricLoss)
+        and callable(getattr(cls, "call_with_reference", None))
+    ]
+
+
+def _on_two_replicas(share, parts):
+    """`share(replicas, rank, part)` run by two threads as replicas; the results by rank."""
+    slots, barrier = [None, None], threading.Barrier(2, timeout=60)
+    results, errors = [None, None], []
+
+    def replica(rank):
+        try:
+            replicas = _ThreadReplicas(rank, slots, barrier)
+            results[rank] = ops.convert_to_numpy(share(replicas, parts[rank]))
+        except Exception as e:  # reported by the test thread
+            barrier.abort()
+            errors.append(e)
+
+    threads = [threading.Thread(target=replica, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _split_batch():
+    x, y = _data(16)
+    x, y, w = x[:16, :DIM], y[:16] % 3, np.linspace(0.5, 2.0, 16).astype("float32")
+    return x, y, w, [(y[:7], x[:7], w[:7]), (y[7:], x[7:], w[7:])]
+
+
+@pytest.mark.parametrize("name", _reference_losses())
+def test_own_rows_against_the_global_batch_sum_to_the_global_loss(name):
+    """Each replica scores its rows against the gathered batch, with the counts summed over
+    the replicas: the replicas' shares add up to the loss of the global batch (and each
+    replica's values are not its local loss). Replicas of unequal sizes (7 and 9 rows)."""
+    x, y, _, parts = _split_batch()
+    loss = getattr(losses, name)()
+
+    def share(replicas, part):
+        labels, embeddings = ops.convert_to_tensor(part[0]), ops.convert_to_tensor(part[1])
+        values, total = distributed.global_values(
+            replicas, loss.call, labels, embeddings, loss.call_with_reference
+        )
+        return distributed.global_share(replicas, values, total)
+
+    expected = float(ops.convert_to_numpy(loss(y, x)))
+    np.testing.assert_allclose(sum(_on_two_replicas(share, parts)), expected, rtol=1e-5, atol=1e-6)
+    local = sum(float(ops.convert_to_numpy(loss(p[0], p[1]))) * len(p[0]) / 16 for p in parts)
+    assert abs(local - expected) > 1e-4
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean_with_sample_weight", "sum_over_batch_size"])
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_shares_of_weighted_and_summed_losses(reduction, with_reference):
+    """Sample weights and Keras' reductions: the shares add up to the global batch's loss, by
+    the reference-set path and by the whole-batch path."""
+    x, y, w, parts = _split_batch()
+    loss = losses.SupConLoss(reduction=reduction)
+
+    def share(replicas, part):
+        labels, embeddings = ops.convert_to_tensor(part[0]), ops.convert_to_tensor(part[1])
+        hook = loss.call_with_reference if with_reference else None
+        values, total = distributed.global_values(replicas, loss.call, labels, embeddings, hook)
+        return distributed.global_share(replicas, values, total, part[2], reduction)
+
+    expected = float(ops.convert_to_numpy(loss(y, x, sample_weight=w)))
+    np.testing.assert_allclose(sum(_on_two_replicas(share, parts)), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mining_option_is_checked_and_serialized():
@@ -305,6 +386,7 @@ def test_train_step_on_one_process_is_keras_step():
 
 
 if __name__ == "__main__":
+    # The child process: `python distributed_test.py <backend> <out.npz>` (prints the figures).
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
@@ -315,3 +397,4 @@ if __name__ == "__main__":
     {"jax": _jax_child, "tensorflow": _tensorflow_child, "torch": _torch_child}[sys.argv[1]](
         sys.argv[2]
     )
+    print({key: float(value) for key, value in np.load(sys.argv[2]).items()})

@@ -120,6 +120,10 @@ class CrossBatchMemory(keras.layers.Layer):
     at a fixed batch size B (PML enqueues the batch first and compares it with the whole
     memory, itself included, minus the self pairs); see docs/losses.md.
 
+    Across devices (docs/scaling.md), every replica scores its rows against the global batch
+    and the memory, and enqueues the global batch in replica order, so the memories of all
+    replicas stay equal.
+
     The memory is saved with the model (non-trainable variables in the `.keras` file), so a run
     resumed from a checkpoint keeps it. Memory labels are stored as int32.
 

@@ -162,6 +162,8 @@ def per_anchor_share(contributions, normalizer):
     sample weight scales that anchor's share.
     """
     batch = ops.cast(ops.shape(contributions)[0], contributions.dtype)
+    # Across devices, global counts where a replica scores its own anchors (distributed.py).
+    batch, normalizer = distributed.replica_sum(batch), distributed.replica_sum(normalizer)
     return ops.divide_no_nan(contributions * batch, normalizer)
 
 
@@ -323,6 +325,7 @@ class MetricLoss(keras.losses.Loss):
                 sample_weight,
                 reduction=self.reduction,
                 mining=getattr(self, "mining", "global"),
+                call_with_reference=self.call_with_reference,
             )
 
     def call(self, labels, embeddings):
