@@ -29,7 +29,7 @@ from deepmetric.losses.base import MetricLoss
 BACKEND = keras.backend.backend()
 IN_DIM, DIM, CLASSES, STEPS = 6, 4, 4, 3
 BATCH = {"jax": 32, "tensorflow": 16, "torch": 16}
-CASES = ("triplet_semihard", "supcon", "proxy_anchor", "xbm")
+CASES = ("triplet_semihard", "supcon", "proxy_anchor", "xbm", "triplet_margin")
 # The cases also trained with local mining, to show that the comparison can fail.
 LOCAL_CASES = ("triplet_semihard",)
 # Float32 training of the same steps in another order of summation.
@@ -56,6 +56,12 @@ def _model(case, mining="global"):
             out = xbm.CrossBatchMemory(loss, memory_size=24)([embeddings, labels])
         model = keras.Model([inputs, labels], out)
         loss = None
+    elif case == "triplet_margin":
+        # Explicit (anchor, positive, negative) triplets: a per-example loss with its own
+        # `__call__`, which must scale its mean as Keras' losses do under tf.distribute.
+        triplets = keras.layers.Dense(DIM)(keras.layers.Reshape((3, IN_DIM // 3))(inputs))
+        model = keras.Model(inputs, triplets)
+        loss = losses.TripletMarginLoss(margin=2.0)
     else:
         model = keras.Model(inputs, embeddings)
         loss = {
