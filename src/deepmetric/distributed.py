@@ -65,25 +65,25 @@ def check_mining(name, value):
     return value
 
 
-def own_rows(replicas, values, sizes):
-    """The rows of this replica in `values` (the replicas' rows concatenated in order)."""
-    rank = ops.cast(replicas.rank(), "int32")
-    sizes = ops.cast(sizes, "int32")
-    before = ops.less(ops.arange(replicas.count, dtype="int32"), rank)
-    start = ops.sum(ops.where(before, sizes, 0))
-    count = ops.take(sizes, rank)
+def own_rows(values, start, count):
+    """Rows `start .. start + count - 1` of `values` (`count` static where the shapes are)."""
     return ops.take(values, start + ops.arange(count, dtype="int32"), axis=0)
 
 
 def gather_batch(replicas, labels, embeddings):
-    """(global labels, global embeddings, sizes): every replica's rows, in replica order.
+    """(global labels, global embeddings, start): every replica's rows, in replica order.
 
-    The embeddings are gathered differentiably; `sizes` (R,) are the replicas' batch sizes.
+    The embeddings are gathered differentiably; `start` is the index of this replica's first
+    row in the global batch (from the gathered batch sizes, which may differ between
+    replicas). Shapes stay those of the inputs and of the gathered tensors, so the batch
+    sizes are static where the inputs' are (TPU).
     """
     size = ops.reshape(ops.cast(ops.shape(embeddings)[0], "int32"), (1,))
     sizes = replicas.gather_constant(size)
+    before = ops.less(ops.arange(replicas.count, dtype="int32"), ops.cast(replicas.rank(), "int32"))
+    start = ops.sum(ops.where(before, sizes, 0))
     all_labels = replicas.gather_constant(ops.cast(labels, "int32"))
-    return all_labels, replicas.gather(embeddings), sizes
+    return all_labels, replicas.gather(embeddings), start
 
 
 # The replicas whose counts `replica_sum` adds up while a loss scores this replica's rows;
@@ -125,11 +125,11 @@ def global_values(replicas, call, labels, embeddings, call_with_reference=None):
     the replicas (`replica_sum`), so each replica builds an (n, B) matrix, not (B, B).
     Without it, the loss of the whole global batch is computed and this replica's rows kept.
     """
-    all_labels, all_embeddings, sizes = gather_batch(replicas, labels, embeddings)
-    total = ops.sum(sizes)
+    all_labels, all_embeddings, start = gather_batch(replicas, labels, embeddings)
+    count, total = ops.shape(embeddings)[0], ops.shape(all_embeddings)[0]
     if call_with_reference is None:
-        return own_rows(replicas, call(all_labels, all_embeddings), sizes), total
-    rows = own_rows(replicas, ops.arange(total, dtype="int32"), sizes)
+        return own_rows(call(all_labels, all_embeddings), start, count), total
+    rows = start + ops.arange(count, dtype="int32")
     not_self = ops.not_equal(
         ops.expand_dims(rows, 1), ops.expand_dims(ops.arange(total, dtype="int32"), 0)
     )
@@ -249,9 +249,9 @@ def added_loss(replicas, call, labels, embeddings, reduction="sum_over_batch_siz
     Keras divides the added losses by the number of replicas under `tf.distribute`, and DDP
     averages the gradients. Also returns the gathered (labels, embeddings), in replica order.
     """
-    all_labels, all_embeddings, sizes = gather_batch(replicas, labels, embeddings)
-    values = own_rows(replicas, call(all_labels, all_embeddings), sizes)
-    share = global_share(replicas, values, ops.sum(sizes), None, reduction)
+    all_labels, all_embeddings, start = gather_batch(replicas, labels, embeddings)
+    values = own_rows(call(all_labels, all_embeddings), start, ops.shape(embeddings)[0])
+    share = global_share(replicas, values, ops.shape(all_embeddings)[0], None, reduction)
     return share * replicas.count, all_labels, all_embeddings
 
 
