@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "callbacks",
     "distances",
+    "distributed",
     "evaluation",
     "export",
     "gradcache",
@@ -44,6 +45,7 @@ else:
     from deepmetric import (
         callbacks,
         distances,
+        distributed,
         evaluation,
         export,
         gradcache,

@@ -337,3 +337,216 @@ def outside_distribution():
         yield
     finally:
         keras.distribution.set_distribution(current)
+
+
+# ---------------------------------------------------------------------------
+# Replicas: the collectives behind global-batch mining (deepmetric.distributed)
+
+
+class Replicas:
+    """This replica's view of a data-parallel step whose loss sees only its own rows.
+
+    `count` replicas (> 1) each hold a slice of the global batch; `gather` concatenates the
+    slices of all replicas in replica order, differentiably: its gradient sums the upstream
+    gradients of every replica and gives each replica its own rows (TensorFlow's
+    `ReplicaContext.all_gather`; the same rule for torch), so that when each replica's loss
+    covers its own anchors, the replicas' gradients add up to the gradient of the global loss.
+    `averages_gradients`: the engine averages the replica gradients (torch DDP) instead of
+    summing them (`tf.distribute`).
+    """
+
+    count: int
+    averages_gradients: bool
+
+    def gather(self, x):
+        """(sum of the replicas' rows, ...) of `x`, differentiable."""
+        raise NotImplementedError
+
+    def gather_constant(self, x):
+        """`gather` without gradient (labels, sizes, weights)."""
+        raise NotImplementedError
+
+    def rank(self):
+        """This replica's index (a Python int or a scalar int tensor)."""
+        raise NotImplementedError
+
+
+class _TensorFlowReplicas(Replicas):
+    averages_gradients = False
+
+    def __init__(self, context):
+        self.context = context
+        self.count = int(context.num_replicas_in_sync)
+
+    def gather(self, x):
+        return self.context.all_gather(x, axis=0)
+
+    def gather_constant(self, x):
+        import tensorflow as tf
+
+        return tf.stop_gradient(self.context.all_gather(tf.stop_gradient(x), axis=0))
+
+    def rank(self):
+        return self.context.replica_id_in_sync_group
+
+
+def _torch_gather(x):
+    """all_gather of tensors whose first dimensions may differ, without gradient."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    size = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    top = max(sizes)
+    padded = x.contiguous()
+    if x.shape[0] < top:
+        pad = torch.zeros((top - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded = torch.cat([padded, pad], dim=0)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)], dim=0), sizes
+
+
+def _torch_all_gather_function():
+    import torch
+    import torch.distributed as dist
+
+    class AllGather(torch.autograd.Function):
+        """all_gather whose backward sums the replicas' gradients and keeps this rank's rows."""
+
+        @staticmethod
+        def forward(ctx, x):
+            gathered, sizes = _torch_gather(x.detach())
+            ctx.sizes = sizes
+            return gathered
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            rank = dist.get_rank()
+            start = sum(ctx.sizes[:rank])
+            return grad[start : start + ctx.sizes[rank]]
+
+    return AllGather
+
+
+class _TorchReplicas(Replicas):
+    averages_gradients = True
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.count = dist.get_world_size()
+        self._gather = _torch_all_gather_function()
+
+    def gather(self, x):
+        return self._gather.apply(x)
+
+    def gather_constant(self, x):
+        import torch
+
+        with torch.no_grad():
+            return _torch_gather(x.detach())[0]
+
+    def rank(self):
+        import torch.distributed as dist
+
+        return dist.get_rank()
+
+
+def replicas() -> Replicas | None:
+    """The replicas of the current step when the loss sees only this replica's rows, else None.
+
+    TensorFlow: inside a `tf.distribute` replica context with more than one replica in sync
+    (`strategy.run`, as `fit` runs its step under a strategy). torch: an initialised
+    `torch.distributed` process group with more than one process. JAX: always None; under
+    `keras.distribution.DataParallel` the step is one program over the global batch.
+    """
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.distribute.in_cross_replica_context():
+            context = tf.distribute.get_replica_context()
+            if context is not None and context.num_replicas_in_sync > 1:
+                return _TensorFlowReplicas(context)
+        return None
+    if backend == "torch":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return _TorchReplicas()
+    return None
+
+
+def replicas_in_sync() -> int:
+    """How many replicas sum their gradients (`tf.distribute`); 1 on the other backends."""
+    if name() == "tensorflow":
+        import tensorflow as tf
+
+        return int(tf.distribute.get_strategy().num_replicas_in_sync)
+    return 1
+
+
+def batch_shards() -> int:
+    """JAX: into how many device shards `keras.distribution` splits the batch; 1 otherwise."""
+    if name() != "jax":
+        return 1
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    batch_dim = getattr(distribution, "batch_dim_name", None)
+    mesh = getattr(distribution, "device_mesh", None)
+    if batch_dim is None or mesh is None or batch_dim not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[list(mesh.axis_names).index(batch_dim)])
+
+
+# ---------------------------------------------------------------------------
+# torch data-parallel training (deepmetric.distributed.train_step)
+
+
+def torch_average_gradients(gradients) -> None:
+    """Averages each gradient over the torch.distributed processes, in place (as DDP does)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for grad in gradients:
+        if grad is not None:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+            grad.div_(world)
+
+
+def torch_broadcast_variables(variables, source: int = 0) -> None:
+    """Copies the values of `variables` from process `source` to every process."""
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for variable in variables:
+            value = variable.value.detach().clone().contiguous()
+            dist.broadcast(value, src=source)
+            variable.assign(value)
+
+
+def torch_train_step(model, x, y, sample_weight=None):
+    """One step of Keras' torch trainer with the gradients averaged over the processes."""
+    import torch
+
+    model.zero_grad()
+    y_pred = model(x, training=True)
+    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+    loss.backward()
+    variables = model.trainable_variables
+    gradients = [v.value.grad for v in variables]
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        torch_average_gradients(gradients)
+    with torch.no_grad():
+        model.optimizer.apply(gradients, variables)
+    return loss.detach()

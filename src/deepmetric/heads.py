@@ -38,6 +38,7 @@ import math
 import keras
 from keras import ops
 
+from deepmetric import distributed
 from deepmetric._api import export, lookup
 from deepmetric._labels import check_embeddings, check_labels, split_inputs
 from deepmetric.distances import _l2_normalize
@@ -160,7 +161,14 @@ class _ProxyHead(keras.layers.Layer):
         if labels is not None:
             labels = check_labels(labels, embeddings.shape[0], "labels")
             if self.adds_loss:
-                self.add_loss(self.loss(labels, embeddings))
+                replicas = distributed.replicas()
+                if replicas is None:
+                    self.add_loss(self.loss(labels, embeddings))
+                else:
+                    # Several replicas: the loss of the global batch (deepmetric.distributed).
+                    self.add_loss(
+                        self.loss(*distributed.gather_batch(replicas, labels, embeddings)[:2])
+                    )
         return self.logits(embeddings, labels)
 
     def logits(self, embeddings, labels):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from deepmetric import distributed
 from deepmetric import losses as losses_lib
 from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels, split_inputs
@@ -118,6 +119,10 @@ class CrossBatchMemory(keras.layers.Layer):
     `memory_size=M` equals pytorch-metric-learning's `CrossBatchMemory(loss, memory_size=M + B)`
     at a fixed batch size B (PML enqueues the batch first and compares it with the whole
     memory, itself included, minus the self pairs); see docs/losses.md.
+
+    Across devices (docs/scaling.md), every replica scores its rows against the global batch
+    and the memory, and enqueues the global batch in replica order, so the memories of all
+    replicas stay equal.
 
     The memory is saved with the model (non-trainable variables in the `.keras` file), so a run
     resumed from a checkpoint keeps it. Memory labels are stored as int32.
@@ -229,6 +234,24 @@ class CrossBatchMemory(keras.layers.Layer):
     def call(self, inputs, training=None):
         embeddings, labels = split_inputs(inputs, "`CrossBatchMemory`")
         if labels is None:
+            return embeddings
+        replicas = distributed.replicas()
+        if replicas is not None and getattr(self.loss, "mining", "global") == "global":
+            # Several replicas (tf.distribute, torch.distributed): every replica scores its
+            # rows against the global batch and the memory, and enqueues the global batch in
+            # replica order, so that the memories stay equal.
+            embeddings = check_embeddings(embeddings, "embeddings")
+            labels = check_labels(labels, embeddings.shape[0], "labels")
+            loss, all_labels, all_embeddings = distributed.added_loss(
+                replicas,
+                lambda y, x: self.memory_loss(x, y),
+                labels,
+                embeddings,
+                self.loss.reduction,
+            )
+            self.add_loss(loss)
+            if training:
+                self.enqueue(all_embeddings, all_labels)
             return embeddings
         values = self.memory_loss(embeddings, labels)
         self.add_loss(reduce_losses(values, None, self.loss.reduction))

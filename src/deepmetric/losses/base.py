@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from deepmetric import distances as distances_lib
+from deepmetric import distributed
 from deepmetric._labels import check_embeddings, check_labels
 
 # Finite stand-in for -inf in masked reductions (exp(-LARGE - x) is exactly 0 in float32).
@@ -161,6 +162,8 @@ def per_anchor_share(contributions, normalizer):
     sample weight scales that anchor's share.
     """
     batch = ops.cast(ops.shape(contributions)[0], contributions.dtype)
+    # Across devices, global counts where a replica scores its own anchors (distributed.py).
+    batch, normalizer = distributed.replica_sum(batch), distributed.replica_sum(normalizer)
     return ops.divide_no_nan(contributions * batch, normalizer)
 
 
@@ -255,7 +258,14 @@ class MetricLoss(keras.losses.Loss):
       it has no `call_with_reference`.
     - `options`: a tuple of `Option`s, in the order of the constructor's positional
       arguments; the constructor also takes `name` (default: `default_name`, else the
-      function's name) and Keras' `reduction` / `dtype`.
+      function's name), the keyword `mining` and Keras' `reduction` / `dtype`.
+
+    Across devices (`deepmetric.distributed`) the loss mines over the global batch
+    (`mining="global"`, the default): under a `tf.distribute` strategy or an initialised
+    `torch.distributed` group it gathers every replica's embeddings and labels, and the
+    replicas' gradients add up to the single-device gradient of the global batch (under
+    `keras.distribution.DataParallel` on JAX the loss sees the global batch anyway).
+    `mining="local"` mines inside each replica's (JAX: each device shard's) slice instead.
     """
 
     function: Callable[..., Any]
@@ -278,7 +288,8 @@ class MetricLoss(keras.losses.Loss):
             after=[
                 inspect.Parameter(
                     "name", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default_name
-                )
+                ),
+                inspect.Parameter("mining", inspect.Parameter.KEYWORD_ONLY, default="global"),
             ],
         )
 
@@ -288,6 +299,7 @@ class MetricLoss(keras.losses.Loss):
             values = dict(bound.arguments)
             del values["self"]
             extra = values.pop("kwargs")
+            self.mining = distributed.check_mining("mining", values.pop("mining"))
             MetricLoss._setup(self, values.pop("name"), values, extra)
 
         __init__.__signature__ = signature  # type: ignore[attr-defined]
@@ -306,8 +318,15 @@ class MetricLoss(keras.losses.Loss):
         with keras.name_scope(self.name):
             embeddings = check_embeddings(y_pred, "y_pred")
             labels = check_labels(y_true, embeddings.shape[0], "y_true")
-            losses = self.call(labels, embeddings)
-            return reduce_losses(losses, sample_weight, self.reduction)
+            return distributed.batch_loss(
+                self.call,
+                labels,
+                embeddings,
+                sample_weight,
+                reduction=self.reduction,
+                mining=getattr(self, "mining", "global"),
+                call_with_reference=self.call_with_reference,
+            )
 
     def call(self, labels, embeddings):
         return type(self).function(labels, embeddings, **self.option_values())
@@ -330,11 +349,14 @@ class MetricLoss(keras.losses.Loss):
         )
 
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "reduction": self.reduction,
             **options_config(self, self.options),
         }
+        if getattr(self, "mining", "global") != "global":
+            config["mining"] = self.mining
+        return config
 
     @classmethod
     def from_config(cls, config):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from deepmetric import distributed
 from deepmetric._api import export
 from deepmetric._labels import check_embeddings, check_labels
 from deepmetric.losses.base import reduce_losses
@@ -108,7 +109,9 @@ class NpairsLoss(keras.losses.Loss):
         with keras.name_scope(self.name):
             sim = _check_similarity(y_pred)
             labels = check_labels(y_true, sim.shape[0], "y_true")
-            return reduce_losses(_npairs_rows(labels, sim), sample_weight, self.reduction)
+            # Keras' division by the replicas under tf.distribute (deepmetric.distributed).
+            loss = reduce_losses(_npairs_rows(labels, sim), sample_weight, self.reduction)
+            return distributed.scale_for_replicas(loss, self.reduction)
 
     def call(self, y_true, y_pred):
         sim = _check_similarity(y_pred)

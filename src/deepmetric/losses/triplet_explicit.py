@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from deepmetric import distances as distances_lib
+from deepmetric import distributed
 from deepmetric._api import export
 from deepmetric.losses.base import check_number, reduce_losses
 
@@ -138,7 +139,9 @@ class TripletMarginLoss(keras.losses.Loss):
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         with keras.name_scope(self.name):
-            return reduce_losses(self.call(y_true, y_pred), sample_weight, self.reduction)
+            # Keras' division by the replicas under tf.distribute (deepmetric.distributed).
+            loss = reduce_losses(self.call(y_true, y_pred), sample_weight, self.reduction)
+            return distributed.scale_for_replicas(loss, self.reduction)
 
     def call(self, y_true, y_pred):
         y_pred = ops.convert_to_tensor(y_pred)
