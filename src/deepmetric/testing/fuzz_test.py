@@ -232,7 +232,7 @@ def _head_target(cls):
 
 def targets() -> list[Target]:
     found = []
-    classes = {cls.__name__: cls for cls in testing.metric_losses()}
+    classes: dict[str, Any] = {cls.__name__: cls for cls in testing.metric_losses()}
     by_function = {(c.default_name or c.function.__name__): c for c in classes.values()}
     for name in losses.__all__:
         if name == "get":
