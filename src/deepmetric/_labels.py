@@ -43,6 +43,21 @@ def check_embeddings(embeddings, name: str = "y_pred"):
     return embeddings
 
 
+def check_nonempty(tensor, name: str = "y_pred"):
+    """`tensor` unchanged, or a ValueError naming it when its batch (first axis) is 0.
+
+    An empty batch is an error wherever its size is known while tracing (eager calls,
+    `jax.jit`); where it is not (a `tf.function` traced with an unknown batch dimension), the
+    losses give 0 with finite gradients, the rule for a batch without any term.
+    """
+    if tensor.shape and tensor.shape[0] == 0:
+        raise ValueError(
+            f"`{name}` must hold at least one example: the batch is empty. "
+            f"Received: {name}.shape={tuple(tensor.shape)}"
+        )
+    return tensor
+
+
 def check_labels(labels, batch_size=None, name: str = "y_true"):
     """Returns class labels as a 1-D integer tensor, never through a float cast.
 

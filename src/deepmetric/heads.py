@@ -40,11 +40,15 @@ from keras import ops
 
 from deepmetric import distributed
 from deepmetric._api import export, lookup
-from deepmetric._labels import check_embeddings, check_labels, split_inputs
+from deepmetric._labels import check_embeddings, check_labels, check_nonempty, split_inputs
 from deepmetric.distances import _l2_normalize
 from deepmetric.losses.base import (
+    NON_NEGATIVE,
+    POSITIVE,
+    Bounds,
     Option,
-    check_number,
+    nonfinite_to_nan,
+    number_option,
     options_config,
     options_signature,
     store_options,
@@ -70,26 +74,10 @@ __all__ = [
 ]
 
 
-def _number(name, value):
-    return check_number(name, value)
-
-
-def _positive(name, value):
-    return check_number(name, value, positive=True)
-
-
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     return value
-
-
-def _angle(name, value):
-    """A finite angular margin in [0, pi/2) radians."""
-    number = check_number(name, value)
-    if not 0.0 <= number < math.pi / 2:
-        raise ValueError(f"`{name}` must be in [0, pi/2) radians. Received: {name}={value!r}")
-    return number
 
 
 def _initializer(name, value):
@@ -99,7 +87,12 @@ def _initializer(name, value):
 _PROXY_INITIALIZER = Option(
     "proxy_initializer", "glorot_uniform", _initializer, keras.initializers.serialize
 )
-_SCALE = Option("scale", 64.0, _positive)  # of the margin heads
+# The numeric options and their ranges: scales and temperatures > 0; cosine margins >= 0;
+# angular margins in [0, pi/2) radians.
+_SCALE = number_option("scale", 64.0, POSITIVE)  # of the margin heads
+_ANGULAR_MARGIN = number_option(
+    "margin", 0.5, Bounds(0.0, math.pi / 2, exclusive_maximum=True, text="in [0, pi/2) radians")
+)
 
 
 def _embedding_shape(input_shape):
@@ -158,18 +151,22 @@ class _ProxyHead(keras.layers.Layer):
     def call(self, inputs):
         embeddings, labels = split_inputs(inputs, "A head")
         embeddings = check_embeddings(embeddings, "embeddings")
-        if labels is not None:
-            labels = check_labels(labels, embeddings.shape[0], "labels")
-            if self.adds_loss:
-                replicas = distributed.replicas()
-                if replicas is None:
-                    self.add_loss(self.loss(labels, embeddings))
-                else:
-                    # Several replicas: the loss of the global batch (deepmetric.distributed).
-                    self.add_loss(
-                        self.loss(*distributed.gather_batch(replicas, labels, embeddings)[:2])
-                    )
-        return self.logits(embeddings, labels)
+        if labels is None:
+            return self.logits(embeddings, None)
+        # Training: an empty batch is an error, and a non-finite embedding or proxy makes
+        # the loss and every logit NaN (so that the objective is NaN, whatever it is).
+        check_nonempty(embeddings, "embeddings")
+        labels = check_labels(labels, embeddings.shape[0], "labels")
+        if self.adds_loss:
+            replicas = distributed.replicas()
+            if replicas is None:
+                self.add_loss(self.loss(labels, embeddings))
+            else:
+                # Several replicas: the loss of the global batch (deepmetric.distributed).
+                self.add_loss(
+                    self.loss(*distributed.gather_batch(replicas, labels, embeddings)[:2])
+                )
+        return nonfinite_to_nan(self.logits(embeddings, labels), embeddings, self.proxies)
 
     def logits(self, embeddings, labels):
         """(B, num_classes) logits; `labels` (checked integers) or None, then without margin."""
@@ -224,8 +221,8 @@ class CosFace(_MarginHead):
 
     Args:
       num_classes: number of classes (proxies).
-      scale: the scale s.
-      margin: the cosine margin m.
+      scale: the scale s (> 0).
+      margin: the cosine margin m (>= 0).
       proxy_initializer: initializer of the (num_classes, D) proxies.
 
     >>> import numpy as np
@@ -235,7 +232,7 @@ class CosFace(_MarginHead):
     (2, 3)
     """
 
-    options = (_SCALE, Option("margin", 0.35, _number), _PROXY_INITIALIZER)
+    options = (_SCALE, number_option("margin", 0.35, NON_NEGATIVE), _PROXY_INITIALIZER)
 
     def margin_cosine(self, cos):
         return cos - self.margin
@@ -252,8 +249,8 @@ class ArcFace(_MarginHead):
 
     Args:
       num_classes: number of classes (proxies).
-      scale: the scale s.
-      margin: the angular margin m in radians.
+      scale: the scale s (> 0).
+      margin: the angular margin m in radians, in [0, pi/2).
       proxy_initializer: initializer of the (num_classes, D) proxies.
 
     >>> import numpy as np
@@ -263,7 +260,7 @@ class ArcFace(_MarginHead):
     (2, 3)
     """
 
-    options: tuple[Option, ...] = (_SCALE, Option("margin", 0.5, _angle), _PROXY_INITIALIZER)
+    options: tuple[Option, ...] = (_SCALE, _ANGULAR_MARGIN, _PROXY_INITIALIZER)
 
     def margin_cosine(self, cos):
         m = self.margin
@@ -288,8 +285,8 @@ class SubCenterArcFace(ArcFace):
 
     Args:
       num_classes: number of classes.
-      sub_centers: the number K of sub-centres per class.
-      scale: the scale s.
+      sub_centers: the number K of sub-centres per class (>= 1).
+      scale: the scale s (> 0).
       margin: the angular margin m in radians, in [0, pi/2).
       proxy_initializer: initializer of the (num_classes * K, D) proxies.
 
@@ -332,7 +329,7 @@ class NormalizedSoftmax(_ProxyHead):
     (2, 3)
     """
 
-    options = (Option("temperature", 0.05, _positive), _PROXY_INITIALIZER)
+    options = (number_option("temperature", 0.05, POSITIVE), _PROXY_INITIALIZER)
 
     def logits(self, embeddings, labels):
         return self.cosine(embeddings) / self.temperature
@@ -355,16 +352,16 @@ class ProxyAnchor(_ProxyHead):
 
     Args:
       num_classes: number of classes (proxies).
-      margin: the margin delta.
-      alpha: the scale alpha.
+      margin: the margin delta, a cosine margin >= 0.
+      alpha: the scale alpha (> 0).
       proxy_initializer: initializer of the proxies ("he_normal", as the paper's
         kaiming-normal initialisation, by default).
     """
 
     adds_loss = True
     options = (
-        Option("margin", 0.1, _number),
-        Option("alpha", 32.0, _positive),
+        number_option("margin", 0.1, NON_NEGATIVE),
+        number_option("alpha", 32.0, POSITIVE),
         _PROXY_INITIALIZER._replace(default="he_normal"),
     )
 
@@ -399,7 +396,7 @@ class ProxyNCA(_ProxyHead):
     """
 
     adds_loss = True
-    options = (Option("softmax_scale", 1.0, _positive), _PROXY_INITIALIZER)
+    options = (number_option("softmax_scale", 1.0, POSITIVE), _PROXY_INITIALIZER)
 
     def logits(self, embeddings, labels):
         return proxy_nca_logits(embeddings, self.proxies, softmax_scale=self.softmax_scale)

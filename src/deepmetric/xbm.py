@@ -33,7 +33,7 @@ from keras import ops
 from deepmetric import distributed
 from deepmetric import losses as losses_lib
 from deepmetric._api import export
-from deepmetric._labels import check_embeddings, check_labels, split_inputs
+from deepmetric._labels import check_embeddings, check_labels, check_nonempty, split_inputs
 from deepmetric.losses.base import reduce_losses
 
 _SCALAR_REDUCTIONS = ("sum_over_batch_size", "sum", "mean", "mean_with_sample_weight")
@@ -183,7 +183,7 @@ class CrossBatchMemory(keras.layers.Layer):
 
     def memory_loss(self, embeddings, labels):
         """Per-anchor losses of the batch against the batch and the current memory (no update)."""
-        embeddings = check_embeddings(embeddings, "embeddings")
+        embeddings = check_nonempty(check_embeddings(embeddings, "embeddings"), "embeddings")
         labels = check_labels(labels, embeddings.shape[0], "labels")
         if not self.built:
             self.build(tuple(embeddings.shape))

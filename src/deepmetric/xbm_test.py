@@ -319,6 +319,21 @@ def test_unreduced_loss_and_bad_inputs_are_rejected():
         layer([x, y[:5]], training=True)
 
 
+@pytest.mark.parametrize("name", ["sup_con", "circle"])
+def test_a_nonfinite_embedding_gives_a_nan_loss_and_an_empty_batch_an_error(name):
+    """Issue 12: SupCon and circle gave 0 for a NaN; through the memory the loss is NaN too,
+    whether the NaN is in the batch or already in the memory."""
+    layer = xbm.CrossBatchMemory(LOSSES[name][1](), memory_size=8)
+    y, x = batch(0)
+    bad = x.copy()
+    bad[1, 0] = np.nan
+    assert np.all(np.isnan(ops.convert_to_numpy(layer.memory_loss(bad, y))))
+    layer([bad, y], training=True)  # the NaN row enters the memory
+    assert np.all(np.isnan(ops.convert_to_numpy(layer.memory_loss(x, y))))
+    with pytest.raises(ValueError, match=r"`embeddings` must hold at least one example"):
+        layer.memory_loss(x[:0], y[:0])
+
+
 def test_mixed_bfloat16_policy_keeps_a_float32_memory_and_loss():
     keras.config.set_dtype_policy("mixed_bfloat16")
     layer = xbm.CrossBatchMemory(losses.MultiSimilarityLoss(), memory_size=12)

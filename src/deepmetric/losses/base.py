@@ -20,22 +20,70 @@ from keras import ops
 
 from deepmetric import distances as distances_lib
 from deepmetric import distributed
-from deepmetric._labels import check_embeddings, check_labels
+from deepmetric._labels import check_embeddings, check_labels, check_nonempty
 
 # Finite stand-in for -inf in masked reductions (exp(-LARGE - x) is exactly 0 in float32).
 LARGE = 1e30
 
 
-def check_number(name, value, *, positive=False):
-    """`value` as a float, or a TypeError / ValueError naming the argument."""
+class Bounds(NamedTuple):
+    """The documented range of a numeric option: `minimum` / `maximum` (None: unbounded),
+    each inclusive unless `exclusive_minimum` / `exclusive_maximum`; `text`, when given,
+    replaces the generated description (for example "in [0, pi/2)")."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    text: str | None = None
+
+    def __contains__(self, value) -> bool:
+        low, high = self.minimum, self.maximum
+        if low is not None and (value <= low if self.exclusive_minimum else value < low):
+            return False
+        return high is None or (value < high if self.exclusive_maximum else value <= high)
+
+    def __str__(self) -> str:
+        if self.text is not None:
+            return self.text
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            left = "(" if self.exclusive_minimum else "["
+            right = ")" if self.exclusive_maximum else "]"
+            return f"in {left}{low:g}, {high:g}{right}"
+        if low is not None:
+            return f"{'>' if self.exclusive_minimum else '>='} {low:g}"
+        if high is not None:
+            return f"{'<' if self.exclusive_maximum else '<='} {high:g}"
+        return ""
+
+
+# The ranges most options have.
+POSITIVE = Bounds(0.0, exclusive_minimum=True)
+NON_NEGATIVE = Bounds(0.0)
+
+
+def check_number(name, value, bounds=None, *, positive=False):
+    """`value` as a float, or a TypeError / ValueError naming the argument and its range.
+
+    The value must be finite and inside `bounds` (a `Bounds`; `positive=True` is
+    `bounds=POSITIVE`). The error states the range:
+
+    >>> check_number("margin", -1.0, NON_NEGATIVE)
+    Traceback (most recent call last):
+    ...
+    ValueError: `margin` must be a finite number >= 0. Received: margin=-1.0
+    """
+    if positive:
+        bounds = POSITIVE
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"`{name}` must be a number. Received: {name}={value!r}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"`{name}` must be finite. Received: {name}={value!r}")
-    if positive and value <= 0.0:
-        raise ValueError(f"`{name}` must be positive. Received: {name}={value!r}")
-    return value
+    number = float(value)
+    finite = number == number and number not in (float("inf"), float("-inf"))
+    if not finite or (bounds is not None and number not in bounds):
+        allowed = f" {bounds}" if bounds is not None and str(bounds) else ""
+        raise ValueError(f"`{name}` must be a finite number{allowed}. Received: {name}={value!r}")
+    return number
 
 
 def check_choice(name, value, allowed):
@@ -54,9 +102,11 @@ def loss_inputs(labels, embeddings, reference_embeddings=None, reference_labels=
     The references are None when not given (the batch is compared with itself
     and each example with itself is excluded). Embeddings are float32 (float64 input
     stays float64 on TensorFlow only: JAX turns it into float32, and PyTorch's
-    `keras.ops.matmul` returns float32); labels stay integers.
+    `keras.ops.matmul` returns float32); labels stay integers. An empty batch is a
+    ValueError where its size is known (`check_nonempty`); an empty reference set is allowed
+    (no pair: the loss is 0).
     """
-    embeddings = check_embeddings(embeddings, "embeddings")
+    embeddings = check_nonempty(check_embeddings(embeddings, "embeddings"), "embeddings")
     labels = check_labels(labels, embeddings.shape[0], "labels")
     if (reference_embeddings is None) != (reference_labels is None):
         raise ValueError(
@@ -78,6 +128,31 @@ def loss_inputs(labels, embeddings, reference_embeddings=None, reference_labels=
         reference = ops.cast(reference, embeddings.dtype)
     reference_labels = check_labels(reference_labels, reference.shape[0], "reference_labels")
     return labels, embeddings, reference_labels, reference
+
+
+def nonfinite_to_nan(values, *tensors):
+    """`values` where every entry of every tensor of `tensors` is finite, NaN everywhere else.
+
+    The rule of every loss and head: a NaN or an infinity anywhere in the embeddings (or the
+    reference set, the proxies, the pair distances) makes every per-anchor value, and so the
+    loss, NaN, so that `keras.callbacks.TerminateOnNaN` and the user see a diverged model;
+    no mining, masking or count normalisation can turn it into a finite number or 0. For
+    finite input the value and the gradient are those of `values` (the gradient of `where`
+    reaches only the chosen branch). One pass over the inputs, O(B * D); works under
+    `jax.jit` and `tf.function` with an unknown batch size. `values` may be a tuple (each
+    float entry is guarded); None entries of `tensors` are skipped.
+    """
+    finite = None
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        ok = ops.all(ops.isfinite(ops.convert_to_tensor(tensor)))
+        finite = ok if finite is None else ops.logical_and(finite, ok)
+    if finite is None:
+        return values
+    if isinstance(values, (tuple, list)):
+        return type(values)(nonfinite_to_nan(v, *tensors) for v in values)
+    return ops.where(finite, values, float("nan"))
 
 
 def check_reference_mask(reference_mask, embeddings, reference):
@@ -175,7 +250,8 @@ class Option(NamedTuple):
 
     `check(name, value)` raises a TypeError / ValueError naming the option, or returns the
     value to store. `serialize` / `deserialize` map the stored value to and from its config
-    entry (identity when None).
+    entry (identity when None). `bounds`: the documented range of a numeric option (a
+    `Bounds`), which its check enforces; the conformance suite tries values outside it.
     """
 
     name: str
@@ -183,6 +259,11 @@ class Option(NamedTuple):
     check: Callable[[str, Any], Any]
     serialize: Callable[[Any], Any] | None = None
     deserialize: Callable[[Any], Any] | None = None
+    bounds: Bounds | None = None
+
+    def checked(self, value):
+        """`value` checked as this option (for the loss functions that share the table)."""
+        return self.check(self.name, value)
 
 
 def options_signature(options, *, before=(), after=()) -> inspect.Signature:
@@ -214,9 +295,14 @@ def options_config(obj, options) -> dict[str, Any]:
     return config
 
 
-def number_option(name, default, *, positive=False) -> Option:
-    """A float option (finite; > 0 with `positive`)."""
-    return Option(name, default, lambda key, value: check_number(key, value, positive=positive))
+def number_option(name, default, bounds=None, *, positive=False) -> Option:
+    """A float option: finite, and inside `bounds` (a `Bounds`; `positive=True` is `POSITIVE`).
+
+    Give every option its documented range (`NON_NEGATIVE` for a margin on distances,
+    `POSITIVE` for a temperature or a scale), and write it in the docstring.
+    """
+    bounds = POSITIVE if positive else bounds
+    return Option(name, default, lambda key, value: check_number(key, value, bounds), bounds=bounds)
 
 
 def flag_option(name, default) -> Option:
@@ -316,7 +402,7 @@ class MetricLoss(keras.losses.Loss):
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         with keras.name_scope(self.name):
-            embeddings = check_embeddings(y_pred, "y_pred")
+            embeddings = check_nonempty(check_embeddings(y_pred, "y_pred"), "y_pred")
             labels = check_labels(y_true, embeddings.shape[0], "y_true")
             return distributed.batch_loss(
                 self.call,
@@ -329,7 +415,9 @@ class MetricLoss(keras.losses.Loss):
             )
 
     def call(self, labels, embeddings):
-        return type(self).function(labels, embeddings, **self.option_values())
+        """Per-anchor losses; all NaN if an embedding is not finite (`nonfinite_to_nan`)."""
+        losses = type(self).function(labels, embeddings, **self.option_values())
+        return nonfinite_to_nan(losses, embeddings)
 
     def call_with_reference(
         self, labels, embeddings, reference_embeddings, reference_labels, reference_mask=None
@@ -337,9 +425,10 @@ class MetricLoss(keras.losses.Loss):
         """Per-anchor losses of `embeddings` against a reference set (not reduced).
 
         The hook `deepmetric.xbm.CrossBatchMemory` calls: a loss that has it accepts a
-        reference set and a `reference_mask`.
+        reference set and a `reference_mask`. A non-finite embedding or reference row makes
+        every value NaN.
         """
-        return type(self).function(
+        losses = type(self).function(
             labels,
             embeddings,
             reference_embeddings=reference_embeddings,
@@ -347,6 +436,7 @@ class MetricLoss(keras.losses.Loss):
             reference_mask=reference_mask,
             **self.option_values(),
         )
+        return nonfinite_to_nan(losses, embeddings, reference_embeddings)
 
     def get_config(self):
         config = {

@@ -2,12 +2,14 @@
 masks, through every loss that takes a reference set."""
 
 import inspect
+import re
 
 import numpy as np
 import pytest
 from keras import ops
 
 from deepmetric import _backend, losses
+from deepmetric.losses import base
 from deepmetric.losses.base import MetricLoss
 from deepmetric.losses.softmax_test import (
     LOSSES,
@@ -159,8 +161,84 @@ def test_the_option_table_gives_signature_config_and_checks(cls):
     assert {o.name for o in cls.options} <= set(config)
     first = cls.options[0]
     if isinstance(first.default, float):
-        assert getattr(cls(first.default + 1.0), first.name) == first.default + 1.0
+        value = first.default + 1.0
+        if first.bounds is not None and value not in first.bounds:
+            value = first.default - 0.1  # inside the range of a bounded option
+        assert getattr(cls(value), first.name) == value
         with pytest.raises(TypeError, match=f"`{first.name}` must be a number"):
             cls(**{first.name: "x"})
     with pytest.raises(TypeError):
         cls(**{o.name: o.default for o in cls.options}, unknown_option=1)
+
+
+# --- Bad input: ranges of the options, non-finite embeddings. ---
+
+
+@pytest.mark.parametrize(
+    "bounds, text, inside, outside",
+    [
+        (base.NON_NEGATIVE, ">= 0", [0.0, 3.0], [-1e-9, -1.0]),
+        (base.POSITIVE, "> 0", [1e-9, 5.0], [0.0, -2.0]),
+        (base.Bounds(-1.0, 1.0), "in [-1, 1]", [-1.0, 1.0, 0.0], [-1.5, 1.0 + 1e-9]),
+        (base.Bounds(0.0, 2.0, exclusive_maximum=True), "in [0, 2)", [0.0, 1.9], [2.0, -0.1]),
+    ],
+)
+def test_check_number_states_the_range(bounds, text, inside, outside):
+    assert str(bounds) == text
+    for value in inside:
+        assert base.check_number("opt", value, bounds) == value
+    for value in [*outside, float("nan"), float("inf"), float("-inf")]:
+        with pytest.raises(
+            ValueError, match=rf"^`opt` must be a finite number {re.escape(text)}\. "
+        ):
+            base.check_number("opt", value, bounds)
+    with pytest.raises(TypeError, match="`opt` must be a number"):
+        base.check_number("opt", True, bounds)
+
+
+@pytest.mark.parametrize(
+    "compiled",
+    [False, True] if _backend.name() != "torch" else [False],
+    ids=["eager", "compiled"] if _backend.name() != "torch" else ["eager"],
+)
+def test_nonfinite_to_nan_keeps_finite_values_and_gradients(compiled):
+    """For finite input the value and gradient are those of the guarded function; one NaN or
+    infinity anywhere makes every entry NaN."""
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+
+    def guarded(v):
+        return ops.sum(base.nonfinite_to_nan(ops.square(v[:, 0]), v))
+
+    value, grad = _backend.value_and_grad(guarded, x, compiled=compiled)
+    assert float(value) == pytest.approx(float(np.sum(x[:, 0] ** 2)), rel=1e-6)
+    expected = np.zeros_like(x)
+    expected[:, 0] = 2 * x[:, 0]
+    np.testing.assert_allclose(grad, expected, rtol=1e-6)
+    for bad in [np.nan, np.inf, -np.inf]:
+        y = x.copy()
+        y[4, 2] = bad  # a column the values do not even depend on
+        values = ops.convert_to_numpy(base.nonfinite_to_nan(ops.square(y[:, 0]), y))
+        assert np.all(np.isnan(values))
+
+
+def test_an_empty_batch_names_the_argument():
+    x = np.zeros((0, 4), "float32")
+    with pytest.raises(ValueError, match=r"`y_pred` must hold at least one example.*\(0, 4\)"):
+        losses.CircleLoss()(np.zeros(0, "int32"), x)
+    with pytest.raises(ValueError, match=r"`embeddings` must hold at least one example"):
+        losses.circle_loss(np.zeros(0, "int32"), x)
+    with pytest.raises(ValueError, match=r"`y_pred` must hold at least one example"):
+        losses.triplet_semihard_loss(np.zeros(0, "int32"), x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_nonfinite_reference_row_makes_the_loss_nan(name):
+    labels, x = batch(0)
+    reference = x.copy()
+    reference[5, 0] = np.nan
+    mask = np.ones(12, bool)
+    mask[5] = False  # even a masked-out row: the input holds a NaN
+    values = LOSSES[name][1]().call_with_reference(labels, x, reference, labels, mask)
+    assert np.all(np.isnan(ops.convert_to_numpy(values)))
+    values = LOSSES[name][0](labels, x, reference_embeddings=reference, reference_labels=labels)
+    assert np.all(np.isnan(ops.convert_to_numpy(values)))

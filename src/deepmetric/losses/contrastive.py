@@ -13,17 +13,24 @@ from keras import ops
 from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
+from deepmetric._labels import check_nonempty
 from deepmetric.losses.base import (
     LARGE,
+    NON_NEGATIVE,
     MetricLoss,
-    check_number,
     count_positive,
     loss_inputs,
     masked_logsumexp,
+    nonfinite_to_nan,
     number_option,
     per_anchor_share,
 )
 from deepmetric.losses.softmax import normalized_rows
+
+# Margins on distances: finite numbers >= 0.
+_MARGIN = number_option("margin", 1.0, NON_NEGATIVE)
+_POS_MARGIN = number_option("pos_margin", 0.0, NON_NEGATIVE)
+_NEG_MARGIN = number_option("neg_margin", 1.0, NON_NEGATIVE)
 
 # Squared Euclidean distances of unit vectors below this are rounding noise of
 # |x|^2 + |y|^2 - 2 x.y in float32 (about 1e-7 per term): they are taken as 0.
@@ -62,17 +69,17 @@ def contrastive_loss(y_true, y_pred, margin=1.0):
     Args:
       y_true: 1 for a similar pair, 0 otherwise; shape (B,) or (B, 1).
       y_pred: the pair distances, shape (B,) or (B, 1).
-      margin: the margin m.
+      margin: the margin m, a finite number >= 0.
 
     Returns:
-      Per-pair losses, shape (B,).
+      Per-pair losses, shape (B,); all NaN if a distance is not finite.
 
     >>> import numpy as np
     >>> loss = contrastive_loss(np.array([1, 0]), np.array([0.5, 0.25]))
     >>> np.round(keras.ops.convert_to_numpy(loss), 4).tolist()
     [0.25, 0.5625]
     """
-    d = _as_vector(y_pred, "y_pred")
+    d = check_nonempty(_as_vector(y_pred, "y_pred"), "y_pred")
     if "float64" not in str(d.dtype):  # float32, or float64 where the backend keeps it
         d = ops.cast(d, "float32")
     y = _as_vector(y_true, "y_true")
@@ -82,8 +89,8 @@ def contrastive_loss(y_true, y_pred, margin=1.0):
             f"y_true.shape={tuple(y.shape)}, y_pred.shape={tuple(d.shape)}"
         )
     y = ops.cast(y, d.dtype)
-    margin = check_number("margin", margin)
-    return y * ops.square(d) + (1.0 - y) * ops.square(ops.relu(margin - d))
+    margin = _MARGIN.checked(margin)
+    return nonfinite_to_nan(y * ops.square(d) + (1.0 - y) * ops.square(ops.relu(margin - d)), d)
 
 
 @export
@@ -98,7 +105,7 @@ class ContrastiveLoss(keras.losses.Loss):
         self, margin=1.0, reduction="sum_over_batch_size", name="contrastive_loss", **kwargs
     ):
         super().__init__(name=name, reduction=reduction, **kwargs)
-        self.margin = check_number("margin", margin)
+        self.margin = _MARGIN.checked(margin)
 
     def call(self, y_true, y_pred):
         return contrastive_loss(y_true, y_pred, self.margin)
@@ -178,20 +185,20 @@ def lifted_struct_loss(labels, embeddings, margin=1.0):
     Args:
       labels: integer labels, shape (B,) or (B, 1).
       embeddings: embeddings, shape (B, D), not L2-normalised (as in TFA).
-      margin: the margin m.
+      margin: the margin m, a finite number >= 0.
 
     Returns:
-      Scalar loss.
+      Scalar loss; NaN if an embedding is not finite.
     """
     labels, embeddings, _, _ = loss_inputs(labels, embeddings)
-    per_anchor, num_positives = _lifted_terms(labels, embeddings, check_number("margin", margin))
-    return ops.divide_no_nan(ops.sum(per_anchor), num_positives)
+    per_anchor, num_positives = _lifted_terms(labels, embeddings, _MARGIN.checked(margin))
+    return nonfinite_to_nan(ops.divide_no_nan(ops.sum(per_anchor), num_positives), embeddings)
 
 
 def _lifted_shares(labels, embeddings, *, margin=1.0):
     """Per-anchor shares of `lifted_struct_loss` (their mean is the loss)."""
     labels, embeddings, _, _ = loss_inputs(labels, embeddings)
-    margin = check_number("margin", margin)
+    margin = _MARGIN.checked(margin)
     return per_anchor_share(*_lifted_terms(labels, embeddings, margin))
 
 
@@ -201,7 +208,7 @@ class LiftedStructLoss(MetricLoss):
 
     function = staticmethod(_lifted_shares)
     default_name = "lifted_struct_loss"
-    options = (number_option("margin", 1.0),)
+    options = (_MARGIN,)
     takes_reference = False
 
 
@@ -235,8 +242,8 @@ def online_contrastive_loss(
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D); normalised inside.
-      pos_margin: positive pairs closer than this are not penalised.
-      neg_margin: negative pairs farther than this are not penalised.
+      pos_margin: positive pairs closer than this are not penalised (a finite number >= 0).
+      neg_margin: negative pairs farther than this are not penalised (a finite number >= 0).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
@@ -244,7 +251,8 @@ def online_contrastive_loss(
         unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
-      (B,) per-anchor shares; their mean is the batch loss.
+      (B,) per-anchor shares; their mean is the batch loss. All NaN if an embedding or a
+      reference embedding is not finite.
 
     >>> import numpy as np
     >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
@@ -252,8 +260,8 @@ def online_contrastive_loss(
     >>> round(float(ops.mean(loss)), 4)
     1.131
     """
-    pos_margin = check_number("pos_margin", pos_margin)
-    neg_margin = check_number("neg_margin", neg_margin)
+    pos_margin = _POS_MARGIN.checked(pos_margin)
+    neg_margin = _NEG_MARGIN.checked(neg_margin)
 
     def rows(d, positives, negatives):
         pos_loss = ops.where(positives, ops.relu(d - pos_margin), 0.0)
@@ -274,9 +282,10 @@ def online_contrastive_loss(
         reference_mask,
         distance=_UnitEuclidean(),
     )
-    return per_anchor_share(pos_sum, ops.sum(pos_count)) + per_anchor_share(
+    loss = per_anchor_share(pos_sum, ops.sum(pos_count)) + per_anchor_share(
         neg_sum, ops.sum(neg_count)
     )
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 @export
@@ -289,4 +298,4 @@ class OnlineContrastiveLoss(MetricLoss):
     """
 
     function = staticmethod(online_contrastive_loss)
-    options = (number_option("pos_margin", 0.0), number_option("neg_margin", 1.0))
+    options = (_POS_MARGIN, _NEG_MARGIN)

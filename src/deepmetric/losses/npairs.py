@@ -11,12 +11,12 @@ from keras import ops
 
 from deepmetric import distributed
 from deepmetric._api import export
-from deepmetric._labels import check_embeddings, check_labels
-from deepmetric.losses.base import reduce_losses
+from deepmetric._labels import check_embeddings, check_labels, check_nonempty
+from deepmetric.losses.base import nonfinite_to_nan, reduce_losses
 
 
 def _check_similarity(y_pred):
-    sim = check_embeddings(y_pred, "y_pred")
+    sim = check_nonempty(check_embeddings(y_pred, "y_pred"), "y_pred")
     rows, cols = sim.shape
     if rows is not None and cols is not None and rows != cols:
         raise ValueError(
@@ -35,7 +35,7 @@ def _npairs_rows(labels, similarity):
         ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0)), similarity.dtype
     )
     targets = same / ops.sum(same, axis=1, keepdims=True)
-    return _softmax_cross_entropy(targets, similarity)
+    return nonfinite_to_nan(_softmax_cross_entropy(targets, similarity), similarity)
 
 
 @export
@@ -62,7 +62,7 @@ def npairs_loss(y_true, y_pred):
     """
     sim = _check_similarity(y_pred)
     labels = check_labels(y_true, sim.shape[0], "y_true")
-    return ops.mean(_npairs_rows(labels, sim))
+    return reduce_losses(_npairs_rows(labels, sim))  # the mean; 0 for an empty batch
 
 
 def _multilabel_rows(y_true, similarity):
@@ -74,7 +74,7 @@ def _multilabel_rows(y_true, similarity):
         )
     overlap = ops.matmul(y, ops.transpose(y))
     targets = ops.divide_no_nan(overlap, ops.sum(overlap, axis=1, keepdims=True))
-    return _softmax_cross_entropy(targets, similarity)
+    return nonfinite_to_nan(_softmax_cross_entropy(targets, similarity), similarity)
 
 
 @export
@@ -92,7 +92,7 @@ def npairs_multilabel_loss(y_true, y_pred):
       Scalar loss.
     """
     sim = _check_similarity(y_pred)
-    return ops.mean(_multilabel_rows(y_true, sim))
+    return reduce_losses(_multilabel_rows(y_true, sim))
 
 
 @export

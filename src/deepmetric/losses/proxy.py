@@ -9,15 +9,27 @@ from __future__ import annotations
 from keras import ops
 
 from deepmetric._api import export
-from deepmetric._labels import check_embeddings, check_labels
+from deepmetric._labels import check_embeddings, check_labels, check_nonempty
 from deepmetric.distances import _l2_normalize
-from deepmetric.losses.base import check_number, masked_logsumexp
+from deepmetric.losses.base import (
+    NON_NEGATIVE,
+    POSITIVE,
+    check_number,
+    masked_logsumexp,
+    nonfinite_to_nan,
+    reduce_losses,
+)
 
 
-def _normalized(embeddings, proxies):
-    """The checked, L2-normalised embeddings (float32, float64 kept) and proxies, in one dtype."""
-    x = _l2_normalize(check_embeddings(embeddings, "embeddings"))
-    return x, _l2_normalize(ops.cast(check_embeddings(proxies, "proxies"), x.dtype))
+def _checked(embeddings, proxies):
+    """The checked embeddings (float32, float64 kept; not empty) and proxies, in one dtype."""
+    x = check_nonempty(check_embeddings(embeddings, "embeddings"), "embeddings")
+    return x, ops.cast(check_embeddings(proxies, "proxies"), x.dtype)
+
+
+def _normalized(x, proxies):
+    """The L2-normalised checked embeddings and proxies."""
+    return _l2_normalize(x), _l2_normalize(proxies)
 
 
 def _one_hot(labels, num_classes):
@@ -45,20 +57,21 @@ def proxy_anchor_loss(labels, embeddings, proxies, *, margin=0.1, alpha=32.0):
       labels: integer labels in [0, num_classes), shape (B,) or (B, 1).
       embeddings: (B, D) embeddings.
       proxies: (num_classes, D) proxies.
-      margin: the margin delta.
+      margin: the margin delta, a cosine margin >= 0.
       alpha: the scale alpha (> 0).
 
     Returns:
-      The scalar loss.
+      The scalar loss; NaN if an embedding or a proxy is not finite.
 
     >>> import numpy as np
     >>> loss = proxy_anchor_loss(np.array([0, 1]), np.eye(2), np.eye(2))
     >>> round(float(loss), 4)  # log(1 + e^(32 * 0.1)) from the negatives
     3.24
     """
-    margin = check_number("margin", margin)
-    alpha = check_number("alpha", alpha, positive=True)
-    x, proxies = _normalized(embeddings, proxies)
+    margin = check_number("margin", margin, NON_NEGATIVE)
+    alpha = check_number("alpha", alpha, POSITIVE)
+    raw, raw_proxies = _checked(embeddings, proxies)
+    x, proxies = _normalized(raw, raw_proxies)
     labels = check_labels(labels, x.shape[0], "labels")
     num_classes = proxies.shape[0]
     # (C, B): one row per proxy.
@@ -67,7 +80,8 @@ def proxy_anchor_loss(labels, embeddings, proxies, *, margin=0.1, alpha=32.0):
     pos_term = masked_logsumexp(-alpha * (cos - margin), positive, add_one=True)
     neg_term = masked_logsumexp(alpha * (cos + margin), ops.logical_not(positive), add_one=True)
     with_positives = ops.sum(ops.cast(ops.any(positive, axis=1), cos.dtype))
-    return ops.divide_no_nan(ops.sum(pos_term), with_positives) + ops.sum(neg_term) / num_classes
+    loss = ops.divide_no_nan(ops.sum(pos_term), with_positives) + ops.sum(neg_term) / num_classes
+    return nonfinite_to_nan(loss, raw, raw_proxies)
 
 
 def _nca_logits(x, proxies, softmax_scale):
@@ -97,8 +111,11 @@ def proxy_nca_logits(embeddings, proxies, *, softmax_scale=1.0):
     >>> np.allclose(ops.convert_to_numpy(logits), [[0.0, -2.0], [-2.0, 0.0]])
     True
     """
-    softmax_scale = check_number("softmax_scale", softmax_scale, positive=True)
-    return _nca_logits(*_normalized(embeddings, proxies), softmax_scale)
+    softmax_scale = check_number("softmax_scale", softmax_scale, POSITIVE)
+    x = check_embeddings(embeddings, "embeddings")
+    return _nca_logits(
+        *_normalized(x, ops.cast(check_embeddings(proxies, "proxies"), x.dtype)), softmax_scale
+    )
 
 
 @export
@@ -122,16 +139,18 @@ def proxy_nca_loss(labels, embeddings, proxies, *, softmax_scale=1.0):
       softmax_scale: the scale s (> 0).
 
     Returns:
-      The scalar loss, the mean over the batch.
+      The scalar loss, the mean over the batch; NaN if an embedding or a proxy is not finite.
 
     >>> import numpy as np
     >>> loss = proxy_nca_loss(np.array([0, 1]), np.eye(2), np.eye(2))
     >>> round(float(loss), 4)  # -log(e^0 / (e^0 + e^-2)) = log(1 + e^-2)
     0.1269
     """
-    softmax_scale = check_number("softmax_scale", softmax_scale, positive=True)
-    x, proxies = _normalized(embeddings, proxies)
+    softmax_scale = check_number("softmax_scale", softmax_scale, POSITIVE)
+    raw, raw_proxies = _checked(embeddings, proxies)
+    x, proxies = _normalized(raw, raw_proxies)
     labels = check_labels(labels, x.shape[0], "labels")
     logits = _nca_logits(x, proxies, softmax_scale)
     target_logit = ops.sum(ops.where(_one_hot(labels, proxies.shape[0]), logits, 0.0), axis=1)
-    return ops.mean(ops.logsumexp(logits, axis=1) - target_logit)
+    loss = reduce_losses(ops.logsumexp(logits, axis=1) - target_logit)  # 0 if empty
+    return nonfinite_to_nan(loss, raw, raw_proxies)

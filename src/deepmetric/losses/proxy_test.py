@@ -136,22 +136,22 @@ LABELS, EMBEDDINGS, PROXIES = np.zeros(2, "int32"), np.ones((2, 3)), np.ones((3,
         (
             lambda: proxy.proxy_nca_loss(LABELS, EMBEDDINGS, PROXIES, softmax_scale=0),
             ValueError,
-            "`softmax_scale` must be positive",
+            "`softmax_scale` must be a finite number > 0",
         ),
         (
             lambda: proxy.proxy_nca_logits(EMBEDDINGS, PROXIES, softmax_scale=-1.0),
             ValueError,
-            "`softmax_scale` must be positive",
+            "`softmax_scale` must be a finite number > 0",
         ),
         (
             lambda: proxy.proxy_anchor_loss(LABELS, EMBEDDINGS, PROXIES, alpha=float("nan")),
             ValueError,
-            "`alpha` must be finite",
+            "`alpha` must be a finite number",
         ),
         (
             lambda: proxy.proxy_anchor_loss(LABELS, EMBEDDINGS, PROXIES, margin=float("inf")),
             ValueError,
-            "`margin` must be finite",
+            "`margin` must be a finite number",
         ),
         (
             lambda: proxy.proxy_anchor_loss(LABELS, EMBEDDINGS, PROXIES, alpha="32"),

@@ -24,16 +24,29 @@ from deepmetric import _blocks
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
 from deepmetric.losses.base import (
+    POSITIVE,
+    Bounds,
     MetricLoss,
-    check_number,
     check_reference_mask,
     count_positive,
     loss_inputs,
     masked_logsumexp,
+    nonfinite_to_nan,
     number_option,
     per_anchor_share,
 )
 from deepmetric.mining import any_pairs, rows_with_pairs
+
+# The options and their ranges: scales and temperatures > 0; the multi-similarity threshold
+# is a cosine similarity, in [-1, 1]; the circle relaxation m shifts cosine similarities
+# (optima 1 + m and -m, decision margins 1 - m and m), in [-1, 1].
+_ALPHA = number_option("alpha", 2.0, POSITIVE)
+_BETA = number_option("beta", 50.0, POSITIVE)
+_BASE = number_option("base", 0.5, Bounds(-1.0, 1.0))
+_CIRCLE_MARGIN = number_option("margin", 0.4, Bounds(-1.0, 1.0))
+_GAMMA = number_option("gamma", 80.0, POSITIVE)
+_SUP_CON_TEMPERATURE = number_option("temperature", 0.1, POSITIVE)
+_NT_XENT_TEMPERATURE = number_option("temperature", 0.07, POSITIVE)
 
 # Cosine similarity of rows that are L2-normalised before the blocks are built.
 _INNER_PRODUCT = distances_lib.DotProductSimilarity()
@@ -97,7 +110,7 @@ def multi_similarity_loss(
       embeddings: float embeddings, shape (B, D); normalised inside.
       alpha: weight of the positive pairs (> 0).
       beta: weight of the negative pairs (> 0).
-      base: the similarity margin $\lambda$.
+      base: the similarity margin $\lambda$, a cosine similarity in [-1, 1].
       reference_embeddings, reference_labels: compare each anchor with this set (R, D) / (R,)
         instead of the rest of the batch; no pair is excluded then.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
@@ -105,7 +118,8 @@ def multi_similarity_loss(
         unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
-      (B,) per-anchor losses; their mean is the batch loss.
+      (B,) per-anchor losses; their mean is the batch loss. All NaN if an embedding or a
+      reference embedding is not finite.
 
     >>> import numpy as np
     >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
@@ -113,9 +127,7 @@ def multi_similarity_loss(
     >>> round(float(ops.mean(loss)), 4)
     0.4089
     """
-    alpha = check_number("alpha", alpha, positive=True)
-    beta = check_number("beta", beta, positive=True)
-    base = check_number("base", base)
+    alpha, beta, base = _ALPHA.checked(alpha), _BETA.checked(beta), _BASE.checked(base)
 
     def rows(s, positives, negatives):
         pos_term = masked_logsumexp(alpha * (base - s), positives, add_one=True) / alpha
@@ -125,7 +137,7 @@ def multi_similarity_loss(
     (loss,) = normalized_rows(
         rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
     )
-    return loss
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 @export
@@ -159,7 +171,8 @@ def circle_loss(
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D); normalised inside.
-      margin: the relaxation m.
+      margin: the relaxation m, in [-1, 1] (the paper uses 0.25; below 0.5 the decision
+        margins keep 1 - m > m).
       gamma: the scale (> 0).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
@@ -168,7 +181,8 @@ def circle_loss(
         unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
-      (B,) per-anchor shares; their mean is the batch loss.
+      (B,) per-anchor shares; their mean is the batch loss. All NaN if an embedding or a
+      reference embedding is not finite.
 
     >>> import numpy as np
     >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
@@ -176,8 +190,7 @@ def circle_loss(
     >>> round(float(ops.mean(loss)), 4)
     16.9733
     """
-    margin = check_number("margin", margin)
-    gamma = check_number("gamma", gamma, positive=True)
+    margin, gamma = _CIRCLE_MARGIN.checked(margin), _GAMMA.checked(gamma)
 
     def rows(s, positives, negatives):
         fixed = ops.stop_gradient(s)
@@ -192,7 +205,8 @@ def circle_loss(
     (loss,) = normalized_rows(
         rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
     )
-    return per_anchor_share(loss, count_positive(loss))
+    loss = per_anchor_share(loss, count_positive(loss))
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 @export
@@ -228,7 +242,8 @@ def sup_con_loss(
         unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
-      (B,) per-anchor shares; their mean is the batch loss.
+      (B,) per-anchor shares; their mean is the batch loss. All NaN if an embedding or a
+      reference embedding is not finite.
 
     >>> import numpy as np
     >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
@@ -236,7 +251,7 @@ def sup_con_loss(
     >>> round(float(ops.mean(loss)), 4)
     0.7083
     """
-    temperature = check_number("temperature", temperature, positive=True)
+    temperature = _SUP_CON_TEMPERATURE.checked(temperature)
 
     def rows(s, positives, negatives):
         logits = s / temperature
@@ -253,7 +268,8 @@ def sup_con_loss(
         rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
     )
     loss = ops.where(any_pairs(has_positive, has_negative), loss, 0.0)
-    return per_anchor_share(loss, count_positive(loss))
+    loss = per_anchor_share(loss, count_positive(loss))
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 @export
@@ -294,7 +310,8 @@ def nt_xent_loss(
         unfilled slots of a `CrossBatchMemory`). Needs the reference set.
 
     Returns:
-      (B,) per-anchor shares; their mean is the batch loss.
+      (B,) per-anchor shares; their mean is the batch loss. All NaN if an embedding or a
+      reference embedding is not finite.
 
     >>> import numpy as np
     >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
@@ -302,7 +319,7 @@ def nt_xent_loss(
     >>> round(float(ops.mean(loss)), 4)
     0.9019
     """
-    temperature = check_number("temperature", temperature, positive=True)
+    temperature = _NT_XENT_TEMPERATURE.checked(temperature)
 
     def rows(s, positives, negatives):
         logits = s / temperature
@@ -316,7 +333,8 @@ def nt_xent_loss(
         rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
     )
     contributions = ops.where(any_pairs(has_positive, has_negative), contributions, 0.0)
-    return per_anchor_share(contributions, ops.sum(num_positives))
+    loss = per_anchor_share(contributions, ops.sum(num_positives))
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 @export
@@ -329,11 +347,7 @@ class MultiSimilarityLoss(MetricLoss):
     """
 
     function = staticmethod(multi_similarity_loss)
-    options = (
-        number_option("alpha", 2.0, positive=True),
-        number_option("beta", 50.0, positive=True),
-        number_option("base", 0.5),
-    )
+    options = (_ALPHA, _BETA, _BASE)
 
 
 @export
@@ -346,7 +360,7 @@ class CircleLoss(MetricLoss):
     """
 
     function = staticmethod(circle_loss)
-    options = (number_option("margin", 0.4), number_option("gamma", 80.0, positive=True))
+    options = (_CIRCLE_MARGIN, _GAMMA)
 
 
 @export
@@ -359,7 +373,7 @@ class SupConLoss(MetricLoss):
     """
 
     function = staticmethod(sup_con_loss)
-    options = (number_option("temperature", 0.1, positive=True),)
+    options = (_SUP_CON_TEMPERATURE,)
 
 
 @export
@@ -372,4 +386,4 @@ class NTXentLoss(MetricLoss):
     """
 
     function = staticmethod(nt_xent_loss)
-    options = (number_option("temperature", 0.07, positive=True),)
+    options = (_NT_XENT_TEMPERATURE,)

@@ -378,12 +378,12 @@ def test_get_config_round_trip(name):
 @pytest.mark.parametrize(
     "name, options, error, message",
     [
-        ("multi_similarity", {"alpha": 0.0}, ValueError, "`alpha` must be positive"),
+        ("multi_similarity", {"alpha": 0.0}, ValueError, "`alpha` must be a finite number > 0"),
         ("multi_similarity", {"beta": "50"}, TypeError, "`beta` must be a number"),
-        ("circle", {"gamma": -1.0}, ValueError, "`gamma` must be positive"),
+        ("circle", {"gamma": -1.0}, ValueError, "`gamma` must be a finite number > 0"),
         ("circle", {"margin": True}, TypeError, "`margin` must be a number"),
-        ("sup_con", {"temperature": 0}, ValueError, "`temperature` must be positive"),
-        ("nt_xent", {"temperature": float("nan")}, ValueError, "`temperature` must be finite"),
+        ("sup_con", {"temperature": 0}, ValueError, "`temperature` must be a finite number > 0"),
+        ("nt_xent", {"temperature": float("nan")}, ValueError, "`temperature` must be a finite"),
         ("online_contrastive", {"neg_margin": None}, TypeError, "`neg_margin` must be a number"),
     ],
 )

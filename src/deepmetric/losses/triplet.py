@@ -12,16 +12,21 @@ from keras import ops
 from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
-from deepmetric._labels import check_embeddings, check_labels
+from deepmetric._labels import check_embeddings, check_labels, check_nonempty
 from deepmetric.losses.base import (
+    NON_NEGATIVE,
     MetricLoss,
-    check_number,
     distance_option,
     flag_option,
     loss_inputs,
+    nonfinite_to_nan,
     number_option,
     per_anchor_share,
+    reduce_losses,
 )
+
+# The margin of the three losses: a finite number >= 0.
+_MARGIN = number_option("margin", 1.0, NON_NEGATIVE)
 
 
 def _rows(row_terms, labels, embeddings, distance):
@@ -37,7 +42,7 @@ def _rows(row_terms, labels, embeddings, distance):
 
 
 def _inputs(y_true, y_pred):
-    embeddings = check_embeddings(y_pred, "y_pred")
+    embeddings = check_nonempty(check_embeddings(y_pred, "y_pred"), "y_pred")
     return check_labels(y_true, embeddings.shape[0], "y_true"), embeddings
 
 
@@ -58,7 +63,7 @@ def _semihard_terms(labels, embeddings, margin, distance_metric):
 def _semihard_shares(labels, embeddings, *, margin=1.0, distance_metric="L2"):
     """Per-anchor shares of `triplet_semihard_loss` (their mean is the loss)."""
     labels, embeddings, _, _ = loss_inputs(labels, embeddings)
-    margin = check_number("margin", margin)
+    margin = _MARGIN.checked(margin)
     return per_anchor_share(*_semihard_terms(labels, embeddings, margin, distance_metric))
 
 
@@ -86,13 +91,13 @@ def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
     Args:
       y_true: integer labels, shape (B,) or (B, 1).
       y_pred: embeddings, shape (B, D); usually L2-normalised.
-      margin: the margin m.
+      margin: the margin m, a finite number >= 0.
       distance_metric: "L2", "squared-L2", "angular", a
         `deepmetric.distances.Distance` (similarities are negated) or a callable
         returning the (B, B) distance matrix.
 
     Returns:
-      Scalar loss (float32).
+      Scalar loss (float32); NaN if an embedding is not finite.
 
     >>> import numpy as np
     >>> loss = triplet_semihard_loss(np.array([0, 0]), np.array([[0.0, 1.0], [1.0, 0.0]]))
@@ -101,9 +106,9 @@ def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
     """
     labels, embeddings = _inputs(y_true, y_pred)
     per_anchor, num_positives = _semihard_terms(
-        labels, embeddings, check_number("margin", margin), distance_metric
+        labels, embeddings, _MARGIN.checked(margin), distance_metric
     )
-    return ops.divide_no_nan(ops.sum(per_anchor), num_positives)
+    return nonfinite_to_nan(ops.divide_no_nan(ops.sum(per_anchor), num_positives), embeddings)
 
 
 def _hard_terms(labels, embeddings, margin, soft, distance_metric):
@@ -121,7 +126,7 @@ def _hard_terms(labels, embeddings, margin, soft, distance_metric):
 def _hard_shares(labels, embeddings, *, margin=1.0, soft=False, distance_metric="L2"):
     """Per-anchor losses of `triplet_hard_loss` (their mean is the loss)."""
     labels, embeddings, _, _ = loss_inputs(labels, embeddings)
-    margin = check_number("margin", margin)
+    margin = _MARGIN.checked(margin)
     return _hard_terms(labels, embeddings, margin, bool(soft), distance_metric)
 
 
@@ -144,12 +149,12 @@ def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L
     Args:
       y_true: integer labels, shape (B,) or (B, 1).
       y_pred: embeddings, shape (B, D).
-      margin: the margin m (unused when `soft`).
+      margin: the margin m, a finite number >= 0 (unused when `soft`).
       soft: use the soft margin.
       distance_metric: as in `triplet_semihard_loss`.
 
     Returns:
-      Scalar loss (float32).
+      Scalar loss (float32); NaN if an embedding is not finite.
 
     >>> import numpy as np
     >>> x = np.array([[0.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
@@ -157,8 +162,9 @@ def triplet_hard_loss(y_true, y_pred, margin=1.0, soft=False, distance_metric="L
     0.0
     """
     labels, embeddings = _inputs(y_true, y_pred)
-    margin = check_number("margin", margin)
-    return ops.mean(_hard_terms(labels, embeddings, margin, bool(soft), distance_metric))
+    margin = _MARGIN.checked(margin)
+    loss = reduce_losses(_hard_terms(labels, embeddings, margin, bool(soft), distance_metric))
+    return nonfinite_to_nan(loss, embeddings)
 
 
 def _batch_all_terms(labels, embeddings, margin, squared):
@@ -178,7 +184,7 @@ def _batch_all_terms(labels, embeddings, margin, squared):
 def _batch_all_shares(labels, embeddings, *, margin=1.0, squared=False):
     """Per-anchor shares of `triplet_batch_all_loss` (their mean is the loss)."""
     labels, embeddings, _, _ = loss_inputs(labels, embeddings)
-    margin = check_number("margin", margin)
+    margin = _MARGIN.checked(margin)
     contributions, num_active, _ = _batch_all_terms(labels, embeddings, margin, bool(squared))
     return per_anchor_share(contributions, num_active)
 
@@ -198,21 +204,21 @@ def triplet_batch_all_loss(y_true, y_pred, margin=1.0, squared=False, return_fra
     Args:
       y_true: integer labels, shape (B,) or (B, 1).
       y_pred: embeddings, shape (B, D).
-      margin: the margin m.
+      margin: the margin m, a finite number >= 0.
       squared: use squared Euclidean distances.
       return_fraction: also return the fraction of valid triplets with a
         positive loss (Moindrot's `fraction_positive_triplets`).
 
     Returns:
-      Scalar loss, or `(loss, fraction)`.
+      Scalar loss, or `(loss, fraction)`; NaN if an embedding is not finite.
     """
     labels, embeddings = _inputs(y_true, y_pred)
     contributions, num_active, num_valid = _batch_all_terms(
-        labels, embeddings, check_number("margin", margin), bool(squared)
+        labels, embeddings, _MARGIN.checked(margin), bool(squared)
     )
-    loss = ops.divide_no_nan(ops.sum(contributions), num_active)
+    loss = nonfinite_to_nan(ops.divide_no_nan(ops.sum(contributions), num_active), embeddings)
     if return_fraction:
-        return loss, ops.divide_no_nan(num_active, num_valid)
+        return loss, nonfinite_to_nan(ops.divide_no_nan(num_active, num_valid), embeddings)
     return loss
 
 
@@ -233,7 +239,7 @@ class TripletSemiHardLoss(MetricLoss):
 
     function = staticmethod(_semihard_shares)
     default_name = "triplet_semihard_loss"
-    options = (number_option("margin", 1.0), distance_option("distance_metric", "L2"))
+    options = (_MARGIN, distance_option("distance_metric", "L2"))
     takes_reference = False
 
 
@@ -248,7 +254,7 @@ class TripletHardLoss(MetricLoss):
     function = staticmethod(_hard_shares)
     default_name = "triplet_hard_loss"
     options = (
-        number_option("margin", 1.0),
+        _MARGIN,
         flag_option("soft", False),
         distance_option("distance_metric", "L2"),
     )
@@ -266,5 +272,5 @@ class TripletBatchAllLoss(MetricLoss):
 
     function = staticmethod(_batch_all_shares)
     default_name = "triplet_batch_all_loss"
-    options = (number_option("margin", 1.0), flag_option("squared", False))
+    options = (_MARGIN, flag_option("squared", False))
     takes_reference = False

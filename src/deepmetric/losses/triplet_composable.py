@@ -15,19 +15,21 @@ from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
 from deepmetric._api import export
 from deepmetric.losses.base import (
+    NON_NEGATIVE,
     MetricLoss,
     check_choice,
-    check_number,
     check_reference_mask,
     choice_option,
     count_positive,
     distance_option,
     flag_option,
     loss_inputs,
+    nonfinite_to_nan,
     number_option,
     per_anchor_share,
 )
 
+_MARGIN = number_option("margin", 0.1, NON_NEGATIVE)
 POSITIVE_MINING = ("all", "hard", "easy")
 NEGATIVE_MINING = ("all", "semi-hard", "hard", "easy")
 
@@ -76,7 +78,7 @@ def triplet_loss(
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D).
-      margin: the margin m (unused with `soft_margin`).
+      margin: the margin m, a finite number >= 0 (unused with `soft_margin`).
       distance: a `deepmetric.distances` name ("L2", "squared-L2", "angular", "cosine",
         "dot"), a `Distance`, or a callable returning the (B, B) distance matrix.
       positive_mining: "all", "hard" or "easy".
@@ -90,7 +92,8 @@ def triplet_loss(
         of a `deepmetric.xbm.CrossBatchMemory`). Needs the reference set.
 
     Returns:
-      (B,) per-anchor shares; their mean is the batch loss.
+      (B,) per-anchor shares; their mean is the batch loss. All NaN if an embedding or a
+      reference embedding is not finite.
 
     >>> import numpy as np
     >>> x = np.array([[0.0, 0.0], [0.0, 1.0], [0.5, 0.0], [2.0, 0.0]])
@@ -98,7 +101,7 @@ def triplet_loss(
     >>> round(float(ops.mean(loss)), 4)
     1.2205
     """
-    margin = check_number("margin", margin)
+    margin = _MARGIN.checked(margin)
     positive_mining = check_choice("positive_mining", positive_mining, POSITIVE_MINING)
     negative_mining = check_choice("negative_mining", negative_mining, NEGATIVE_MINING)
     distance = distances_lib.get(distance, "distance")
@@ -174,9 +177,10 @@ def triplet_loss(
         farther_is_larger=True,
         with_order=True,
     )
-    return per_anchor_share(
+    loss = per_anchor_share(
         contributions, ops.sum(num_nonzero) if average_nonzero else ops.sum(num_triplets)
     )
+    return nonfinite_to_nan(loss, embeddings, reference)
 
 
 @export
@@ -194,7 +198,7 @@ class TripletLoss(MetricLoss):
 
     function = staticmethod(triplet_loss)
     options = (
-        number_option("margin", 0.1),
+        _MARGIN,
         distance_option("distance", "L2"),
         choice_option("positive_mining", "all", POSITIVE_MINING),
         choice_option("negative_mining", "all", NEGATIVE_MINING),

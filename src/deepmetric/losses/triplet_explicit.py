@@ -8,7 +8,8 @@ from keras import ops
 from deepmetric import distances as distances_lib
 from deepmetric import distributed
 from deepmetric._api import export
-from deepmetric.losses.base import check_number, reduce_losses
+from deepmetric._labels import check_nonempty
+from deepmetric.losses.base import POSITIVE, check_number, nonfinite_to_nan, reduce_losses
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -43,6 +44,35 @@ def tie_splitting_minimum(x, y):
     return ops.where(ops.equal(x, y), 0.5 * (x + y), ops.minimum(x, y))
 
 
+def _check_shapes(tensors):
+    """A ValueError naming the three arguments and their shapes unless they have one rank,
+    a batch that is not empty, and shapes that broadcast against each other (as torch's)."""
+    shapes = [tuple(t.shape) for t in tensors]
+    received = ", ".join(
+        f"{name}.shape={shape}" for name, shape in zip(_NAMES, shapes, strict=True)
+    )
+    if len({len(shape) for shape in shapes}) != 1:
+        raise ValueError(
+            "`anchor`, `positive` and `negative` must have the same number of dimensions. "
+            f"Received: {received}"
+        )
+    for sizes in zip(*shapes, strict=True):
+        known = {size for size in sizes if size is not None and size != 1}
+        if len(known) > 1:
+            raise ValueError(
+                "`anchor`, `positive` and `negative` must have the same shape (or shapes that "
+                f"broadcast, with 1 where they differ). Received: {received}"
+            )
+    for name, shape in zip(_NAMES, shapes, strict=True):
+        if len(shape) > 1 and shape[0] == 0:
+            raise ValueError(
+                f"`{name}` must hold at least one triplet: the batch is empty. Received: {received}"
+            )
+
+
+_NAMES = ("anchor", "positive", "negative")
+
+
 def _check_reduction(reduction):
     if reduction not in _REDUCTIONS:
         raise ValueError(
@@ -70,12 +100,17 @@ def triplet_margin_with_distance_loss(
       distance_function: None (torch's default), a callable `(x1, x2)` returning
         row-wise distances, or a `deepmetric.distances.Distance` or name
         ("L2", "squared-L2", "angular", "cosine", "dot"; similarities are negated).
-      margin: the margin m; must be > 0, as in torch.
+      margin: the margin m, a finite number > 0 (as in torch).
       swap: use the distance swap.
       reduction: "none", "mean" or "sum".
 
     Returns:
-      The reduced loss, or per-triplet losses for "none".
+      The reduced loss, or per-triplet losses for "none"; NaN (every triplet's) if an
+      embedding is not finite.
+
+    Raises:
+      ValueError: the three tensors differ in rank or in shape (shapes that broadcast, as
+        torch's, are accepted), or the batch is empty.
 
     >>> import numpy as np
     >>> a, p, n = np.zeros((1, 2)), np.array([[0.0, 1.0]]), np.array([[0.0, 3.0]])
@@ -83,17 +118,9 @@ def triplet_margin_with_distance_loss(
     0.0
     """
     _check_reduction(reduction)
-    margin = check_number("margin", margin)
-    if margin <= 0:
-        raise ValueError(f"`margin` must be greater than 0. Received: margin={margin}")
+    margin = check_number("margin", margin, POSITIVE)
     tensors = [ops.convert_to_tensor(t) for t in (anchor, positive, negative)]
-    ranks = [len(t.shape) for t in tensors]
-    if len(set(ranks)) != 1:
-        raise ValueError(
-            "`anchor`, `positive` and `negative` must have the same number of dimensions. "
-            f"Received: anchor.shape={tuple(tensors[0].shape)}, "
-            f"positive.shape={tuple(tensors[1].shape)}, negative.shape={tuple(tensors[2].shape)}"
-        )
+    _check_shapes(tensors)
     # float32, or float64 where the backend keeps it (TensorFlow, PyTorch; not JAX by default).
     a, p, n = (t if "float64" in str(t.dtype) else ops.cast(t, "float32") for t in tensors)
     distance = _resolve_distance(distance_function)
@@ -101,10 +128,11 @@ def triplet_margin_with_distance_loss(
     d_an = distance(a, n)
     if swap:
         d_an = tie_splitting_minimum(d_an, distance(p, n))
-    losses = ops.relu(margin + d_ap - d_an)
+    losses = nonfinite_to_nan(ops.relu(margin + d_ap - d_an), a, p, n)
     if reduction == "none":
         return losses
-    return ops.sum(losses) if reduction == "sum" else ops.mean(losses)
+    # The mean of an empty batch (possible only in a graph of unknown batch size) is 0.
+    return reduce_losses(losses, reduction="sum" if reduction == "sum" else "sum_over_batch_size")
 
 
 @export
@@ -130,9 +158,7 @@ class TripletMarginLoss(keras.losses.Loss):
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
-        self.margin = check_number("margin", margin)
-        if self.margin <= 0:
-            raise ValueError(f"`margin` must be greater than 0. Received: margin={margin}")
+        self.margin = check_number("margin", margin, POSITIVE)
         _resolve_distance(distance_function)
         self.distance_function = distance_function
         self.swap = bool(swap)
@@ -150,6 +176,7 @@ class TripletMarginLoss(keras.losses.Loss):
                 "`y_pred` must stack (anchor, positive, negative) embeddings with shape "
                 f"(batch_size, 3, embedding_dim). Received: y_pred.shape={tuple(y_pred.shape)}"
             )
+        check_nonempty(y_pred, "y_pred")
         return triplet_margin_with_distance_loss(
             y_pred[:, 0],
             y_pred[:, 1],

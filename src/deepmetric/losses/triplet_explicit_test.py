@@ -85,7 +85,7 @@ def test_errors_name_the_argument():
         losses.triplet_margin_with_distance_loss(a, p, n, reduction="max")
     with pytest.raises(ValueError, match="same number of dimensions"):
         losses.triplet_margin_with_distance_loss(a, p, n[0])
-    with pytest.raises(ValueError, match="greater than 0"):
+    with pytest.raises(ValueError, match=r"`margin` must be a finite number > 0"):
         losses.triplet_margin_with_distance_loss(a, p, n, margin=0.0)
     with pytest.raises(ValueError, match="Unknown `distance_function`: 'manhattan'"):
         losses.triplet_margin_with_distance_loss(a, p, n, distance_function="manhattan")
@@ -118,3 +118,41 @@ def test_swap_splits_the_gradient_of_a_tie(reduction):
         value, grad = _backend.value_and_grad(fn, x)
         assert float(value) == pytest.approx(2.0 - np.sqrt(10.0) + 2.0, rel=1e-6)
         np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mismatched_shapes_name_the_arguments_and_shapes():
+    """Issue 12: anchors (8, 4) and positives (7, 4) raised a backend broadcasting error."""
+    a, p, n = triplets(0, b=8, d=4)
+    message = r"anchor.shape=\(8, 4\), positive.shape=\(7, 4\), negative.shape=\(8, 4\)"
+    with pytest.raises(ValueError, match=r"must have the same shape.*" + message):
+        losses.triplet_margin_with_distance_loss(a, p[:7], n)
+    with pytest.raises(ValueError, match=r"positive.shape=\(8, 3\)"):
+        losses.triplet_margin_with_distance_loss(a, p[:, :3], n)
+    with pytest.raises(ValueError, match=r"`anchor` must hold at least one triplet"):
+        losses.triplet_margin_with_distance_loss(a[:0], p[:0], n[:0])
+    with pytest.raises(ValueError, match=r"`y_pred` must hold at least one example"):
+        losses.TripletMarginLoss()(np.zeros(0), np.zeros((0, 3, 4), "float32"))
+
+
+def test_shapes_that_broadcast_are_accepted_as_in_torch():
+    """One positive (1, D) for all anchors equals that positive repeated."""
+    a, p, n = triplets(1)
+    one = p[:1]
+    got = losses.triplet_margin_with_distance_loss(a, one, n, reduction="none")
+    expected = losses.triplet_margin_with_distance_loss(
+        a, np.repeat(one, 8, 0), n, reduction="none"
+    )
+    np.testing.assert_array_equal(ops.convert_to_numpy(got), ops.convert_to_numpy(expected))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_a_nonfinite_entry_makes_every_triplet_nan(bad, which):
+    tensors = list(triplets(6))
+    tensors[which][2, 1] = bad
+    values = ops.convert_to_numpy(
+        losses.triplet_margin_with_distance_loss(*tensors, reduction="none")
+    )
+    assert np.all(np.isnan(values))
+    loss = losses.TripletMarginLoss()(np.zeros(6), np.stack(tensors, axis=1))
+    assert np.isnan(float(ops.convert_to_numpy(loss)))

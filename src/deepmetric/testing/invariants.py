@@ -24,20 +24,31 @@ For a loss (a `keras.losses.Loss` called as `loss(labels, embeddings)`):
   one class and a batch of distinct labels (each with a duplicate embedding) give a finite value
   and gradient, and 0 with a zero gradient unless the loss keeps the terms of one kind of pair
   (`one_sided`: multi-similarity and online contrastive keep the negative pairs' terms); each
-  eager and compiled. An all-zero embedding in the batch gives a finite value and gradient.
+  eager and compiled. An all-zero embedding in the batch gives a finite value and gradient;
+- `nonfinite`: a NaN, inf or -inf anywhere in the embeddings gives a non-finite value, eager
+  and compiled, also in a batch of one example and in a batch without positive pairs;
+- `empty_batch`: an empty batch is a ValueError naming `y_pred` where its size is known
+  (eager, `jax.jit`), and 0 with finite gradients where it is not (`tf.function` with an
+  unknown batch dimension);
+- `option_ranges`: every numeric option of the class's option table declares its range
+  (`Option.bounds`), and NaN, inf, -inf and values just outside the range raise a ValueError
+  naming the option and the range, from the class and from its loss function; the bounds
+  themselves, where inclusive, are accepted.
 
 For a head (a layer called as `head([embeddings, labels])` with a `proxies` weight), the same
 invariants on its training objective (the loss it adds, or the cross-entropy of its logits),
 where they apply: labels index the proxies, so `large_labels` becomes `bfloat16_labels` with
 1004 classes, and `relabelling` permutes the proxies with the classes (the logits' columns
 follow). The degenerate batch (one class, an embedding equal to its proxy) has a finite value
-and gradient.
+and gradient. `nonfinite` also covers non-finite proxies; `empty_batch` names `embeddings`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import tempfile
 
 import keras
@@ -226,6 +237,105 @@ def check_degenerate(loss, labels, x, one_sided=False):
     assert np.isfinite(value) and np.all(np.isfinite(grad)), "degenerate: a zero embedding"
 
 
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def _not_finite(value, what):
+    assert not np.all(np.isfinite(_np(value))), f"{what} gives the finite {_np(value)}"
+
+
+def check_nonfinite(loss, labels, x):
+    for bad in NONFINITE:
+        y = x.copy()
+        y[3, 1] = bad
+        _not_finite(loss(labels, y), f"nonfinite: an embedding entry {bad}")
+    y = x.copy()
+    y[-1, 0] = np.nan
+    fn = compiled(lambda lab, emb: loss(lab, emb), labels, y)
+    _not_finite(fn(labels, y), "nonfinite: NaN, compiled")
+    _not_finite(loss(labels[:1], y[-1:]), "nonfinite: NaN in a batch of one example")
+    distinct = np.arange(len(labels))
+    _not_finite(loss(distinct, y), "nonfinite: NaN in a batch without positive pairs")
+
+
+def _empty_batch(value_and_grad_fn, name):
+    """Eager: a ValueError naming `name`; compiled: that error (a known size) or 0 with a
+    finite gradient (an unknown size)."""
+    for compiled_ in (False, True):
+        what = f"empty_batch{', compiled' if compiled_ else ''}"
+        try:
+            value, grad = value_and_grad_fn(compiled_)
+        except ValueError as error:
+            assert f"`{name}`" in str(error), f"{what}: the error does not name `{name}`: {error}"
+            continue
+        assert compiled_, f"{what}: an empty batch of known size gives {value}, not an error"
+        assert float(value) == 0.0, f"{what}: gives {float(value)}, not 0"
+        assert np.all(np.isfinite(grad)), f"{what}: the gradient is not finite"
+
+
+def check_empty_batch(loss, labels, x):
+    _empty_batch(lambda compiled_: _loss_grad(loss, labels[:0], x[:0], compiled_), "y_pred")
+
+
+def values_outside(bounds):
+    """Numbers just outside `bounds` (a `deepmetric.losses.base.Bounds`), and its open ends."""
+    values = []
+    if bounds.minimum is not None:
+        values.append(bounds.minimum - max(1.0, abs(bounds.minimum)))
+        values.append(math.nextafter(bounds.minimum, -math.inf))
+        if bounds.exclusive_minimum:
+            values.append(bounds.minimum)
+    if bounds.maximum is not None:
+        values.append(bounds.maximum + max(1.0, abs(bounds.maximum)))
+        values.append(math.nextafter(bounds.maximum, math.inf))
+        if bounds.exclusive_maximum:
+            values.append(bounds.maximum)
+    return values
+
+
+def _numeric_options(options, owner):
+    """The options of `options` with a float default; each must declare its `bounds`."""
+    numeric = [o for o in options if isinstance(o.default, float)]
+    for option in numeric:
+        assert option.bounds is not None, (
+            f"option_ranges: {owner} option `{option.name}` declares no range (give "
+            "`number_option` its bounds)"
+        )
+    return numeric
+
+
+def _check_ranges(options, owner, make):
+    """Each bad value of each numeric option: `make({name: value})` raises the range error."""
+    for option in _numeric_options(options, owner):
+        message = re.escape(f"`{option.name}` must be a finite number {option.bounds}.")
+        for bad in [*NONFINITE, *values_outside(option.bounds)]:
+            try:
+                make({option.name: bad})
+            except ValueError as error:
+                assert re.search(message, str(error)), (
+                    f"option_ranges: {owner}({option.name}={bad}): {error}"
+                )
+            else:
+                raise AssertionError(f"option_ranges: {owner}({option.name}={bad}) accepted")
+        b = option.bounds
+        for edge, open_ in [(b.minimum, b.exclusive_minimum), (b.maximum, b.exclusive_maximum)]:
+            if edge is not None and not open_:
+                make({option.name: edge})  # the bound itself is in the range
+
+
+def check_option_ranges(loss, labels, x):
+    cls = type(loss)
+    options = getattr(cls, "options", ())
+    _check_ranges(options, cls.__name__, lambda kw: cls(**kw))
+    function = getattr(cls, "function", None)
+    if function is not None:
+        _check_ranges(
+            options,
+            f"{cls.__name__}.function",
+            lambda kw: function(labels, x, **{**loss.option_values(), **kw}),
+        )
+
+
 LOSS_CHECKS = {
     "large_labels": check_large_labels,
     "bfloat16_labels": check_bfloat16_labels,
@@ -235,6 +345,9 @@ LOSS_CHECKS = {
     "config_round_trip": check_config_round_trip,
     "keras_save_load": check_keras_save_load,
     "degenerate": check_degenerate,
+    "nonfinite": check_nonfinite,
+    "empty_batch": check_empty_batch,
+    "option_ranges": check_option_ranges,
 }
 
 
@@ -285,11 +398,13 @@ def head_objective(head):
     """(embeddings, labels) -> the head's training loss: the loss it adds, or the mean sparse
     cross-entropy of its logits (how the command line trains each)."""
 
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
     def fn(v, lab):
         logits = head([v, lab])
         if head.adds_loss:
             return ops.sum(ops.stack(head.losses))
-        return ops.mean(keras.losses.sparse_categorical_crossentropy(lab, logits, from_logits=True))
+        return cross_entropy(lab, logits)
 
     return fn
 
@@ -366,6 +481,33 @@ def check_head_degenerate(cls, labels, x):
     assert np.isfinite(value) and np.all(np.isfinite(grad)), "degenerate: one class not finite"
 
 
+def check_head_nonfinite(cls, labels, x):
+    proxies = head_proxies(cls, 4, x.shape[1])
+    for bad in NONFINITE:
+        y = x.copy()
+        y[3, 1] = bad
+        head = make_head(cls, proxies)
+        _not_finite(head_objective(head)(y, labels), f"nonfinite: an embedding entry {bad}")
+    y = x.copy()
+    y[0, 0] = np.nan
+    head = make_head(cls, proxies)
+    fn = compiled(lambda v, lab: head_objective(head)(v, lab), y, labels)
+    _not_finite(fn(y, labels), "nonfinite: NaN, compiled")
+    bad_proxies = proxies.copy()
+    bad_proxies[0, 0] = np.inf
+    head = make_head(cls, bad_proxies)
+    _not_finite(head_objective(head)(x, labels), "nonfinite: an infinite proxy")
+
+
+def check_head_empty_batch(cls, labels, x):
+    head = make_head(cls, head_proxies(cls, 4, x.shape[1]))
+    _empty_batch(lambda compiled_: _head_grad(head, labels[:0], x[:0], compiled_), "embeddings")
+
+
+def check_head_option_ranges(cls, labels, x):
+    _check_ranges(cls.options, cls.__name__, lambda kw: cls(4, **kw))
+
+
 HEAD_CHECKS = {
     "bfloat16_labels": check_head_bfloat16_labels,
     "eager_equals_compiled": check_head_eager_equals_compiled,
@@ -374,6 +516,9 @@ HEAD_CHECKS = {
     "config_round_trip": check_head_config_round_trip,
     "keras_save_load": check_head_keras_save_load,
     "degenerate": check_head_degenerate,
+    "nonfinite": check_head_nonfinite,
+    "empty_batch": check_head_empty_batch,
+    "option_ranges": check_head_option_ranges,
 }
 
 

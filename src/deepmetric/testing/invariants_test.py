@@ -10,6 +10,8 @@ import pytest
 from keras import ops
 
 from deepmetric import testing
+from deepmetric._labels import check_nonempty
+from deepmetric.losses.base import NON_NEGATIVE, MetricLoss, nonfinite_to_nan, number_option
 from deepmetric.testing import invariants
 
 
@@ -50,8 +52,14 @@ class IntegerLabels(keras.losses.Loss):
     def __call__(self, y_true, y_pred, sample_weight=None):
         labels = ops.cast(ops.convert_to_tensor(y_true), "int32")
         x = ops.convert_to_tensor(y_pred, "float32")
+        if self.flaw != "accepts an empty batch":
+            check_nonempty(x, "y_pred")
         total, count = _pair_loss(labels, x)
         value = self.scale * ops.divide_no_nan(total, count)
+        if self.flaw != "hides a NaN":
+            value = nonfinite_to_nan(value, x)
+        else:
+            value = ops.where(ops.isfinite(value), value, 0.0)
         if self.flaw == "order":
             value = value + ops.sum(x[0])
         if self.flaw == "label values":
@@ -73,6 +81,31 @@ def test_a_correct_loss_passes_every_check():
     )
 
 
+def _pair_shares(labels, embeddings, margin=1.0):
+    total, count = _pair_loss(labels, embeddings)
+    return ops.ones_like(embeddings[:, 0]) * ops.divide_no_nan(total, count) * margin
+
+
+class Unbounded(MetricLoss):
+    """A numeric option without a declared range."""
+
+    function = staticmethod(_pair_shares)
+    options = (number_option("margin", 1.0),)
+    takes_reference = False
+
+
+def _shares_without_check(labels, embeddings, margin=1.0):
+    return _pair_shares(labels, embeddings, margin)
+
+
+class WrongRange(MetricLoss):
+    """The class checks margin >= 0, its function accepts anything."""
+
+    function = staticmethod(_shares_without_check)
+    options = (number_option("margin", 1.0, NON_NEGATIVE),)
+    takes_reference = False
+
+
 @pytest.mark.parametrize(
     "loss, check",
     [
@@ -82,6 +115,10 @@ def test_a_correct_loss_passes_every_check():
         (IntegerLabels("forgets an option", scale=2.0), "config_round_trip"),
         (IntegerLabels("forgets an option", scale=2.0), "keras_save_load"),
         (IntegerLabels("nan without pairs"), "degenerate"),
+        (IntegerLabels("hides a NaN"), "nonfinite"),
+        (IntegerLabels("accepts an empty batch"), "empty_batch"),
+        (Unbounded(), "option_ranges"),
+        (WrongRange(), "option_ranges"),
     ],
     ids=lambda v: v if isinstance(v, str) else type(v).__name__,
 )
