@@ -18,12 +18,14 @@ from deepmetric.losses.base import (
     MetricLoss,
     check_number,
     count_positive,
+    distance_option,
     loss_inputs,
     masked_logsumexp,
+    miner_option,
     number_option,
     per_anchor_share,
 )
-from deepmetric.losses.softmax import normalized_rows
+from deepmetric.losses.softmax import _margin, normalized_rows
 
 # Squared Euclidean distances of unit vectors below this are rounding noise of
 # |x|^2 + |y|^2 - 2 x.y in float32 (about 1e-7 per term): they are taken as 0.
@@ -212,6 +214,8 @@ def online_contrastive_loss(
     *,
     pos_margin=0.0,
     neg_margin=1.0,
+    distance="lp",
+    miner=None,
     reference_embeddings=None,
     reference_labels=None,
     reference_mask=None,
@@ -237,6 +241,11 @@ def online_contrastive_loss(
       embeddings: float embeddings, shape (B, D); normalised inside.
       pos_margin: positive pairs closer than this are not penalised.
       neg_margin: negative pairs farther than this are not penalised.
+      distance: a `deepmetric.distances` name or `Distance` (default "lp", PML's
+        `LpDistance()`); with a similarity the hinges turn around, as in PML:
+        $[m_+ - s_{ip}]_+$ and $[s_{in} - m_-]_+$.
+      miner: None, or a `deepmetric.miners` miner whose kept pairs replace all pairs (a
+        triplet miner's pairs count as often as they occur in its triplets, as in PML).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
@@ -254,15 +263,31 @@ def online_contrastive_loss(
     """
     pos_margin = check_number("pos_margin", pos_margin)
     neg_margin = check_number("neg_margin", neg_margin)
+    distance = distances_lib.get(distance, "distance")
+    default = distance == distances_lib.LpDistance()
+    margin = _margin(distance)
 
-    def rows(d, positives, negatives):
-        pos_loss = ops.where(positives, ops.relu(d - pos_margin), 0.0)
-        neg_loss = ops.where(negatives, ops.relu(neg_margin - d), 0.0)
+    def rows(d, positives, negatives, mined=None):
+        pos_loss = ops.where(positives, ops.relu(margin(d, pos_margin)), 0.0)
+        neg_loss = ops.where(negatives, ops.relu(margin(neg_margin, d)), 0.0)
+        if mined is None or mined.positive_counts is None:
+            return (
+                ops.sum(pos_loss, axis=1),
+                count_positive(pos_loss, axis=1),
+                ops.sum(neg_loss, axis=1),
+                count_positive(neg_loss, axis=1),
+            )
+        # A triplet miner's pairs repeat: each counts as often as it occurs.
+        pos_times, neg_times = mined.pair_counts()
         return (
-            ops.sum(pos_loss, axis=1),
-            count_positive(pos_loss, axis=1),
-            ops.sum(neg_loss, axis=1),
-            count_positive(neg_loss, axis=1),
+            ops.sum(pos_times * pos_loss, axis=1),
+            ops.sum(
+                pos_times * ops.cast(ops.greater(ops.stop_gradient(pos_loss), 0.0), d.dtype), axis=1
+            ),
+            ops.sum(neg_times * neg_loss, axis=1),
+            ops.sum(
+                neg_times * ops.cast(ops.greater(ops.stop_gradient(neg_loss), 0.0), d.dtype), axis=1
+            ),
         )
 
     pos_sum, pos_count, neg_sum, neg_count = normalized_rows(
@@ -272,7 +297,10 @@ def online_contrastive_loss(
         reference_embeddings,
         reference_labels,
         reference_mask,
-        distance=_UnitEuclidean(),
+        distance=_UnitEuclidean() if default else distance,
+        normalize=default,
+        miner=miner,
+        pass_mined=True,
     )
     return per_anchor_share(pos_sum, ops.sum(pos_count)) + per_anchor_share(
         neg_sum, ops.sum(neg_count)
@@ -289,4 +317,9 @@ class OnlineContrastiveLoss(MetricLoss):
     """
 
     function = staticmethod(online_contrastive_loss)
-    options = (number_option("pos_margin", 0.0), number_option("neg_margin", 1.0))
+    options = (
+        number_option("pos_margin", 0.0),
+        number_option("neg_margin", 1.0),
+        distance_option("distance", "lp"),
+        miner_option(),
+    )

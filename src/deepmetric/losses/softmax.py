@@ -22,14 +22,17 @@ from keras import ops
 
 from deepmetric import _blocks
 from deepmetric import distances as distances_lib
+from deepmetric import miners as miners_lib
 from deepmetric._api import export
 from deepmetric.losses.base import (
     MetricLoss,
     check_number,
     check_reference_mask,
     count_positive,
+    distance_option,
     loss_inputs,
     masked_logsumexp,
+    miner_option,
     number_option,
     per_anchor_share,
 )
@@ -48,21 +51,59 @@ def normalized_rows(
     reference_mask=None,
     *,
     distance=_INNER_PRODUCT,
+    miner=None,
+    pass_mined=False,
+    normalize=True,
 ):
     """The preamble of the losses on L2-normalised embeddings, then the row driver.
 
     Checks the inputs and the reference set, L2-normalises the embeddings, and runs
     `_blocks.anchor_rows` with `distance` on the normalised rows (their inner product, the
-    cosine similarity, by default).
+    cosine similarity, by default); with `normalize=False` on the rows as given (a loss with a
+    `distance=` of its own, which normalises or not).
+
+    With a `miner` (`deepmetric.miners`), the positive and negative masks are the pairs it
+    keeps (mined on the embeddings as given), `row_terms` gets the `Mined` as `mined` when
+    `pass_mined`, and, as in pytorch-metric-learning's pair losses, every output is 0 when the
+    miner keeps at most one positive and at most one negative pair (counted with repetition).
     """
+    miner = miners_lib.get(miner)
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
     mask = check_reference_mask(reference_mask, embeddings, reference)
-    query = distances_lib._l2_normalize(embeddings)
-    if reference is not None:
+    raw = (embeddings, reference)
+    query = distances_lib._l2_normalize(embeddings) if normalize else embeddings
+    if reference is not None and normalize:
         reference = distances_lib._l2_normalize(reference)
-    return _blocks.anchor_rows(row_terms, distance, labels, query, ref_labels, reference, mask)
+    if miner is None:
+        return _blocks.anchor_rows(row_terms, distance, labels, query, ref_labels, reference, mask)
+
+    def mined_rows(m, positives, negatives, mined):
+        terms = row_terms(m, positives, negatives, **({"mined": mined} if pass_mined else {}))
+        pos_counts, neg_counts = mined.pair_counts()
+        return (*terms, ops.sum(pos_counts, axis=1), ops.sum(neg_counts, axis=1))
+
+    *terms, num_pos, num_neg = _blocks.anchor_rows(
+        mined_rows,
+        distance,
+        labels,
+        query,
+        ref_labels,
+        reference,
+        mask,
+        miner=miner,
+        miner_inputs=raw,
+    )
+    enough = ops.logical_or(ops.greater(ops.sum(num_pos), 1.0), ops.greater(ops.sum(num_neg), 1.0))
+    return tuple(ops.where(enough, t, ops.zeros_like(t)) for t in terms)
+
+
+def _margin(distance):
+    """PML's `distance.margin(x, y)`: how far x is inside y (`y - x` for a similarity)."""
+    if distance.larger_is_closer:
+        return lambda x, y: y - x
+    return lambda x, y: x - y
 
 
 @export
@@ -73,6 +114,8 @@ def multi_similarity_loss(
     alpha=2.0,
     beta=50.0,
     base=0.5,
+    distance="cosine",
+    miner=None,
     reference_embeddings=None,
     reference_labels=None,
     reference_mask=None,
@@ -98,6 +141,12 @@ def multi_similarity_loss(
       alpha: weight of the positive pairs (> 0).
       beta: weight of the negative pairs (> 0).
       base: the similarity margin $\lambda$.
+      distance: a `deepmetric.distances` name or `Distance` (default: the cosine similarity);
+        with a distance (smaller is closer) the signs turn around, as in PML:
+        $e^{\alpha (d_{ip} - \lambda)}$ and $e^{-\beta (d_{in} - \lambda)}$.
+      miner: None, or a `deepmetric.miners` miner whose kept pairs replace all pairs (PML's
+        recommended pairing is `MultiSimilarityMiner()`); the loss then equals PML's
+        `MultiSimilarityLoss()(embeddings, labels, miner(embeddings, labels))`.
       reference_embeddings, reference_labels: compare each anchor with this set (R, D) / (R,)
         instead of the rest of the batch; no pair is excluded then.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
@@ -116,14 +165,25 @@ def multi_similarity_loss(
     alpha = check_number("alpha", alpha, positive=True)
     beta = check_number("beta", beta, positive=True)
     base = check_number("base", base)
+    distance = distances_lib.get(distance, "distance")
+    cosine = distance == distances_lib.CosineSimilarity()
+    margin = _margin(distance)
 
     def rows(s, positives, negatives):
-        pos_term = masked_logsumexp(alpha * (base - s), positives, add_one=True) / alpha
-        neg_term = masked_logsumexp(beta * (s - base), negatives, add_one=True) / beta
+        pos_term = masked_logsumexp(alpha * margin(s, base), positives, add_one=True) / alpha
+        neg_term = masked_logsumexp(beta * margin(base, s), negatives, add_one=True) / beta
         return (pos_term + neg_term,)
 
     (loss,) = normalized_rows(
-        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
+        rows,
+        labels,
+        embeddings,
+        reference_embeddings,
+        reference_labels,
+        reference_mask,
+        distance=_INNER_PRODUCT if cosine else distance,
+        normalize=cosine,
+        miner=miner,
     )
     return loss
 
@@ -135,6 +195,7 @@ def circle_loss(
     *,
     margin=0.4,
     gamma=80.0,
+    miner=None,
     reference_embeddings=None,
     reference_labels=None,
     reference_mask=None,
@@ -161,6 +222,7 @@ def circle_loss(
       embeddings: float embeddings, shape (B, D); normalised inside.
       margin: the relaxation m.
       gamma: the scale (> 0).
+      miner: None, or a `deepmetric.miners` miner whose kept pairs replace all pairs.
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
@@ -190,7 +252,13 @@ def circle_loss(
         return (ops.where(valid, loss, 0.0),)
 
     (loss,) = normalized_rows(
-        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
+        rows,
+        labels,
+        embeddings,
+        reference_embeddings,
+        reference_labels,
+        reference_mask,
+        miner=miner,
     )
     return per_anchor_share(loss, count_positive(loss))
 
@@ -333,6 +401,8 @@ class MultiSimilarityLoss(MetricLoss):
         number_option("alpha", 2.0, positive=True),
         number_option("beta", 50.0, positive=True),
         number_option("base", 0.5),
+        distance_option("distance", "cosine"),
+        miner_option(),
     )
 
 
@@ -346,7 +416,11 @@ class CircleLoss(MetricLoss):
     """
 
     function = staticmethod(circle_loss)
-    options = (number_option("margin", 0.4), number_option("gamma", 80.0, positive=True))
+    options = (
+        number_option("margin", 0.4),
+        number_option("gamma", 80.0, positive=True),
+        miner_option(),
+    )
 
 
 @export
