@@ -168,4 +168,5 @@ def anchor_rows(
         return tuple(row_terms(m, positives, negatives, **extra))
 
     one_block = whole or not distance.blockable
+    one_block = one_block or (miner is not None and not miner.row_local)
     return map_rows(block, rows, shared, max_entries=_UNLIMITED if one_block else None)

@@ -114,6 +114,8 @@ class Miner:
     """
 
     default_distance: Any = staticmethod(lambda: distances_lib.LpDistance())
+    # Whether the selection of an anchor needs only its own row (else a loss runs as one block).
+    row_local = True
 
     def __init__(self, distance=None):
         self.distance = distance if distance is not None else self.default_distance()
@@ -490,6 +492,97 @@ class BatchHardMiner(BatchEasyHardMiner):
         config = super().get_config()
         del config["pos_strategy"], config["neg_strategy"]
         return config
+
+
+@export
+class HDCMiner(Miner):
+    """The mining of Hard-Aware Deeply Cascaded embeddings (Yuan et al., 2017): the hardest
+    `filter_percentage` of the batch's positive pairs (the farthest) and of its negative pairs
+    (the closest).
+
+    `k = ceil(filter_percentage * number of pairs)` of each kind are kept, over the whole batch
+    (not per anchor), so a loss with this miner computes its whole (B, R) matrix at once.
+    Equals `pytorch_metric_learning.miners.HDCMiner(filter_percentage)` except at ties: pairs
+    tied with the k-th are all kept, where PML's `topk` keeps exactly k. In a batch compared
+    with itself every pair ties with its mirror ((a, p) and (p, a)), so for an odd k this keeps
+    one pair more than PML, whose choice between the two depends on `topk`'s order. `k` is
+    computed in float32. Default distance `LpDistance()`. Paper: "Hard-Aware Deeply Cascaded
+    Embedding", ICCV 2017, arXiv:1611.05720.
+
+    Args:
+      filter_percentage: the fraction of the pairs of each kind kept, in (0, 1].
+      distance: a `deepmetric.distances` name or `Distance`.
+    """
+
+    row_local = False
+
+    def __init__(self, filter_percentage=0.5, distance=None):
+        super().__init__(distance)
+        self.filter_percentage = _number("filter_percentage", filter_percentage, low=0.0, high=1.0)
+        if self.filter_percentage == 0.0:
+            raise ValueError(
+                "`filter_percentage` must be in (0, 1]. "
+                f"Received: filter_percentage={filter_percentage!r}"
+            )
+
+    def _top(self, values, mask):
+        """`mask` restricted to its k largest `values`, k = ceil(fraction * count)."""
+        flat = ops.reshape(ops.where(mask, values, -_BIG), (-1,))
+        count = ops.sum(ops.cast(mask, "float32"))
+        k = ops.cast(ops.ceil(self.filter_percentage * count), "int32")
+        descending = -ops.sort(-flat)
+        threshold = ops.take(descending, ops.maximum(k - 1, 0))
+        return ops.logical_and(
+            ops.logical_and(mask, ops.greater_equal(values, threshold)), ops.greater(count, 0.0)
+        )
+
+    def _select(self, gaps, positives, negatives, order):
+        return Mined(self._top(gaps, positives), self._top(-gaps, negatives))
+
+    def get_config(self):
+        return {"filter_percentage": self.filter_percentage, **super().get_config()}
+
+
+@export
+class AngularMiner(Miner):
+    r"""Keeps the triplets whose angle at the negative is larger than `angle` (degrees):
+    $rctanig(\|x_a - x_p\| / (2 \|x_n - c\|)ig) > 	ext{angle}$ with
+    $c = (x_a + x_p) / 2$ (Wang et al., 2017), on the embeddings as given.
+
+    Equals `pytorch_metric_learning.miners.AngularMiner(angle)` (whose only allowed distance is
+    `LpDistance()`, and whose angle is computed on the embeddings as given, with
+    `torch.nn.functional.pairwise_distance`). The triplets are a rule
+    (`deepmetric.mining.AngleRule`) evaluated by `TripletLoss` per anchor and positive. Paper:
+    "Deep Metric Learning with Angular Loss", ICCV 2017, arXiv:1708.01682.
+
+    Args:
+      angle: the threshold in degrees.
+      distance: must be `LpDistance()` (PML's restriction), the default.
+    """
+
+    def __init__(self, angle=20, distance=None):
+        super().__init__(distance)
+        if distances_lib.get(self.distance) != distances_lib.LpDistance():
+            raise ValueError(
+                "`distance` of AngularMiner must be LpDistance() (as in pytorch-metric-learning). "
+                f"Received: distance={self.distance!r}"
+            )
+        self.angle = _number("angle", angle)
+
+    def mine_rows(self, query, reference, self_index, positives, negatives, order=None):
+        rule = mining.AngleRule(query, reference, math.radians(self.angle))
+        per_positive, per_negative = mining.rule_pair_counts(rule, positives, negatives, order)
+        return Mined(
+            ops.greater(per_positive, 0.0),
+            ops.greater(per_negative, 0.0),
+            rule,
+            per_positive,
+            per_negative,
+            triplets=True,
+        )
+
+    def get_config(self):
+        return {"angle": self.angle, **super().get_config()}
 
 
 def get(identifier):

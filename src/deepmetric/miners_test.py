@@ -163,6 +163,58 @@ def test_triplet_margin_miner_counts_its_triplets(type_of_triplets):
     assert mined.triplets and mined.rule is not None
 
 
+def ref_angular(labels, x, angle):
+    """The kept triplets of the angular miner, with torch's pairwise_distance (+1e-6)."""
+    x = np.asarray(x, np.float64)
+    pos, neg = label_pairs(labels)
+
+    def dist(u, v):
+        return np.linalg.norm(u - v + 1e-6)
+
+    kept = []
+    for a, p, n in itertools.product(range(len(labels)), repeat=3):
+        if pos[a, p] and neg[a, n]:
+            ratio = dist(x[a], x[p]) / (2 * dist(x[n], (x[a] + x[p]) / 2))
+            if np.arctan(ratio) > np.radians(angle):
+                kept.append((a, p, n))
+    return kept
+
+
+@pytest.mark.parametrize("angle", [20, 45])
+def test_angular_miner_counts_its_triplets(angle):
+    labels, x = batch(15)
+    mined = miners.AngularMiner(angle)(labels, x)
+    per_positive, per_negative = np.zeros((2, len(labels), len(labels)))
+    for a, p, n in ref_angular(labels, x, angle):
+        per_positive[a, p] += 1
+        per_negative[a, n] += 1
+    pos, neg = label_pairs(labels)
+    assert 0 < per_positive.sum() < (pos.sum(1) * neg.sum(1)).sum()  # some kept, some not
+    np.testing.assert_array_equal(_np(mined.positive_counts), per_positive)
+    np.testing.assert_array_equal(_np(mined.negative_counts), per_negative)
+
+
+def ref_hdc(labels, x, fraction):
+    """The k = ceil(fraction * count) farthest positive pairs and closest negative pairs."""
+    d = lp(x)
+    kept = []
+    for mask, sign in zip(label_pairs(labels), (1.0, -1.0), strict=True):
+        values = sign * d[mask]
+        k = int(np.ceil(np.float32(fraction) * np.float32(mask.sum())))
+        threshold = np.sort(values)[::-1][k - 1]
+        kept.append(mask & (sign * d >= threshold))
+    return kept
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5])
+def test_hdc_miner_matches_definition(fraction):
+    labels, x = batch(16)
+    mined = miners.HDCMiner(fraction)(labels, x)
+    keep_pos, keep_neg = ref_hdc(labels, x, fraction)
+    np.testing.assert_array_equal(_np(mined.positives), keep_pos)
+    np.testing.assert_array_equal(_np(mined.negatives), keep_neg)
+
+
 COMBINATIONS = [
     ("hard", "hard"),
     ("easy", "semihard"),
@@ -423,6 +475,8 @@ def test_pair_loss_distance_equals_pml(loss_name, distance):
 # --- Configuration, saving and errors. ---
 
 ALL_MINERS = [
+    miners.HDCMiner(0.3),
+    miners.AngularMiner(30),
     miners.MultiSimilarityMiner(epsilon=0.2),
     miners.PairMarginMiner(0.1, 0.5, distance="cosine"),
     miners.TripletMarginMiner(0.1, "semihard"),
@@ -464,6 +518,8 @@ def test_a_loss_with_a_miner_saves_in_a_keras_file(tmp_path):
         (lambda: miners.BatchEasyHardMiner("all", "semihard"), ValueError, 'with "all"'),
         (lambda: miners.BatchHardMiner(allowed_pos_range=(2, 1)), ValueError, "low <= high"),
         (lambda: losses.CircleLoss(miner="ms"), TypeError, "`miner` must be None or a"),
+        (lambda: miners.HDCMiner(0.0), ValueError, "`filter_percentage` must be in"),
+        (lambda: miners.AngularMiner(distance="cosine"), ValueError, "must be LpDistance"),
     ],
 )
 def test_bad_arguments(build, error, message):
@@ -498,6 +554,8 @@ PAIRS = [
     ("BatchEasyHardMiner", {}),
     ("BatchEasyHardMiner", {"pos_strategy": "semihard", "neg_strategy": "hard"}),
     ("BatchEasyHardMiner", {"pos_strategy": "all", "neg_strategy": "easy"}),
+    ("AngularMiner", {}),
+    ("AngularMiner", {"angle": 45}),
 ]
 
 
@@ -556,3 +614,19 @@ def test_loss_with_miner_equals_pml(loss_name, name, kwargs):
     assert float(ours[0]) == pytest.approx(float(theirs[0]), rel=1e-5, abs=1e-6)
     scale = max(float(np.abs(theirs[1]).max()), 1e-3)
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-3, atol=1e-4 * scale)
+
+
+@TORCH_ONLY
+@pytest.mark.parametrize("fraction", [0.3, 0.5])
+def test_hdc_miner_equals_pml_up_to_mirror_ties(fraction):
+    """PML keeps exactly k pairs; a pair ties with its mirror, so PML may keep one fewer."""
+    pml = pytest.importorskip("pytorch_metric_learning.miners")
+    import torch  # backend-specific test: PML runs on torch
+
+    labels, x = batch(17, b=16)
+    mined = miners.HDCMiner(fraction)(labels, x)
+    counts = _pml_masks(pml.HDCMiner(fraction)(torch.tensor(x), torch.tensor(labels)), 16)
+    for ours, theirs in zip((mined.positives, mined.negatives), counts, strict=True):
+        ours, theirs = _np(ours), theirs > 0
+        assert not (theirs & ~ours).any() and (ours & ~theirs).sum() <= 1
+        np.testing.assert_array_equal(ours | ours.T, theirs | theirs.T)

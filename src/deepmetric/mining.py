@@ -454,25 +454,63 @@ class TripletRule(NamedTuple):
     A triplet (a, p, n) of positive pair (a, p) and negative pair (a, n) is kept when
     `low < gaps[a, n] - gaps[a, p] <= high`; `gaps` is the miner's (B, R) distance matrix with
     larger meaning farther (a similarity negated), without gradient. `low` / `high` are
-    Python floats, possibly infinite.
+    Python floats, possibly infinite. A rule's `keeps(selected, negatives)` is evaluated in a
+    loop over the k-th positive of every anchor (`selected`, (B, R), one True per row at most).
     """
 
     gaps: Any
     low: float
     high: float
 
+    def keeps(self, selected, negatives):
+        """(B, R): the negatives n whose triplet with each anchor's selected positive is kept."""
+        gaps = ops.stop_gradient(ops.convert_to_tensor(self.gaps))
+        t = gaps - _row_value(gaps, selected)
+        if self.low != float("-inf"):
+            negatives = ops.logical_and(negatives, ops.greater(t, self.low))
+        if self.high != float("inf"):
+            negatives = ops.logical_and(negatives, ops.less_equal(t, self.high))
+        return negatives
+
+
+class AngleRule(NamedTuple):
+    """The triplets of the angular miner: (a, p, n) is kept when
+    `atan(||x_a - x_p|| / (2 ||x_n - (x_a + x_p) / 2||)) > angle` (radians).
+
+    Distances as `torch.nn.functional.pairwise_distance` computes them (`||u - v + 1e-6||`), on
+    the embeddings as given, like pytorch-metric-learning's `AngularMiner`. `query` (B, D) are
+    the anchors, `reference` (R, D) the rows they are compared with.
+    """
+
+    query: Any
+    reference: Any
+    angle: float
+
+    def keeps(self, selected, negatives):
+        eps = 1e-6
+        q = ops.stop_gradient(self.query)
+        r = ops.stop_gradient(self.reference)
+        positive = ops.take(r, ops.argmax(ops.cast(selected, "int32"), axis=1), axis=0)
+        ap = ops.sqrt(ops.sum(ops.square(q - positive + eps), axis=1, keepdims=True))
+        center = (q + positive) / 2.0
+        sq = (
+            ops.expand_dims(ops.sum(ops.square(r), axis=1), 0)
+            + ops.sum(ops.square(center), axis=1, keepdims=True)
+            - 2.0 * ops.matmul(center, ops.transpose(r))
+        )
+        # ||n - c + eps 1||^2 = ||n - c||^2 + 2 eps (sum n - sum c) + D eps^2
+        dim = ops.cast(ops.shape(r)[1], r.dtype)
+        sq = sq + 2.0 * eps * (
+            ops.expand_dims(ops.sum(r, axis=1), 0) - ops.sum(center, axis=1, keepdims=True)
+        )
+        nc = ops.sqrt(ops.maximum(sq + dim * eps * eps, 0.0))
+        angles = ops.arctan(ap / (2.0 * nc))
+        return ops.logical_and(negatives, ops.greater(angles, self.angle))
+
 
 def _rule_keeps(rule, selected, negatives):
     """(B, R): negatives n of each anchor whose triplet with the selected positive `rule` keeps."""
-    if rule is None:
-        return negatives
-    gaps = ops.stop_gradient(ops.convert_to_tensor(rule.gaps))
-    t = gaps - _row_value(gaps, selected)
-    if rule.low != float("-inf"):
-        negatives = ops.logical_and(negatives, ops.greater(t, rule.low))
-    if rule.high != float("inf"):
-        negatives = ops.logical_and(negatives, ops.less_equal(t, rule.high))
-    return negatives
+    return negatives if rule is None else rule.keeps(selected, negatives)
 
 
 def rule_pair_counts(rule, positive_mask, negative_mask, order=None):
@@ -484,7 +522,7 @@ def rule_pair_counts(rule, positive_mask, negative_mask, order=None):
       gradient. A loop over the positive ranks (`_kth_positive_loop`): O(B * R) memory.
     """
     negative_mask = ops.convert_to_tensor(negative_mask)
-    shape = ops.shape(rule.gaps)
+    shape = ops.shape(negative_mask)
 
     def body(selected, state):
         per_positive, per_negative = state
