@@ -99,6 +99,9 @@ def anchor_rows(
     *,
     farther_is_larger=False,
     with_order=False,
+    miner=None,
+    miner_inputs=None,
+    whole=False,
 ):
     """The row driver of the batch losses: `row_terms(m, positives, negatives)` per anchor.
 
@@ -111,6 +114,12 @@ def anchor_rows(
     they come back for all B anchors. A distance that is not `blockable` (a callable) runs as
     one block. With `with_order`, `row_terms` gets a fourth argument, the block's
     `mining.PositiveOrder` (the ranks of the positives from the labels).
+
+    With a `miner` (a `deepmetric.miners.Miner`), the block's masks are the pairs it keeps,
+    mined on its own distance from `miner_inputs` (the unnormalised (embeddings, reference),
+    default: `embeddings` and `reference`), and `row_terms` also gets the block's
+    `deepmetric.miners.Mined` as the keyword `mined`. With `whole`, the rows run as one block
+    (a loss that reads other rows of the matrix).
     """
     same = reference is None
     negate = farther_is_larger and distance.larger_is_closer
@@ -119,33 +128,45 @@ def anchor_rows(
     per_pair_mask = mask is not None and len(mask.shape) == 2
     if mask is not None:
         (rows if per_pair_mask else shared).append(mask)
-    if with_order:
+    if miner is not None:
+        raw, raw_reference = miner_inputs if miner_inputs is not None else (embeddings, reference)
+        rows.append(raw)
+        shared.append(raw if same else raw_reference)
+    use_order = with_order or miner is not None
+    if use_order:
         shared.append(mining.column_ranks(shared[1]))
 
     def block(index, query, query_labels, *rest):
+        rest = list(rest)
+        pair_mask = rest.pop(0) if per_pair_mask else None
+        raw_query = rest.pop(0) if miner is not None else None
+        ref, ref_labels = rest.pop(0), rest.pop(0)
+        if mask is not None and not per_pair_mask:
+            pair_mask = ops.expand_dims(rest.pop(0), 0)
+        raw_ref = rest.pop(0) if miner is not None else None
         order = None
-        if with_order:
-            ranks = rest[-1]
+        if use_order:
+            ranks = rest.pop(0)
             # `mod`: the padding rows of a last block have positions past the batch.
             anchor_rank = ops.take(ranks, ops.mod(index, ops.shape(ranks)[0])) if same else None
             order = mining.PositiveOrder(ranks, anchor_rank)
-            rest = rest[:-1]
-        if per_pair_mask:
-            pair_mask, ref, ref_labels = rest
-        else:
-            ref, ref_labels, *column_mask = rest
-            pair_mask = ops.expand_dims(column_mask[0], 0) if column_mask else None
         self_index = index if same else None
         positives, negatives = mining.label_masks(query_labels, ref_labels, anchor_index=self_index)
         if pair_mask is not None:
             positives = ops.logical_and(positives, pair_mask)
             negatives = ops.logical_and(negatives, pair_mask)
+        extra = {}
+        if miner is not None:
+            mined = miner.mine_rows(raw_query, raw_ref, self_index, positives, negatives, order)
+            positives, negatives = mined.positives, mined.negatives
+            extra["mined"] = mined
         m = distance.matrix(query, ref, self_index=self_index)
         if negate:
             m = -m
         if with_order:
-            return tuple(row_terms(m, positives, negatives, order))
-        return tuple(row_terms(m, positives, negatives))
+            return tuple(row_terms(m, positives, negatives, order, **extra))
+        return tuple(row_terms(m, positives, negatives, **extra))
 
-    one_block = not distance.blockable
+    one_block = whole or not distance.blockable
+    one_block = one_block or (miner is not None and not miner.row_local)
     return map_rows(block, rows, shared, max_entries=_UNLIMITED if one_block else None)

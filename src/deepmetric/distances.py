@@ -206,15 +206,80 @@ class CosineSimilarity(Distance):
 
 @export
 class DotProductSimilarity(Distance):
-    """Plain inner product (larger is closer)."""
+    """Inner product (larger is closer), of the L2-normalised rows with `normalize_embeddings`.
+
+    The default is the plain inner product; pytorch-metric-learning's `DotProductSimilarity()`
+    normalises (it is `DotProductSimilarity(normalize_embeddings=True)`, the cosine similarity).
+    """
 
     larger_is_closer = True
 
+    def __init__(self, normalize_embeddings=False):
+        self.normalize_embeddings = bool(normalize_embeddings)
+
+    def _prepare(self, x):
+        return _l2_normalize(x) if self.normalize_embeddings else x
+
     def _matrix(self, query, reference, self_index):
-        return ops.matmul(query, ops.transpose(reference))
+        return ops.matmul(self._prepare(query), ops.transpose(self._prepare(reference)))
 
     def _paired(self, x, y):
-        return ops.sum(x * y, axis=-1)
+        return ops.sum(self._prepare(x) * self._prepare(y), axis=-1)
+
+    def get_config(self):
+        return {"normalize_embeddings": self.normalize_embeddings}
+
+    def __repr__(self):
+        return f"DotProductSimilarity(normalize_embeddings={self.normalize_embeddings})"
+
+
+@export
+class LpDistance(Distance):
+    """pytorch-metric-learning's `LpDistance`: Euclidean distance, to a power, of rows that
+    are L2-normalised first with `normalize_embeddings` (the default, as in PML).
+
+    `LpDistance()` is the default distance of PML's triplet and contrastive losses and of most
+    of its miners. Only `p=2` is supported; `power=2` gives squared distances.
+
+    >>> LpDistance()
+    LpDistance(normalize_embeddings=True, p=2, power=1.0)
+    """
+
+    def __init__(self, normalize_embeddings=True, p=2, power=1):
+        if p != 2:
+            raise ValueError(f"`p` must be 2 (the Euclidean distance). Received: p={p!r}")
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
+            raise ValueError(f"`power` must be a positive number. Received: power={power!r}")
+        self.normalize_embeddings = bool(normalize_embeddings)
+        self.p = 2
+        self.power = float(power)
+
+    def _prepare(self, x):
+        return _l2_normalize(x) if self.normalize_embeddings else x
+
+    def _from_squared(self, sq):
+        if self.power == 2.0:
+            return sq
+        d = _safe_sqrt(sq)
+        return d if self.power == 1.0 else ops.power(d, self.power)
+
+    def _matrix(self, query, reference, self_index):
+        sq = _squared_euclidean(self._prepare(query), self._prepare(reference))
+        if self_index is not None:
+            sq = ops.where(is_self(self_index, ops.shape(reference)[0]), 0.0, sq)
+        return self._from_squared(sq)
+
+    def _paired(self, x, y):
+        return self._from_squared(ops.sum(ops.square(self._prepare(x) - self._prepare(y)), axis=-1))
+
+    def get_config(self):
+        return {"normalize_embeddings": self.normalize_embeddings, "p": self.p, "power": self.power}
+
+    def __repr__(self):
+        return (
+            f"LpDistance(normalize_embeddings={self.normalize_embeddings}, p={self.p}, "
+            f"power={self.power})"
+        )
 
 
 class _CallableDistance(Distance):
@@ -262,6 +327,21 @@ _NAMES = {
     "cosine_similarity": lambda: CosineSimilarity(),
     "dot": lambda: DotProductSimilarity(),
     "dot_product": lambda: DotProductSimilarity(),
+    "dot_product_similarity": lambda: DotProductSimilarity(),
+    "lp": lambda: LpDistance(),
+    "lp_distance": lambda: LpDistance(),
+}
+
+
+_CLASS_NAMES = {
+    cls.__name__: cls
+    for cls in (
+        EuclideanDistance,
+        AngularDistance,
+        CosineSimilarity,
+        DotProductSimilarity,
+        LpDistance,
+    )
 }
 
 
@@ -270,7 +350,10 @@ def get(identifier, name: str = "distance") -> Distance:
 
     Names (case-insensitive): "L2" / "euclidean", "squared-L2" /
     "squared_euclidean", "angular", "cosine" / "cosine_similarity",
-    "dot" / "dot_product". A plain callable is taken as TFA's `distance_metric`:
+    "dot" / "dot_product" / "dot_product_similarity" (the plain inner product), "lp" /
+    "lp_distance" (pytorch-metric-learning's default `LpDistance()`: Euclidean distance of the
+    L2-normalised rows). Class names ("LpDistance", "CosineSimilarity", ...) work too. A plain
+    callable is taken as TFA's `distance_metric`:
     it receives the (B, D) embeddings and returns the (B, B) distance matrix.
 
     >>> get("L2")
@@ -279,11 +362,11 @@ def get(identifier, name: str = "distance") -> Distance:
     if isinstance(identifier, Distance):
         return identifier
     if isinstance(identifier, str):
-        factory = _NAMES.get(identifier.lower())
+        factory = _NAMES.get(identifier.lower()) or _CLASS_NAMES.get(identifier)
         if factory is None:
             raise ValueError(
                 f"Unknown `{name}`: {identifier!r}. Allowed names: "
-                f"{', '.join(repr(k) for k in sorted(_NAMES))}, a "
+                f"{', '.join(repr(k) for k in [*sorted(_NAMES), *_CLASS_NAMES])}, a "
                 "`deepmetric.distances.Distance` or a callable."
             )
         return factory()

@@ -63,6 +63,18 @@ def test_half_precision_inputs_compute_in_float32():
         ),
         ("dot", lambda q, r: q @ r.T),
         (
+            "lp",
+            lambda q, r: np.sqrt(
+                (
+                    (
+                        (q / np.linalg.norm(q, axis=1, keepdims=True))[:, None]
+                        - (r / np.linalg.norm(r, axis=1, keepdims=True))[None]
+                    )
+                    ** 2
+                ).sum(-1)
+            ),
+        ),
+        (
             "angular",
             lambda q, r: (
                 1
@@ -85,7 +97,12 @@ def test_distance_objects_query_reference_and_paired(name, expected):
 
 
 def test_distance_serialization_round_trip():
-    for distance in (distances.EuclideanDistance(squared=True), distances.CosineSimilarity()):
+    for distance in (
+        distances.EuclideanDistance(squared=True),
+        distances.CosineSimilarity(),
+        distances.LpDistance(normalize_embeddings=False, power=2),
+        distances.DotProductSimilarity(normalize_embeddings=True),
+    ):
         config = keras.saving.serialize_keras_object(distance)
         assert keras.saving.deserialize_keras_object(config) == distance
         assert distances.get(config) == distance
@@ -103,7 +120,7 @@ def test_embeddings_must_be_rank_two():
         distances.pairwise_distance(np.zeros((2, 3, 4), "float32"))
 
 
-@pytest.mark.parametrize("name", ["L2", "squared-L2", "angular", "cosine", "dot"])
+@pytest.mark.parametrize("name", ["L2", "squared-L2", "angular", "cosine", "dot", "lp"])
 def test_matrix_rows_of_a_self_comparison_equal_the_whole_matrix(name):
     """`matrix(x[index], x, self_index=index)` is those rows of `matrix(x)` (self-pairs
     included, exactly 0 for the Euclidean distances); `rows` is the same entry point."""
@@ -116,8 +133,32 @@ def test_matrix_rows_of_a_self_comparison_equal_the_whole_matrix(name):
     rows = distance.rows(ops.take(x, index, axis=0), x, index)
     np.testing.assert_array_equal(ops.convert_to_numpy(rows), ops.convert_to_numpy(block))
     np.testing.assert_allclose(ops.convert_to_numpy(distance(x)), whole, rtol=1e-6, atol=1e-6)
-    if name in ("L2", "squared-L2"):
+    if name in ("L2", "squared-L2", "lp"):
         assert np.all(np.diag(whole) == 0.0)
+
+
+def test_pml_distances_by_name_and_options():
+    """PML's LpDistance options and DotProductSimilarity(normalize_embeddings=True) == cosine."""
+    x = _x(7, b=6)
+    u = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+    squared = ((u[:, None] - u[None]) ** 2).sum(-1)
+    lp = distances.get("LpDistance")
+    assert lp == distances.LpDistance() and not lp.larger_is_closer
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(distances.LpDistance(power=2)(x)), squared, rtol=1e-5, atol=1e-6
+    )
+    raw = ((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1) ** 0.5
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(distances.LpDistance(normalize_embeddings=False)(x)),
+        raw,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    normalised = distances.DotProductSimilarity(normalize_embeddings=True)(x)
+    np.testing.assert_allclose(ops.convert_to_numpy(normalised), u @ u.T, rtol=1e-5, atol=1e-6)
+    assert distances.get("CosineSimilarity") == distances.CosineSimilarity()
+    with pytest.raises(ValueError, match="`p` must be 2"):
+        distances.LpDistance(p=1)
 
 
 def test_a_callable_distance_builds_only_the_whole_batch():

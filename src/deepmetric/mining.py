@@ -446,3 +446,166 @@ def batch_all_soft_terms(distances, positive_mask, negative_mask, order=None):
         ),
         order,
     )
+
+
+class TripletRule(NamedTuple):
+    """Which triplets of a batch a margin miner keeps, without listing them.
+
+    A triplet (a, p, n) of positive pair (a, p) and negative pair (a, n) is kept when
+    `low < gaps[a, n] - gaps[a, p] <= high`; `gaps` is the miner's (B, R) distance matrix with
+    larger meaning farther (a similarity negated), without gradient. `low` / `high` are
+    Python floats, possibly infinite. A rule's `keeps(selected, negatives)` is evaluated in a
+    loop over the k-th positive of every anchor (`selected`, (B, R), one True per row at most).
+    """
+
+    gaps: Any
+    low: float
+    high: float
+
+    def keeps(self, selected, negatives):
+        """(B, R): the negatives n whose triplet with each anchor's selected positive is kept."""
+        gaps = ops.stop_gradient(ops.convert_to_tensor(self.gaps))
+        t = gaps - _row_value(gaps, selected)
+        if self.low != float("-inf"):
+            negatives = ops.logical_and(negatives, ops.greater(t, self.low))
+        if self.high != float("inf"):
+            negatives = ops.logical_and(negatives, ops.less_equal(t, self.high))
+        return negatives
+
+
+class AngleRule(NamedTuple):
+    """The triplets of the angular miner: (a, p, n) is kept when
+    `atan(||x_a - x_p|| / (2 ||x_n - (x_a + x_p) / 2||)) > angle` (radians).
+
+    Distances as `torch.nn.functional.pairwise_distance` computes them (`||u - v + 1e-6||`), on
+    the embeddings as given, like pytorch-metric-learning's `AngularMiner`. `query` (B, D) are
+    the anchors, `reference` (R, D) the rows they are compared with.
+    """
+
+    query: Any
+    reference: Any
+    angle: float
+
+    def keeps(self, selected, negatives):
+        eps = 1e-6
+        q = ops.stop_gradient(self.query)
+        r = ops.stop_gradient(self.reference)
+        positive = ops.take(r, ops.argmax(ops.cast(selected, "int32"), axis=1), axis=0)
+        ap = ops.sqrt(ops.sum(ops.square(q - positive + eps), axis=1, keepdims=True))
+        center = (q + positive) / 2.0
+        sq = (
+            ops.expand_dims(ops.sum(ops.square(r), axis=1), 0)
+            + ops.sum(ops.square(center), axis=1, keepdims=True)
+            - 2.0 * ops.matmul(center, ops.transpose(r))
+        )
+        # ||n - c + eps 1||^2 = ||n - c||^2 + 2 eps (sum n - sum c) + D eps^2
+        dim = ops.cast(ops.shape(r)[1], r.dtype)
+        sq = sq + 2.0 * eps * (
+            ops.expand_dims(ops.sum(r, axis=1), 0) - ops.sum(center, axis=1, keepdims=True)
+        )
+        nc = ops.sqrt(ops.maximum(sq + dim * eps * eps, 0.0))
+        angles = ops.arctan(ap / (2.0 * nc))
+        return ops.logical_and(negatives, ops.greater(angles, self.angle))
+
+
+def _rule_keeps(rule, selected, negatives):
+    """(B, R): negatives n of each anchor whose triplet with the selected positive `rule` keeps."""
+    return negatives if rule is None else rule.keeps(selected, negatives)
+
+
+def rule_pair_counts(rule, positive_mask, negative_mask, order=None):
+    """How often each pair occurs in the triplets a `TripletRule` keeps.
+
+    Returns:
+      (per_positive, per_negative): float32 (B, R); `per_positive[a, p]` is the number of
+      kept triplets (a, p, n), `per_negative[a, n]` the number of kept triplets (a, p, n). No
+      gradient. A loop over the positive ranks (`_kth_positive_loop`): O(B * R) memory.
+    """
+    negative_mask = ops.convert_to_tensor(negative_mask)
+    shape = ops.shape(negative_mask)
+
+    def body(selected, state):
+        per_positive, per_negative = state
+        has = ops.any(selected, axis=1, keepdims=True)
+        kept = ops.logical_and(_rule_keeps(rule, selected, negative_mask), has)
+        kept = ops.cast(kept, "float32")
+        count = ops.sum(kept, axis=1, keepdims=True)
+        return ops.where(selected, count, per_positive), per_negative + kept
+
+    zeros = ops.zeros(shape, "float32")
+    return _kth_positive_loop(positive_mask, body, (zeros, zeros), order)
+
+
+def triplet_terms(
+    distances,
+    positive_mask,
+    negative_mask,
+    *,
+    margin=0.0,
+    smooth=False,
+    swap=False,
+    rule=None,
+    order=None,
+):
+    """Sums over all triplets (a, p, n) of positives x negatives, with options, not enumerated.
+
+    The triplet (a, p, n) costs `relu(d_ap - d'_an + margin)`, or `softplus(d_ap - d'_an +
+    margin)` with `smooth`, where `d'_an = d_an`, or with `swap` `min(d_an, d_pn)` (the
+    positive-negative distance when it is smaller: Balntas et al., 2016); with a `rule`
+    (`TripletRule`) only the triplets it keeps count. `swap` needs the whole (B, B)
+    self-comparison (`d[p, n]` is read from row p).
+
+    Returns:
+      (values, weights, count): float (B,) the sum of the costs of each anchor's triplets;
+      (B, R) weights such that `sum(weights * d)` has the gradient of the sum of all costs
+      (with `swap`, the weights of the `d_pn` entries are added at row p); (B,) the number of
+      each anchor's triplets with a positive cost. No gradient.
+    """
+    d = ops.stop_gradient(ops.convert_to_tensor(distances))
+    negative_mask = ops.convert_to_tensor(negative_mask)
+    shape = ops.shape(d)
+    num_columns = d.shape[1] if d.shape[1] is not None else shape[1]
+
+    def body(selected, state):
+        values, weights, swap_weights, count = state
+        has = ops.any(selected, axis=1, keepdims=True)
+        use = ops.logical_and(_rule_keeps(rule, selected, negative_mask), has)
+        negative = d
+        if swap:
+            positive_index = ops.argmax(ops.cast(selected, "int32"), axis=1)
+            pn = ops.take(d, positive_index, axis=0)
+            by_pn = ops.less(pn, d)
+            negative = ops.where(by_pn, pn, d)
+        gap = _row_value(d, selected) - negative + margin
+        if smooth:
+            loss = ops.where(use, ops.softplus(gap), 0.0)
+            weight = ops.where(use, ops.sigmoid(gap), 0.0)
+        else:
+            loss = ops.where(use, ops.relu(gap), 0.0)
+            weight = ops.cast(ops.greater(loss, 0.0), d.dtype)
+        weights = ops.where(selected, ops.sum(weight, axis=1, keepdims=True), weights)
+        if swap:
+            weights = weights - ops.where(by_pn, 0.0, weight)
+            swap_weights = swap_weights - ops.segment_sum(
+                ops.where(by_pn, weight, 0.0), positive_index, num_segments=num_columns
+            )
+        else:
+            weights = weights - weight
+        count = count + ops.sum(ops.cast(ops.greater(loss, 0.0), d.dtype), axis=1)
+        return values + ops.sum(loss, axis=1), weights, swap_weights, count
+
+    zeros = ops.zeros(shape, d.dtype)
+    values, weights, swap_weights, count = _kth_positive_loop(
+        positive_mask,
+        body,
+        (
+            ops.zeros(shape[:1], d.dtype),
+            zeros,
+            zeros if swap else ops.zeros((), d.dtype),
+            ops.zeros(shape[:1], d.dtype),
+        ),
+        order,
+    )
+    if swap:
+        weights = weights + swap_weights
+    return values, weights, count

@@ -20,6 +20,7 @@ from keras import ops
 
 from deepmetric import distances as distances_lib
 from deepmetric import distributed
+from deepmetric import miners as miners_lib
 from deepmetric._labels import check_embeddings, check_labels, check_nonempty
 
 # Finite stand-in for -inf in masked reductions (exp(-LARGE - x) is exactly 0 in float32).
@@ -325,6 +326,15 @@ def distance_option(name, default) -> Option:
     return Option(
         name, default, _check_distance, distances_lib.serialize, distances_lib.deserialize
     )
+
+
+def _check_miner(key, value):
+    return miners_lib.get(value)
+
+
+def miner_option() -> Option:
+    """The `miner` option of the pair and triplet losses: None or a `deepmetric.miners` miner."""
+    return Option("miner", None, _check_miner, miners_lib.serialize, miners_lib.get)
 
 
 class MetricLoss(keras.losses.Loss):

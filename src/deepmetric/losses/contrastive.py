@@ -19,13 +19,15 @@ from deepmetric.losses.base import (
     NON_NEGATIVE,
     MetricLoss,
     count_positive,
+    distance_option,
     loss_inputs,
     masked_logsumexp,
+    miner_option,
     nonfinite_to_nan,
     number_option,
     per_anchor_share,
 )
-from deepmetric.losses.softmax import normalized_rows
+from deepmetric.losses.softmax import _margin, normalized_rows
 
 # Margins on distances: finite numbers >= 0.
 _MARGIN = number_option("margin", 1.0, NON_NEGATIVE)
@@ -219,6 +221,8 @@ def online_contrastive_loss(
     *,
     pos_margin=0.0,
     neg_margin=1.0,
+    distance="lp",
+    miner=None,
     reference_embeddings=None,
     reference_labels=None,
     reference_mask=None,
@@ -244,6 +248,11 @@ def online_contrastive_loss(
       embeddings: float embeddings, shape (B, D); normalised inside.
       pos_margin: positive pairs closer than this are not penalised (a finite number >= 0).
       neg_margin: negative pairs farther than this are not penalised (a finite number >= 0).
+      distance: a `deepmetric.distances` name or `Distance` (default "lp", PML's
+        `LpDistance()`); with a similarity the hinges turn around, as in PML:
+        $[m_+ - s_{ip}]_+$ and $[s_{in} - m_-]_+$.
+      miner: None, or a `deepmetric.miners` miner whose kept pairs replace all pairs (a
+        triplet miner's pairs count as often as they occur in its triplets, as in PML).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
@@ -262,15 +271,31 @@ def online_contrastive_loss(
     """
     pos_margin = _POS_MARGIN.checked(pos_margin)
     neg_margin = _NEG_MARGIN.checked(neg_margin)
+    distance = distances_lib.get(distance, "distance")
+    default = distance == distances_lib.LpDistance()
+    margin = _margin(distance)
 
-    def rows(d, positives, negatives):
-        pos_loss = ops.where(positives, ops.relu(d - pos_margin), 0.0)
-        neg_loss = ops.where(negatives, ops.relu(neg_margin - d), 0.0)
+    def rows(d, positives, negatives, mined=None):
+        pos_loss = ops.where(positives, ops.relu(margin(d, pos_margin)), 0.0)
+        neg_loss = ops.where(negatives, ops.relu(margin(neg_margin, d)), 0.0)
+        if mined is None or mined.positive_counts is None:
+            return (
+                ops.sum(pos_loss, axis=1),
+                count_positive(pos_loss, axis=1),
+                ops.sum(neg_loss, axis=1),
+                count_positive(neg_loss, axis=1),
+            )
+        # A triplet miner's pairs repeat: each counts as often as it occurs.
+        pos_times, neg_times = mined.pair_counts()
         return (
-            ops.sum(pos_loss, axis=1),
-            count_positive(pos_loss, axis=1),
-            ops.sum(neg_loss, axis=1),
-            count_positive(neg_loss, axis=1),
+            ops.sum(pos_times * pos_loss, axis=1),
+            ops.sum(
+                pos_times * ops.cast(ops.greater(ops.stop_gradient(pos_loss), 0.0), d.dtype), axis=1
+            ),
+            ops.sum(neg_times * neg_loss, axis=1),
+            ops.sum(
+                neg_times * ops.cast(ops.greater(ops.stop_gradient(neg_loss), 0.0), d.dtype), axis=1
+            ),
         )
 
     pos_sum, pos_count, neg_sum, neg_count = normalized_rows(
@@ -280,7 +305,10 @@ def online_contrastive_loss(
         reference_embeddings,
         reference_labels,
         reference_mask,
-        distance=_UnitEuclidean(),
+        distance=_UnitEuclidean() if default else distance,
+        normalize=default,
+        miner=miner,
+        pass_mined=True,
     )
     loss = per_anchor_share(pos_sum, ops.sum(pos_count)) + per_anchor_share(
         neg_sum, ops.sum(neg_count)
@@ -298,4 +326,9 @@ class OnlineContrastiveLoss(MetricLoss):
     """
 
     function = staticmethod(online_contrastive_loss)
-    options = (_POS_MARGIN, _NEG_MARGIN)
+    options = (
+        _POS_MARGIN,
+        _NEG_MARGIN,
+        distance_option("distance", "lp"),
+        miner_option(),
+    )

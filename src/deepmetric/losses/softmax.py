@@ -22,6 +22,7 @@ from keras import ops
 
 from deepmetric import _blocks
 from deepmetric import distances as distances_lib
+from deepmetric import miners as miners_lib
 from deepmetric._api import export
 from deepmetric.losses.base import (
     POSITIVE,
@@ -29,8 +30,10 @@ from deepmetric.losses.base import (
     MetricLoss,
     check_reference_mask,
     count_positive,
+    distance_option,
     loss_inputs,
     masked_logsumexp,
+    miner_option,
     nonfinite_to_nan,
     number_option,
     per_anchor_share,
@@ -61,21 +64,59 @@ def normalized_rows(
     reference_mask=None,
     *,
     distance=_INNER_PRODUCT,
+    miner=None,
+    pass_mined=False,
+    normalize=True,
 ):
     """The preamble of the losses on L2-normalised embeddings, then the row driver.
 
     Checks the inputs and the reference set, L2-normalises the embeddings, and runs
     `_blocks.anchor_rows` with `distance` on the normalised rows (their inner product, the
-    cosine similarity, by default).
+    cosine similarity, by default); with `normalize=False` on the rows as given (a loss with a
+    `distance=` of its own, which normalises or not).
+
+    With a `miner` (`deepmetric.miners`), the positive and negative masks are the pairs it
+    keeps (mined on the embeddings as given), `row_terms` gets the `Mined` as `mined` when
+    `pass_mined`, and, as in pytorch-metric-learning's pair losses, every output is 0 when the
+    miner keeps at most one positive and at most one negative pair (counted with repetition).
     """
+    miner = miners_lib.get(miner)
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
     mask = check_reference_mask(reference_mask, embeddings, reference)
-    query = distances_lib._l2_normalize(embeddings)
-    if reference is not None:
+    raw = (embeddings, reference)
+    query = distances_lib._l2_normalize(embeddings) if normalize else embeddings
+    if reference is not None and normalize:
         reference = distances_lib._l2_normalize(reference)
-    return _blocks.anchor_rows(row_terms, distance, labels, query, ref_labels, reference, mask)
+    if miner is None:
+        return _blocks.anchor_rows(row_terms, distance, labels, query, ref_labels, reference, mask)
+
+    def mined_rows(m, positives, negatives, mined):
+        terms = row_terms(m, positives, negatives, **({"mined": mined} if pass_mined else {}))
+        pos_counts, neg_counts = mined.pair_counts()
+        return (*terms, ops.sum(pos_counts, axis=1), ops.sum(neg_counts, axis=1))
+
+    *terms, num_pos, num_neg = _blocks.anchor_rows(
+        mined_rows,
+        distance,
+        labels,
+        query,
+        ref_labels,
+        reference,
+        mask,
+        miner=miner,
+        miner_inputs=raw,
+    )
+    enough = ops.logical_or(ops.greater(ops.sum(num_pos), 1.0), ops.greater(ops.sum(num_neg), 1.0))
+    return tuple(ops.where(enough, t, ops.zeros_like(t)) for t in terms)
+
+
+def _margin(distance):
+    """PML's `distance.margin(x, y)`: how far x is inside y (`y - x` for a similarity)."""
+    if distance.larger_is_closer:
+        return lambda x, y: y - x
+    return lambda x, y: x - y
 
 
 @export
@@ -86,6 +127,8 @@ def multi_similarity_loss(
     alpha=2.0,
     beta=50.0,
     base=0.5,
+    distance="cosine",
+    miner=None,
     reference_embeddings=None,
     reference_labels=None,
     reference_mask=None,
@@ -111,6 +154,12 @@ def multi_similarity_loss(
       alpha: weight of the positive pairs (> 0).
       beta: weight of the negative pairs (> 0).
       base: the similarity margin $\lambda$, a cosine similarity in [-1, 1].
+      distance: a `deepmetric.distances` name or `Distance` (default: the cosine similarity);
+        with a distance (smaller is closer) the signs turn around, as in PML:
+        $e^{\alpha (d_{ip} - \lambda)}$ and $e^{-\beta (d_{in} - \lambda)}$.
+      miner: None, or a `deepmetric.miners` miner whose kept pairs replace all pairs (PML's
+        recommended pairing is `MultiSimilarityMiner()`); the loss then equals PML's
+        `MultiSimilarityLoss()(embeddings, labels, miner(embeddings, labels))`.
       reference_embeddings, reference_labels: compare each anchor with this set (R, D) / (R,)
         instead of the rest of the batch; no pair is excluded then.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
@@ -128,14 +177,25 @@ def multi_similarity_loss(
     0.4089
     """
     alpha, beta, base = _ALPHA.checked(alpha), _BETA.checked(beta), _BASE.checked(base)
+    distance = distances_lib.get(distance, "distance")
+    cosine = distance == distances_lib.CosineSimilarity()
+    margin = _margin(distance)
 
     def rows(s, positives, negatives):
-        pos_term = masked_logsumexp(alpha * (base - s), positives, add_one=True) / alpha
-        neg_term = masked_logsumexp(beta * (s - base), negatives, add_one=True) / beta
+        pos_term = masked_logsumexp(alpha * margin(s, base), positives, add_one=True) / alpha
+        neg_term = masked_logsumexp(beta * margin(base, s), negatives, add_one=True) / beta
         return (pos_term + neg_term,)
 
     (loss,) = normalized_rows(
-        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
+        rows,
+        labels,
+        embeddings,
+        reference_embeddings,
+        reference_labels,
+        reference_mask,
+        distance=_INNER_PRODUCT if cosine else distance,
+        normalize=cosine,
+        miner=miner,
     )
     return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
@@ -147,6 +207,7 @@ def circle_loss(
     *,
     margin=0.4,
     gamma=80.0,
+    miner=None,
     reference_embeddings=None,
     reference_labels=None,
     reference_mask=None,
@@ -174,6 +235,7 @@ def circle_loss(
       margin: the relaxation m, in [-1, 1] (the paper uses 0.25; below 0.5 the decision
         margins keep 1 - m > m).
       gamma: the scale (> 0).
+      miner: None, or a `deepmetric.miners` miner whose kept pairs replace all pairs.
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair;
@@ -203,7 +265,13 @@ def circle_loss(
         return (ops.where(valid, loss, 0.0),)
 
     (loss,) = normalized_rows(
-        rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
+        rows,
+        labels,
+        embeddings,
+        reference_embeddings,
+        reference_labels,
+        reference_mask,
+        miner=miner,
     )
     loss = per_anchor_share(loss, count_positive(loss))
     return nonfinite_to_nan(loss, embeddings, reference_embeddings)
@@ -347,7 +415,13 @@ class MultiSimilarityLoss(MetricLoss):
     """
 
     function = staticmethod(multi_similarity_loss)
-    options = (_ALPHA, _BETA, _BASE)
+    options = (
+        _ALPHA,
+        _BETA,
+        _BASE,
+        distance_option("distance", "cosine"),
+        miner_option(),
+    )
 
 
 @export
@@ -360,7 +434,7 @@ class CircleLoss(MetricLoss):
     """
 
     function = staticmethod(circle_loss)
-    options = (_CIRCLE_MARGIN, _GAMMA)
+    options = (_CIRCLE_MARGIN, _GAMMA, miner_option())
 
 
 @export

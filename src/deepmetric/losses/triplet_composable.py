@@ -13,6 +13,7 @@ from keras import ops
 
 from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
+from deepmetric import miners as miners_lib
 from deepmetric._api import export
 from deepmetric.losses.base import (
     NON_NEGATIVE,
@@ -24,6 +25,7 @@ from deepmetric.losses.base import (
     distance_option,
     flag_option,
     loss_inputs,
+    miner_option,
     nonfinite_to_nan,
     number_option,
     per_anchor_share,
@@ -50,6 +52,9 @@ def triplet_loss(
     negative_mining="all",
     soft_margin=False,
     average_nonzero=False,
+    swap=False,
+    smooth_loss=False,
+    miner=None,
     reference_embeddings=None,
     reference_labels=None,
     reference_mask=None,
@@ -59,8 +64,12 @@ def triplet_loss(
     With $D$ the distance (or the negated similarity, so that larger is farther), each selected
     triplet (a, p, n) costs
 
-    $$\ell_{apn} = [D_{ap} - D_{an} + m]_+ \quad\text{or, with soft\_margin,}\quad
+    $$\ell_{apn} = [D_{ap} - D_{an} + m]_+, \quad\text{with smooth\_loss}\quad
+      \log(1 + e^{D_{ap} - D_{an} + m}), \quad\text{with soft\_margin}\quad
       \log(1 + e^{D_{ap} - D_{an}})$$
+
+    and with `swap` (Balntas et al., BMVC 2016) $D_{an}$ is replaced by
+    $\min(D_{an}, D_{pn})$, the positive-negative distance when it is smaller,
 
     and the loss is the mean over the selected triplets (over those with $\ell > 0$ with
     `average_nonzero`). Selections: positives of anchor a are "all" of them, the "hard"
@@ -68,6 +77,14 @@ def triplet_loss(
     "all" of them, the "semi-hard" one (the closest negative farther than p, else the farthest
     negative: FaceNet's rule as TensorFlow Addons implements it), the "hard" (closest) or the
     "easy" (farthest) one. An anchor without positive or without negative has no triplet.
+
+    With a `miner` (`deepmetric.miners`), the triplets are the miner's: every kept positive
+    with every kept negative of the anchor, or the triplets of its rule
+    (`TripletMarginMiner`); the mining options must then stay "all". On L2-normalised
+    embeddings, `triplet_loss(..., margin=m, average_nonzero=True, swap=s, smooth_loss=t,
+    miner=M)` equals pytorch-metric-learning's `TripletMarginLoss(margin=m, swap=s,
+    smooth_loss=t)(embeddings, labels, M(embeddings, labels))` (its default distance,
+    `LpDistance()`, normalises the embeddings; "L2" here does not).
 
     Presets: ("all", "semi-hard") with "L2" is `triplet_semihard_loss`; ("hard", "hard") is
     `triplet_hard_loss` (Hermans et al., 2017) on batches where every anchor has a positive;
@@ -83,8 +100,13 @@ def triplet_loss(
         "dot"), a `Distance`, or a callable returning the (B, B) distance matrix.
       positive_mining: "all", "hard" or "easy".
       negative_mining: "all", "semi-hard", "hard" or "easy".
-      soft_margin: use `softplus(D_ap - D_an)` instead of the hinge.
+      soft_margin: use `softplus(D_ap - D_an)` (no margin) instead of the hinge.
       average_nonzero: average over the triplets with a positive loss only.
+      swap: use `min(D_an, D_pn)` for the negative distance; only with "all" / "all" mining
+        (or a miner) and without a reference set (the whole (B, B) matrix is then computed
+        at once).
+      smooth_loss: use `softplus(D_ap - D_an + m)` (PML's `smooth_loss`) instead of the hinge.
+      miner: None or a `deepmetric.miners` miner that selects the triplets.
       reference_embeddings, reference_labels: take positives and negatives from this set
         instead of the rest of the batch.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair; a pair
@@ -105,19 +127,63 @@ def triplet_loss(
     positive_mining = check_choice("positive_mining", positive_mining, POSITIVE_MINING)
     negative_mining = check_choice("negative_mining", negative_mining, NEGATIVE_MINING)
     distance = distances_lib.get(distance, "distance")
+    miner = miners_lib.get(miner)
+    if soft_margin and smooth_loss:
+        raise ValueError(
+            "`soft_margin` and `smooth_loss` cannot both be True (soft_margin is softplus "
+            "without the margin, smooth_loss softplus with it). Received: soft_margin=True, "
+            "smooth_loss=True"
+        )
+    all_triplets = positive_mining == "all" and negative_mining == "all"
+    if (swap or miner is not None) and not all_triplets:
+        raise ValueError(
+            "`swap` and `miner` need positive_mining='all' and negative_mining='all' (a miner "
+            f"selects the triplets itself). Received: positive_mining={positive_mining!r}, "
+            f"negative_mining={negative_mining!r}, swap={swap!r}, miner={miner!r}"
+        )
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
+    if swap and reference is not None:
+        raise ValueError(
+            "`swap` compares positives with negatives inside the batch and cannot be used "
+            "with a reference set (reference_embeddings)."
+        )
     mask = check_reference_mask(reference_mask, embeddings, reference)
 
     def cost(gap):
-        return ops.softplus(gap) if soft_margin else ops.relu(gap + margin)
+        if soft_margin:
+            return ops.softplus(gap)
+        if smooth_loss:
+            return ops.softplus(gap + margin)
+        return ops.relu(gap + margin)
 
-    def rows(d, positives, negatives, order):
+    def rows(d, positives, negatives, order, mined=None):
         """Per anchor: its contribution, its triplets with a positive loss, its triplets."""
         valid = ops.logical_and(ops.any(positives, axis=1), ops.any(negatives, axis=1))
         valid_f = ops.cast(valid, d.dtype)
-        if positive_mining == "all" and negative_mining == "all":
+        rule = None if mined is None else mined.rule
+        if all_triplets and (swap or smooth_loss or rule is not None):
+            values, w, num_nonzero = mining.triplet_terms(
+                d,
+                positives,
+                negatives,
+                margin=0.0 if soft_margin else margin,
+                smooth=soft_margin or smooth_loss,
+                swap=swap,
+                rule=rule,
+                order=order,
+            )
+            # Not masked by `valid`: with `swap`, row p of `w` holds the weights of the
+            # (p, n) distances of other anchors' triplets.
+            contributions = values + ops.sum(w * (d - ops.stop_gradient(d)), axis=1)
+            if rule is None:
+                num_pos = ops.sum(ops.cast(positives, d.dtype), axis=1)
+                num_triplets = num_pos * ops.sum(ops.cast(negatives, d.dtype), axis=1)
+            else:
+                num_triplets = ops.sum(ops.cast(mined.positive_counts, d.dtype), axis=1)
+            return contributions, num_nonzero, num_triplets
+        elif all_triplets:
             if soft_margin:
                 values, w_pos, w_neg, num_nonzero = mining.batch_all_soft_terms(
                     d, positives, negatives, order
@@ -176,6 +242,8 @@ def triplet_loss(
         mask,
         farther_is_larger=True,
         with_order=True,
+        miner=miner,
+        whole=swap,
     )
     loss = per_anchor_share(
         contributions, ops.sum(num_nonzero) if average_nonzero else ops.sum(num_triplets)
@@ -204,4 +272,7 @@ class TripletLoss(MetricLoss):
         choice_option("negative_mining", "all", NEGATIVE_MINING),
         flag_option("soft_margin", False),
         flag_option("average_nonzero", False),
+        flag_option("swap", False),
+        flag_option("smooth_loss", False),
+        miner_option(),
     )

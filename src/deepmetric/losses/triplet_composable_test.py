@@ -52,6 +52,8 @@ def ref_triplet(
     average_nonzero=False,
     ref_labels=None,
     ref_x=None,
+    swap=False,
+    smooth_loss=False,
 ):
     same_set = ref_x is None
     ref_labels = labels if same_set else ref_labels
@@ -81,8 +83,14 @@ def ref_triplet(
                     else [max(neg, key=lambda j: d[a, j])]
                 )
             for n in chosen:
-                gap = d[a, p] - d[a, n]
-                costs.append(np.logaddexp(0.0, gap) if soft_margin else max(gap + margin, 0.0))
+                an = min(d[a, n], d[p, n]) if swap else d[a, n]
+                gap = d[a, p] - an
+                if soft_margin:
+                    costs.append(np.logaddexp(0.0, gap))
+                elif smooth_loss:
+                    costs.append(np.logaddexp(0.0, gap + margin))
+                else:
+                    costs.append(max(gap + margin, 0.0))
     if average_nonzero:
         costs = [c for c in costs if c > 0]
     return float(np.mean(costs)) if costs else 0.0
@@ -128,6 +136,42 @@ def test_matches_brute_force(positive_mining, negative_mining, soft_margin):
     expected = ref_triplet(labels, x, **options)
     grad = _fd_grad(lambda v: ref_triplet(labels, v, **options), x)
     _assert_close(_ours(labels, x, **options), expected, grad)
+
+
+@pytest.mark.parametrize("average_nonzero", [False, True], ids=["mean", "nonzero"])
+@pytest.mark.parametrize(
+    "swap, smooth_loss",
+    [(True, False), (False, True), (True, True)],
+    ids=["swap", "smooth", "both"],
+)
+def test_swap_and_smooth_loss_match_brute_force(swap, smooth_loss, average_nonzero):
+    """swap: min(d_an, d_pn) as the negative distance; smooth_loss: softplus(gap + margin).
+
+    Value and gradient (finite differences) of a loop over all triplets, on Euclidean and on
+    cosine distances (the swap reads the positive's own row of the matrix).
+    """
+    labels, x = batch(2)
+    for distance in ("L2", "cosine"):
+        options = dict(
+            margin=0.3,
+            distance=distance,
+            swap=swap,
+            smooth_loss=smooth_loss,
+            average_nonzero=average_nonzero,
+        )
+        expected = ref_triplet(labels, x, **options)
+        grad = _fd_grad(lambda v, o=options: ref_triplet(labels, v, **o), x)
+        _assert_close(_ours(labels, x, **options), expected, grad)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="torch runs eagerly")
+def test_swap_eager_equals_compiled():
+    labels, x = batch(3)
+    options = dict(swap=True, smooth_loss=True, average_nonzero=True)
+    eager = _ours(labels, x, **options)
+    compiled = _ours(labels, x, compiled=True, **options)
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    np.testing.assert_allclose(compiled[1], eager[1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -312,12 +356,27 @@ def test_get_config_round_trip():
         ({"distance": "manhattan"}, ValueError, "Unknown `distance`: 'manhattan'"),
         ({"margin": "1"}, TypeError, "`margin` must be a number"),
         ({"distance": 3}, TypeError, "`distance` must be a name"),
+        (
+            {"soft_margin": True, "smooth_loss": True},
+            ValueError,
+            "`soft_margin` and `smooth_loss` cannot both be True",
+        ),
+        (
+            {"swap": True, "negative_mining": "hard"},
+            ValueError,
+            "`swap` and `miner` need positive_mining='all'",
+        ),
+        ({"miner": "batch_hard"}, TypeError, "`miner` must be None or a `deepmetric.miners`"),
     ],
 )
 def test_bad_arguments(options, error, message):
-    with pytest.raises(error, match=message):
-        losses.TripletLoss(**options)
     labels, x = batch(0)
+    if "miner" not in options:
+        with pytest.raises(error, match=message):
+            losses.TripletLoss(**options)(labels, x)
+    else:
+        with pytest.raises(error, match=message):
+            losses.TripletLoss(**options)
     with pytest.raises(error, match=message):
         losses.triplet_loss(labels, x, **options)
 
@@ -339,5 +398,35 @@ def test_equals_pytorch_metric_learning_triplet_margin_loss(seed):
         labels,
     )
     theirs = _backend.value_and_grad(lambda v, lab: pml.TripletMarginLoss()(v, lab), x, labels)
+    assert ours[0] == pytest.approx(float(theirs[0]), rel=1e-5)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-3, atol=1e-5)
+
+
+def test_swap_needs_the_batch_itself():
+    labels, x = batch(0)
+    with pytest.raises(ValueError, match="`swap` compares positives with negatives"):
+        losses.triplet_loss(labels, x, swap=True, reference_embeddings=x, reference_labels=labels)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="pytorch-metric-learning runs on torch only"
+)
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap"])
+@pytest.mark.parametrize("smooth_loss", [False, True], ids=["hinge", "smooth"])
+def test_equals_pml_triplet_margin_loss_with_swap_and_smooth_loss(swap, smooth_loss):
+    """On L2-normalised embeddings TripletLoss(margin=m, average_nonzero=True, swap=s,
+    smooth_loss=t) is PML's TripletMarginLoss(margin=m, swap=s, smooth_loss=t)."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    labels, x = batch(4, b=16, classes=4)
+    unit = keras.layers.UnitNormalization()
+    options = dict(margin=0.1, swap=swap, smooth_loss=smooth_loss)
+    ours = _backend.value_and_grad(
+        lambda v, lab: ops.mean(losses.triplet_loss(lab, unit(v), average_nonzero=True, **options)),
+        x,
+        labels,
+    )
+    theirs = _backend.value_and_grad(
+        lambda v, lab: pml.TripletMarginLoss(**options)(v, lab), x, labels
+    )
     assert ours[0] == pytest.approx(float(theirs[0]), rel=1e-5)
     np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-3, atol=1e-5)

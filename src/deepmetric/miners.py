@@ -1,0 +1,604 @@
+"""Miners: which pairs or triplets of a batch a pair or triplet loss uses.
+
+pytorch-metric-learning's miners (PML 2.9 names, keywords and defaults, default distances
+included) as fixed-shape selections: a miner returns a `Mined`, boolean (B, R) masks of the
+positive and negative pairs it keeps, and for a miner whose triplets are not "every kept
+positive with every kept negative of the anchor" (`TripletMarginMiner`), the rule that says
+which triplets it keeps (a `deepmetric.mining.TripletRule`), evaluated by the triplet loss
+inside its per-anchor loop. Nothing lists pairs or triplets: no data-dependent shapes, no
+B x B x B tensor, so every miner compiles under XLA and `tf.function` and its memory is O(B * R).
+
+A loss built with `miner=M` equals PML's `loss(embeddings, labels, M(embeddings, labels))`:
+
+- a pair loss (`OnlineContrastiveLoss`, `MultiSimilarityLoss`, `CircleLoss`) uses the kept
+  positive and negative pairs; a triplet miner's triplets (a, p, n) give the pairs (a, p) and
+  (a, n), counted as often as they occur where the loss counts pairs (the contrastive loss);
+- a triplet loss (`TripletLoss`) uses, per anchor, every kept positive with every kept
+  negative (a pair miner, and the miners that keep one triplet per anchor), or the triplets
+  of the rule.
+
+Every miner works on rows: the selection of anchor a needs only row a of the miner's own
+distance matrix, so a loss that computes its rows in blocks (`deepmetric._blocks`) mines each
+block on its own. A miner is called as `miner(labels, embeddings)` (deepmetric's order; PML's
+is `miner(embeddings, labels)`) and has no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import keras
+from keras import ops
+
+from deepmetric import distances as distances_lib
+from deepmetric import mining
+from deepmetric._api import export
+from deepmetric._labels import check_embeddings, check_labels
+
+# Finite stand-in for an infinite distance in masked minima and maxima.
+_BIG = 1e30
+
+
+class Mined(NamedTuple):
+    """What a miner keeps from a batch, as fixed-shape tensors.
+
+    Attributes:
+      positives: bool (B, R), the kept positive pairs (a, p).
+      negatives: bool (B, R), the kept negative pairs (a, n).
+      rule: None, or the `deepmetric.mining.TripletRule` that selects the triplets among
+        positives x negatives of each anchor (else every such combination is a triplet).
+      positive_counts, negative_counts: None, or float32 (B, R): how many kept triplets each
+        pair is part of (for a triplet miner whose pairs repeat); None means once.
+      triplets: whether the miner keeps triplets (PML returns (a, p, n)) rather than pairs
+        (PML returns (a1, p, a2, n)).
+    """
+
+    positives: Any
+    negatives: Any
+    rule: Any = None
+    positive_counts: Any = None
+    negative_counts: Any = None
+    triplets: bool = False
+
+    def pair_counts(self):
+        """float32 (B, R) multiplicities of the positive and negative pairs."""
+        if self.positive_counts is not None:
+            return self.positive_counts, self.negative_counts
+        return ops.cast(self.positives, "float32"), ops.cast(self.negatives, "float32")
+
+
+def _number(name, value, *, positive=False, low=None, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"`{name}` must be a number. Received: {name}={value!r}")
+    value = float(value)
+    if math.isinf(value) or (positive and value <= 0.0):
+        kind = "positive and finite" if positive else "finite"
+        raise ValueError(f"`{name}` must be {kind}. Received: {name}={value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"`{name}` must be in [{low}, {high}]. Received: {name}={value!r}")
+    return value
+
+
+def _choice(name, value, allowed):
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def _range(name, value):
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`{name}` must be None or a pair (low, high) of numbers. Received: {name}={value!r}"
+        ) from None
+    if not low <= high:
+        raise ValueError(f"`{name}` must have low <= high. Received: {name}={value!r}")
+    return (low, high)
+
+
+class Miner:
+    """Base class of the miners: the distance, the call, the configuration.
+
+    A subclass sets `default_distance` (a factory) and implements `_select(gaps, positives,
+    negatives, order)`, where `gaps` is the (b, R) block of rows of its distance matrix with
+    larger meaning farther (a similarity is negated), `positives` / `negatives` the label masks
+    of the block, and `order` a `deepmetric.mining.PositiveOrder` or None; it returns a `Mined`.
+    Thresholds given for a similarity are negated with `self._sign` (-1 for a similarity).
+    """
+
+    default_distance: Any = staticmethod(lambda: distances_lib.LpDistance())
+    # Whether the selection of an anchor needs only its own row (else a loss runs as one block).
+    row_local = True
+
+    def __init__(self, distance=None):
+        self.distance = distance if distance is not None else self.default_distance()
+        distances_lib.get(self.distance, "distance")  # fails early on a bad name
+
+    @property
+    def _distance(self):
+        return distances_lib.get(self.distance, "distance")
+
+    @property
+    def _sign(self):
+        return -1.0 if self._distance.larger_is_closer else 1.0
+
+    def __call__(self, labels, embeddings, reference_embeddings=None, reference_labels=None):
+        """Mines a batch: a `Mined` of (B, B) masks, or (B, R) against a reference set.
+
+        Args:
+          labels: integer labels, shape (B,) or (B, 1).
+          embeddings: float embeddings, shape (B, D).
+          reference_embeddings, reference_labels: optional (R, D) / (R,) reference set; the
+            pairs are then (batch row, reference row), none excluded.
+        """
+        embeddings = check_embeddings(embeddings, "embeddings")
+        labels = check_labels(labels, embeddings.shape[0], "labels")
+        if (reference_embeddings is None) != (reference_labels is None):
+            raise ValueError(
+                "`reference_embeddings` and `reference_labels` must be given together."
+            )
+        if reference_embeddings is None:
+            index = ops.arange(ops.shape(embeddings)[0], dtype="int32")
+            positives, negatives = mining.label_masks(labels)
+            order = mining.PositiveOrder(mining.column_ranks(labels), mining.column_ranks(labels))
+            return self.mine_rows(embeddings, embeddings, index, positives, negatives, order)
+        reference = check_embeddings(reference_embeddings, "reference_embeddings")
+        reference_labels = check_labels(reference_labels, reference.shape[0], "reference_labels")
+        positives, negatives = mining.label_masks(labels, reference_labels)
+        order = mining.PositiveOrder(mining.column_ranks(reference_labels))
+        return self.mine_rows(embeddings, reference, None, positives, negatives, order)
+
+    def mine_rows(self, query, reference, self_index, positives, negatives, order=None):
+        """The `Mined` of a block of anchor rows (the hook of the losses' row driver).
+
+        Args:
+          query: (b, D) anchors (checked float tensors), `reference[self_index]` when the batch
+            is compared with itself.
+          reference: (R, D) rows the anchors are compared with.
+          self_index: int32 (b,) positions of the anchors in `reference`, or None.
+          positives, negatives: bool (b, R) label masks (an example with itself in neither).
+          order: optional `deepmetric.mining.PositiveOrder` of the positives.
+        """
+        gaps = self._distance.matrix(query, reference, self_index=self_index)
+        gaps = ops.stop_gradient(gaps * self._sign)
+        return self._select(gaps, positives, negatives, order)
+
+    def _select(self, gaps, positives, negatives, order):
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        return {"distance": distances_lib.serialize(self.distance)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if "distance" in config:
+            config["distance"] = distances_lib.deserialize(config["distance"])
+        return cls(**config)
+
+    def __repr__(self):
+        items = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "distance")
+        return f"{type(self).__name__}({items})"
+
+    def __eq__(self, other):
+        return (
+            type(self) is type(other)
+            and repr(self) == repr(other)
+            and (distances_lib.get(self.distance) == distances_lib.get(other.distance))
+        )
+
+    def __hash__(self):
+        return hash(repr(self))
+
+
+def _row_min(gaps, mask):
+    """(b, 1) row minimum of `gaps` within `mask`; `_BIG` for an empty row."""
+    return ops.min(ops.where(mask, gaps, _BIG), axis=1, keepdims=True)
+
+
+def _row_max(gaps, mask):
+    """(b, 1) row maximum of `gaps` within `mask`; `-_BIG` for an empty row."""
+    return ops.max(ops.where(mask, gaps, -_BIG), axis=1, keepdims=True)
+
+
+@export
+class MultiSimilarityMiner(Miner):
+    r"""The pair mining of the multi-similarity loss (Wang et al., 2019).
+
+    On the cosine similarity (default), a positive pair (a, p) is kept when
+    $s_{ap} - \epsilon < \max_n s_{an}$ and a negative pair (a, n) when
+    $s_{an} + \epsilon > \min_p s_{ap}$ (the hardest pair of the other kind, relaxed by
+    $\epsilon$); with a distance the inequalities turn around. An anchor without negatives
+    keeps no positive, one without positives no negative. Equals
+    `pytorch_metric_learning.miners.MultiSimilarityMiner(epsilon)`; its recommended pairing is
+    `MultiSimilarityLoss(miner=MultiSimilarityMiner())`. Paper: "Multi-Similarity Loss with
+    General Pair Weighting for Deep Metric Learning", CVPR 2019, arXiv:1904.06627.
+
+    Args:
+      epsilon: the relaxation $\epsilon$.
+      distance: a `deepmetric.distances` name or `Distance` (default: cosine similarity).
+    """
+
+    default_distance = staticmethod(lambda: distances_lib.CosineSimilarity())
+
+    def __init__(self, epsilon=0.1, distance=None):
+        super().__init__(distance)
+        self.epsilon = _number("epsilon", epsilon)
+
+    def _select(self, gaps, positives, negatives, order):
+        keep_positives = ops.logical_and(
+            positives, ops.greater(gaps + self.epsilon, _row_min(gaps, negatives))
+        )
+        keep_negatives = ops.logical_and(
+            negatives, ops.less(gaps - self.epsilon, _row_max(gaps, positives))
+        )
+        keep_positives = ops.logical_and(keep_positives, ops.any(negatives, axis=1, keepdims=True))
+        keep_negatives = ops.logical_and(keep_negatives, ops.any(positives, axis=1, keepdims=True))
+        return Mined(keep_positives, keep_negatives)
+
+    def get_config(self):
+        return {"epsilon": self.epsilon, **super().get_config()}
+
+
+@export
+class PairMarginMiner(Miner):
+    """Keeps the positive pairs farther than `pos_margin` and the negative pairs closer than
+    `neg_margin` (for a similarity: positives below `pos_margin`, negatives above `neg_margin`).
+
+    Equals `pytorch_metric_learning.miners.PairMarginMiner(pos_margin, neg_margin)`; default
+    distance: `LpDistance()` (Euclidean distance of the L2-normalised embeddings).
+
+    Args:
+      pos_margin: positive pairs beyond it are kept.
+      neg_margin: negative pairs within it are kept.
+      distance: a `deepmetric.distances` name or `Distance`.
+    """
+
+    def __init__(self, pos_margin=0.2, neg_margin=0.8, distance=None):
+        super().__init__(distance)
+        self.pos_margin = _number("pos_margin", pos_margin)
+        self.neg_margin = _number("neg_margin", neg_margin)
+
+    def _select(self, gaps, positives, negatives, order):
+        sign = self._sign
+        return Mined(
+            ops.logical_and(positives, ops.greater(gaps, sign * self.pos_margin)),
+            ops.logical_and(negatives, ops.less(gaps, sign * self.neg_margin)),
+        )
+
+    def get_config(self):
+        return {
+            "pos_margin": self.pos_margin,
+            "neg_margin": self.neg_margin,
+            **super().get_config(),
+        }
+
+
+TYPES_OF_TRIPLETS = ("all", "hard", "semihard", "easy")
+
+
+@export
+class TripletMarginMiner(Miner):
+    r"""Keeps the triplets by their margin $t = d_{an} - d_{ap}$ (for a similarity
+    $s_{ap} - s_{an}$) against `margin`.
+
+    `type_of_triplets`: "all" keeps $t \le m$ (the triplets that violate the margin), "hard"
+    $t \le \min(m, 0)$ (the negative is closer than the positive), "semihard" $0 < t \le m$,
+    "easy" $t > m$. Equals `pytorch_metric_learning.miners.TripletMarginMiner(margin,
+    type_of_triplets)`; default distance `LpDistance()`. The triplets are not listed: the
+    `Mined` holds the rule, which `TripletLoss` evaluates per anchor and positive, and the
+    number of kept triplets of each pair (for the pair losses).
+
+    Args:
+      margin: the margin m.
+      type_of_triplets: "all", "hard", "semihard" or "easy".
+      distance: a `deepmetric.distances` name or `Distance`.
+    """
+
+    def __init__(self, margin=0.2, type_of_triplets="all", distance=None):
+        super().__init__(distance)
+        self.margin = _number("margin", margin)
+        self.type_of_triplets = _choice("type_of_triplets", type_of_triplets, TYPES_OF_TRIPLETS)
+
+    def bounds(self):
+        """(low, high): a triplet is kept when low < t <= high."""
+        inf, m = float("inf"), self.margin
+        return {
+            "all": (-inf, m),
+            "hard": (-inf, min(m, 0.0)),
+            "semihard": (0.0, m),
+            "easy": (m, inf),
+        }[self.type_of_triplets]
+
+    def _select(self, gaps, positives, negatives, order):
+        rule = mining.TripletRule(gaps, *self.bounds())
+        per_positive, per_negative = mining.rule_pair_counts(rule, positives, negatives, order)
+        return Mined(
+            ops.greater(per_positive, 0.0),
+            ops.greater(per_negative, 0.0),
+            rule,
+            per_positive,
+            per_negative,
+            triplets=True,
+        )
+
+    def get_config(self):
+        return {
+            "margin": self.margin,
+            "type_of_triplets": self.type_of_triplets,
+            **super().get_config(),
+        }
+
+
+STRATEGIES = ("hard", "semihard", "easy", "all")
+
+
+def _in_range(gaps, allowed, sign):
+    """bool (b, R): the values of the miner's own matrix (`gaps * sign`) inside `allowed`."""
+    if allowed is None:
+        return True
+    values = gaps * sign
+    return ops.logical_and(
+        ops.greater_equal(values, allowed[0]), ops.less_equal(values, allowed[1])
+    )
+
+
+def _one_hot_rows(index, keep, num_columns):
+    """bool (b, R): True at column `index[a]` of each row a with `keep[a]`."""
+    columns = ops.arange(num_columns, dtype="int32")
+    hit = ops.equal(ops.expand_dims(index, 1), ops.expand_dims(columns, 0))
+    return ops.logical_and(hit, ops.expand_dims(keep, 1))
+
+
+@export
+class BatchEasyHardMiner(Miner):
+    """One positive and one negative per anchor, each the easiest, the hardest or semi-hard;
+    or all of one kind (Xuan et al., 2020).
+
+    Positives: "hard" is the farthest, "easy" the closest, "semihard" the farthest that is
+    still closer than the anchor's chosen negative; negatives: "hard" is the closest, "easy"
+    the farthest, "semihard" the closest that is still farther than the anchor's chosen
+    positive; "all" keeps all pairs of that kind. Candidates outside `allowed_pos_range` /
+    `allowed_neg_range` (on the miner's distance or similarity) are skipped. An anchor keeps its
+    triplet only when it has both picks. Equals
+    `pytorch_metric_learning.miners.BatchEasyHardMiner` with the same arguments (the same
+    errors for "semihard" with "semihard" or with "all"); default distance `LpDistance()`.
+    Paper: "Improved Embeddings with Easy Positive Triplet Mining", WACV 2020,
+    arXiv:1904.04370.
+
+    Args:
+      pos_strategy, neg_strategy: "hard", "semihard", "easy" or "all".
+      allowed_pos_range, allowed_neg_range: None or (low, high).
+      distance: a `deepmetric.distances` name or `Distance`.
+    """
+
+    def __init__(
+        self,
+        pos_strategy="easy",
+        neg_strategy="semihard",
+        allowed_pos_range=None,
+        allowed_neg_range=None,
+        distance=None,
+    ):
+        super().__init__(distance)
+        self.pos_strategy = _choice("pos_strategy", pos_strategy, STRATEGIES)
+        self.neg_strategy = _choice("neg_strategy", neg_strategy, STRATEGIES)
+        if pos_strategy == neg_strategy == "semihard":
+            raise ValueError(
+                '`pos_strategy` and `neg_strategy` cannot both be "semihard". Received: '
+                f"pos_strategy={pos_strategy!r}, neg_strategy={neg_strategy!r}"
+            )
+        if "semihard" in (pos_strategy, neg_strategy) and "all" in (pos_strategy, neg_strategy):
+            raise ValueError(
+                '"semihard" cannot be used in combination with "all". Received: '
+                f"pos_strategy={pos_strategy!r}, neg_strategy={neg_strategy!r}"
+            )
+        self.allowed_pos_range = _range("allowed_pos_range", allowed_pos_range)
+        self.allowed_neg_range = _range("allowed_neg_range", allowed_neg_range)
+
+    def _pick(self, gaps, mask, farthest, threshold=None, beyond=None):
+        """Per row: the column of the farthest (or closest) entry of `mask`, and whether any.
+
+        With `threshold` ((b, 1)), only entries beyond it count: farther when `beyond` is
+        "farther", closer otherwise.
+        """
+        if threshold is not None:
+            side = ops.greater if beyond == "farther" else ops.less
+            mask = ops.logical_and(mask, side(gaps, threshold))
+        pick = mining.masked_argmax if farthest else mining.masked_argmin
+        return pick(gaps, mask)
+
+    def _select(self, gaps, positives, negatives, order):
+        sign, num_columns = self._sign, ops.shape(gaps)[1]
+        pos_pool = ops.logical_and(positives, _in_range(gaps, self.allowed_pos_range, sign))
+        neg_pool = ops.logical_and(negatives, _in_range(gaps, self.allowed_neg_range, sign))
+        pos_farthest = self.pos_strategy in ("hard", "semihard")
+        neg_farthest = self.neg_strategy == "easy"
+
+        def value(index):
+            return ops.take_along_axis(gaps, ops.expand_dims(index, 1), axis=1)
+
+        pos_index = pos_keep = neg_index = neg_keep = None
+        if self.pos_strategy == "semihard":
+            neg_index, neg_keep = self._pick(gaps, neg_pool, neg_farthest)
+            pos_index, pos_keep = self._pick(
+                gaps, pos_pool, True, value(neg_index), beyond="closer"
+            )
+            pos_keep = ops.logical_and(pos_keep, neg_keep)
+        elif self.neg_strategy == "semihard":
+            pos_index, pos_keep = self._pick(gaps, pos_pool, pos_farthest)
+            neg_index, neg_keep = self._pick(
+                gaps, neg_pool, False, value(pos_index), beyond="farther"
+            )
+            neg_keep = ops.logical_and(neg_keep, pos_keep)
+        else:
+            if self.pos_strategy != "all":
+                pos_index, pos_keep = self._pick(gaps, pos_pool, pos_farthest)
+            if self.neg_strategy != "all":
+                neg_index, neg_keep = self._pick(gaps, neg_pool, neg_farthest)
+        if pos_index is not None and neg_index is not None:
+            keep = ops.logical_and(pos_keep, neg_keep)
+            return Mined(
+                _one_hot_rows(pos_index, keep, num_columns),
+                _one_hot_rows(neg_index, keep, num_columns),
+                triplets=self._triplets,
+            )
+        kept_positives = (
+            positives if pos_index is None else _one_hot_rows(pos_index, pos_keep, num_columns)
+        )
+        kept_negatives = (
+            negatives if neg_index is None else _one_hot_rows(neg_index, neg_keep, num_columns)
+        )
+        return Mined(kept_positives, kept_negatives)
+
+    _triplets = False
+
+    def get_config(self):
+        return {
+            "pos_strategy": self.pos_strategy,
+            "neg_strategy": self.neg_strategy,
+            "allowed_pos_range": self.allowed_pos_range,
+            "allowed_neg_range": self.allowed_neg_range,
+            **super().get_config(),
+        }
+
+
+@export
+class BatchHardMiner(BatchEasyHardMiner):
+    """Batch-hard mining (Hermans et al., 2017): per anchor its farthest positive and its
+    closest negative, one triplet per anchor that has both.
+
+    Equals `pytorch_metric_learning.miners.BatchHardMiner()`; default distance `LpDistance()`.
+    Paper: "In Defense of the Triplet Loss for Person Re-Identification", arXiv:1703.07737.
+
+    Args:
+      allowed_pos_range, allowed_neg_range: None or (low, high) on the miner's distance.
+      distance: a `deepmetric.distances` name or `Distance`.
+    """
+
+    _triplets = True
+
+    def __init__(self, allowed_pos_range=None, allowed_neg_range=None, distance=None):
+        super().__init__("hard", "hard", allowed_pos_range, allowed_neg_range, distance)
+
+    def get_config(self):
+        config = super().get_config()
+        del config["pos_strategy"], config["neg_strategy"]
+        return config
+
+
+@export
+class HDCMiner(Miner):
+    """The mining of Hard-Aware Deeply Cascaded embeddings (Yuan et al., 2017): the hardest
+    `filter_percentage` of the batch's positive pairs (the farthest) and of its negative pairs
+    (the closest).
+
+    `k = ceil(filter_percentage * number of pairs)` of each kind are kept, over the whole batch
+    (not per anchor), so a loss with this miner computes its whole (B, R) matrix at once.
+    Equals `pytorch_metric_learning.miners.HDCMiner(filter_percentage)` except at ties: pairs
+    tied with the k-th are all kept, where PML's `topk` keeps exactly k. In a batch compared
+    with itself every pair ties with its mirror ((a, p) and (p, a)), so for an odd k this keeps
+    one pair more than PML, whose choice between the two depends on `topk`'s order. `k` is
+    computed in float32. Default distance `LpDistance()`. Paper: "Hard-Aware Deeply Cascaded
+    Embedding", ICCV 2017, arXiv:1611.05720.
+
+    Args:
+      filter_percentage: the fraction of the pairs of each kind kept, in (0, 1].
+      distance: a `deepmetric.distances` name or `Distance`.
+    """
+
+    row_local = False
+
+    def __init__(self, filter_percentage=0.5, distance=None):
+        super().__init__(distance)
+        self.filter_percentage = _number("filter_percentage", filter_percentage, low=0.0, high=1.0)
+        if self.filter_percentage == 0.0:
+            raise ValueError(
+                "`filter_percentage` must be in (0, 1]. "
+                f"Received: filter_percentage={filter_percentage!r}"
+            )
+
+    def _top(self, values, mask):
+        """`mask` restricted to its k largest `values`, k = ceil(fraction * count)."""
+        flat = ops.reshape(ops.where(mask, values, -_BIG), (-1,))
+        count = ops.sum(ops.cast(mask, "float32"))
+        k = ops.cast(ops.ceil(self.filter_percentage * count), "int32")
+        descending = -ops.sort(-flat)
+        threshold = ops.take(descending, ops.maximum(k - 1, 0))
+        return ops.logical_and(
+            ops.logical_and(mask, ops.greater_equal(values, threshold)), ops.greater(count, 0.0)
+        )
+
+    def _select(self, gaps, positives, negatives, order):
+        return Mined(self._top(gaps, positives), self._top(-gaps, negatives))
+
+    def get_config(self):
+        return {"filter_percentage": self.filter_percentage, **super().get_config()}
+
+
+@export
+class AngularMiner(Miner):
+    r"""Keeps the triplets whose angle at the negative is larger than `angle` (degrees):
+    $rctanig(\|x_a - x_p\| / (2 \|x_n - c\|)ig) > 	ext{angle}$ with
+    $c = (x_a + x_p) / 2$ (Wang et al., 2017), on the embeddings as given.
+
+    Equals `pytorch_metric_learning.miners.AngularMiner(angle)` (whose only allowed distance is
+    `LpDistance()`, and whose angle is computed on the embeddings as given, with
+    `torch.nn.functional.pairwise_distance`). The triplets are a rule
+    (`deepmetric.mining.AngleRule`) evaluated by `TripletLoss` per anchor and positive. Paper:
+    "Deep Metric Learning with Angular Loss", ICCV 2017, arXiv:1708.01682.
+
+    Args:
+      angle: the threshold in degrees.
+      distance: must be `LpDistance()` (PML's restriction), the default.
+    """
+
+    def __init__(self, angle=20, distance=None):
+        super().__init__(distance)
+        if distances_lib.get(self.distance) != distances_lib.LpDistance():
+            raise ValueError(
+                "`distance` of AngularMiner must be LpDistance() (as in pytorch-metric-learning). "
+                f"Received: distance={self.distance!r}"
+            )
+        self.angle = _number("angle", angle)
+
+    def mine_rows(self, query, reference, self_index, positives, negatives, order=None):
+        rule = mining.AngleRule(query, reference, math.radians(self.angle))
+        per_positive, per_negative = mining.rule_pair_counts(rule, positives, negatives, order)
+        return Mined(
+            ops.greater(per_positive, 0.0),
+            ops.greater(per_negative, 0.0),
+            rule,
+            per_positive,
+            per_negative,
+            triplets=True,
+        )
+
+    def get_config(self):
+        return {"angle": self.angle, **super().get_config()}
+
+
+def get(identifier):
+    """A miner from None, a `Miner`, or a Keras config dict (`deepmetric.miners` classes)."""
+    if identifier is None or isinstance(identifier, Miner):
+        return identifier
+    if isinstance(identifier, dict):
+        obj = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(obj, Miner):
+            return obj
+    raise TypeError(
+        "`miner` must be None or a `deepmetric.miners` miner (for example "
+        f"`deepmetric.miners.MultiSimilarityMiner()`). Received: {identifier!r}"
+    )
+
+
+def serialize(miner):
+    """The config entry of a `miner` argument."""
+    return None if miner is None else keras.saving.serialize_keras_object(miner)

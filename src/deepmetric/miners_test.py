@@ -1,0 +1,632 @@
+"""Miners against loops written from their definitions (every backend) and against
+pytorch-metric-learning 2.9 (torch only), alone and inside the losses."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from deepmetric import _backend, _blocks, losses, miners
+
+TORCH_ONLY = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="pytorch-metric-learning runs on torch only"
+)
+
+
+def batch(seed, b=14, d=5, classes=4):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, classes, b), rng.normal(size=(b, d)).astype("float32")
+
+
+def _np(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+# --- References written from the definitions, in float64. ---
+
+
+def _unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def lp(x):
+    """PML's LpDistance(): Euclidean distance of the normalised rows."""
+    u = _unit(x)
+    return np.sqrt(np.maximum(((u[:, None] - u[None]) ** 2).sum(-1), 0.0))
+
+
+def cosine(x):
+    u = _unit(x)
+    return u @ u.T
+
+
+def label_pairs(labels):
+    same = labels[:, None] == labels[None, :]
+    positives = same & ~np.eye(len(labels), dtype=bool)
+    return positives, ~same
+
+
+def ref_multi_similarity(labels, x, epsilon=0.1):
+    s = cosine(x)
+    pos, neg = label_pairs(labels)
+    keep_pos, keep_neg = np.zeros_like(pos), np.zeros_like(neg)
+    for a in range(len(labels)):
+        if pos[a].any() and neg[a].any():
+            keep_pos[a] = pos[a] & (s[a] - epsilon < s[a][neg[a]].max())
+            keep_neg[a] = neg[a] & (s[a] + epsilon > s[a][pos[a]].min())
+    return keep_pos, keep_neg
+
+
+def ref_triplet_margin(labels, x, margin=0.2, type_of_triplets="all"):
+    """The kept triplets (a, p, n), listed."""
+    d = lp(x)
+    pos, neg = label_pairs(labels)
+    kept = []
+    for a, p, n in itertools.product(range(len(labels)), repeat=3):
+        if pos[a, p] and neg[a, n]:
+            t = d[a, n] - d[a, p]
+            keep = {
+                "all": t <= margin,
+                "hard": t <= margin and t <= 0,
+                "semihard": 0 < t <= margin,
+                "easy": t > margin,
+            }[type_of_triplets]
+            if keep:
+                kept.append((a, p, n))
+    return kept
+
+
+def _pick(row, candidates, farthest):
+    """The farthest (or closest) of `candidates` by `row`, or None if there is none."""
+    if not len(candidates):
+        return None
+    return candidates[np.argmax(row[candidates]) if farthest else np.argmin(row[candidates])]
+
+
+def ref_batch_easy_hard(labels, x, pos_strategy, neg_strategy):
+    """(positives, negatives) masks of Xuan et al.'s per-anchor picks, on LpDistance."""
+    d = lp(x)
+    pos, neg = label_pairs(labels)
+    keep_pos, keep_neg = np.zeros_like(pos), np.zeros_like(neg)
+    for a in range(len(labels)):
+        ps, ns = np.flatnonzero(pos[a]), np.flatnonzero(neg[a])
+
+        pos_far = pos_strategy in ("hard", "semihard")
+        neg_far = neg_strategy == "easy"
+
+        if pos_strategy == "semihard":
+            n = _pick(d[a], ns, neg_far)
+            p = None if n is None else _pick(d[a], ps[d[a, ps] < d[a, n]], pos_far)
+        elif neg_strategy == "semihard":
+            p = _pick(d[a], ps, pos_far)
+            n = None if p is None else _pick(d[a], ns[d[a, ns] > d[a, p]], neg_far)
+        else:
+            p = _pick(d[a], ps, pos_far) if pos_strategy != "all" else None
+            n = _pick(d[a], ns, neg_far) if neg_strategy != "all" else None
+        if pos_strategy == "all":
+            keep_pos[a] = pos[a]
+            if n is not None:
+                keep_neg[a, n] = True
+        elif neg_strategy == "all":
+            keep_neg[a] = neg[a]
+            if p is not None:
+                keep_pos[a, p] = True
+        elif p is not None and n is not None:
+            keep_pos[a, p] = keep_neg[a, n] = True
+    return keep_pos, keep_neg
+
+
+# --- Each miner against its definition. ---
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.5])
+def test_multi_similarity_miner_matches_definition(epsilon):
+    labels, x = batch(0)
+    mined = miners.MultiSimilarityMiner(epsilon=epsilon)(labels, x)
+    keep_pos, keep_neg = ref_multi_similarity(labels, x, epsilon)
+    np.testing.assert_array_equal(_np(mined.positives), keep_pos)
+    np.testing.assert_array_equal(_np(mined.negatives), keep_neg)
+    assert keep_pos.any() and not keep_pos.all()  # the test can fail both ways
+
+
+def test_pair_margin_miner_matches_definition():
+    labels, x = batch(1)
+    d = lp(x)
+    pos, neg = label_pairs(labels)
+    mined = miners.PairMarginMiner(pos_margin=0.9, neg_margin=1.2)(labels, x)
+    np.testing.assert_array_equal(_np(mined.positives), pos & (d > 0.9))
+    np.testing.assert_array_equal(_np(mined.negatives), neg & (d < 1.2))
+    # On a similarity the inequalities turn around.
+    s = cosine(x)
+    mined = miners.PairMarginMiner(0.3, 0.1, distance="cosine")(labels, x)
+    np.testing.assert_array_equal(_np(mined.positives), pos & (s < 0.3))
+    np.testing.assert_array_equal(_np(mined.negatives), neg & (s > 0.1))
+
+
+@pytest.mark.parametrize("type_of_triplets", miners.TYPES_OF_TRIPLETS)
+def test_triplet_margin_miner_counts_its_triplets(type_of_triplets):
+    """The pair counts of the rule equal those of the listed triplets."""
+    labels, x = batch(2)
+    mined = miners.TripletMarginMiner(margin=0.3, type_of_triplets=type_of_triplets)(labels, x)
+    kept = ref_triplet_margin(labels, x, 0.3, type_of_triplets)
+    per_positive, per_negative = np.zeros((2, len(labels), len(labels)))
+    for a, p, n in kept:
+        per_positive[a, p] += 1
+        per_negative[a, n] += 1
+    assert kept
+    np.testing.assert_array_equal(_np(mined.positive_counts), per_positive)
+    np.testing.assert_array_equal(_np(mined.negative_counts), per_negative)
+    np.testing.assert_array_equal(_np(mined.positives), per_positive > 0)
+    assert mined.triplets and mined.rule is not None
+
+
+def ref_angular(labels, x, angle):
+    """The kept triplets of the angular miner, with torch's pairwise_distance (+1e-6)."""
+    x = np.asarray(x, np.float64)
+    pos, neg = label_pairs(labels)
+
+    def dist(u, v):
+        return np.linalg.norm(u - v + 1e-6)
+
+    kept = []
+    for a, p, n in itertools.product(range(len(labels)), repeat=3):
+        if pos[a, p] and neg[a, n]:
+            ratio = dist(x[a], x[p]) / (2 * dist(x[n], (x[a] + x[p]) / 2))
+            if np.arctan(ratio) > np.radians(angle):
+                kept.append((a, p, n))
+    return kept
+
+
+@pytest.mark.parametrize("angle", [20, 45])
+def test_angular_miner_counts_its_triplets(angle):
+    labels, x = batch(15)
+    mined = miners.AngularMiner(angle)(labels, x)
+    per_positive, per_negative = np.zeros((2, len(labels), len(labels)))
+    for a, p, n in ref_angular(labels, x, angle):
+        per_positive[a, p] += 1
+        per_negative[a, n] += 1
+    pos, neg = label_pairs(labels)
+    assert 0 < per_positive.sum() < (pos.sum(1) * neg.sum(1)).sum()  # some kept, some not
+    np.testing.assert_array_equal(_np(mined.positive_counts), per_positive)
+    np.testing.assert_array_equal(_np(mined.negative_counts), per_negative)
+
+
+def ref_hdc(labels, x, fraction):
+    """The k = ceil(fraction * count) farthest positive pairs and closest negative pairs."""
+    d = lp(x)
+    kept = []
+    for mask, sign in zip(label_pairs(labels), (1.0, -1.0), strict=True):
+        values = sign * d[mask]
+        k = int(np.ceil(np.float32(fraction) * np.float32(mask.sum())))
+        threshold = np.sort(values)[::-1][k - 1]
+        kept.append(mask & (sign * d >= threshold))
+    return kept
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5])
+def test_hdc_miner_matches_definition(fraction):
+    labels, x = batch(16)
+    mined = miners.HDCMiner(fraction)(labels, x)
+    keep_pos, keep_neg = ref_hdc(labels, x, fraction)
+    np.testing.assert_array_equal(_np(mined.positives), keep_pos)
+    np.testing.assert_array_equal(_np(mined.negatives), keep_neg)
+
+
+COMBINATIONS = [
+    ("hard", "hard"),
+    ("easy", "semihard"),
+    ("semihard", "easy"),
+    ("easy", "easy"),
+    ("hard", "semihard"),
+    ("all", "hard"),
+    ("easy", "all"),
+]
+
+
+@pytest.mark.parametrize("pos_strategy, neg_strategy", COMBINATIONS)
+def test_batch_easy_hard_miner_matches_definition(pos_strategy, neg_strategy):
+    labels, x = batch(3)
+    mined = miners.BatchEasyHardMiner(pos_strategy, neg_strategy)(labels, x)
+    keep_pos, keep_neg = ref_batch_easy_hard(labels, x, pos_strategy, neg_strategy)
+    np.testing.assert_array_equal(_np(mined.positives), keep_pos)
+    np.testing.assert_array_equal(_np(mined.negatives), keep_neg)
+
+
+def test_batch_hard_miner_is_hard_hard_and_allowed_ranges_filter():
+    labels, x = batch(4)
+    hard = miners.BatchHardMiner()(labels, x)
+    keep_pos, keep_neg = ref_batch_easy_hard(labels, x, "hard", "hard")
+    np.testing.assert_array_equal(_np(hard.positives), keep_pos)
+    np.testing.assert_array_equal(_np(hard.negatives), keep_neg)
+    # A range that excludes every negative keeps no triplet.
+    none = miners.BatchHardMiner(allowed_neg_range=(5.0, 6.0))(labels, x)
+    assert not _np(none.positives).any() and not _np(none.negatives).any()
+
+
+def test_reference_set_and_compiled():
+    """Against a reference set no pair is excluded; compiled mining equals eager mining."""
+    labels, x = batch(5)
+    miner = miners.MultiSimilarityMiner()
+    mined = miner(labels, x, reference_embeddings=x, reference_labels=labels)
+    same = labels[:, None] == labels[None, :]
+    s = cosine(x)
+    expected = same & (s - 0.1 < np.where(~same, s, -np.inf).max(1, keepdims=True))
+    np.testing.assert_array_equal(_np(mined.positives), expected)
+    compiled = _backend.compiled(lambda lab, v: miner(lab, v).positives, labels, x)
+    np.testing.assert_array_equal(_np(compiled(labels, x)), _np(miner(labels, x).positives))
+
+
+# --- Losses with a miner against loops over the mined pairs or triplets. ---
+
+
+def ref_triplet_loss(labels, x, triplets, margin, smooth=False, swap=False):
+    """PML's TripletMarginLoss over the given triplets on LpDistance, AvgNonZero."""
+    d = lp(x)
+    costs = []
+    for a, p, n in triplets:
+        an = min(d[a, n], d[p, n]) if swap else d[a, n]
+        gap = d[a, p] - an + margin
+        costs.append(np.logaddexp(0.0, gap) if smooth else max(gap, 0.0))
+    costs = [c for c in costs if c > 0]
+    return float(np.mean(costs)) if costs else 0.0
+
+
+def ref_multi_similarity_loss(labels, x, keep_pos, keep_neg, alpha=2.0, beta=50.0, base=0.5):
+    s = cosine(x)
+    if keep_pos.sum() <= 1 and keep_neg.sum() <= 1:
+        return 0.0
+    total = 0.0
+    for a in range(len(labels)):
+        total += np.log1p(np.exp(-alpha * (s[a][keep_pos[a]] - base)).sum()) / alpha
+        total += np.log1p(np.exp(beta * (s[a][keep_neg[a]] - base)).sum()) / beta
+    return total / len(labels)
+
+
+def _value_and_grad(loss, labels, x, compiled=False):
+    return _backend.value_and_grad(lambda v, lab: loss(lab, v), x, labels, compiled=compiled)
+
+
+def _fd_grad(fn, x, h=1e-6):
+    x = np.asarray(x, np.float64)
+    grad = np.zeros_like(x)
+    for index in np.ndindex(*x.shape):
+        step = np.zeros_like(x)
+        step[index] = h
+        grad[index] = (fn(x + step) - fn(x - step)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap"])
+@pytest.mark.parametrize("type_of_triplets", ["all", "semihard"])
+def test_triplet_loss_with_triplet_margin_miner_matches_loop(type_of_triplets, swap):
+    labels, x = batch(6, b=10, classes=3)
+    miner = miners.TripletMarginMiner(margin=0.3, type_of_triplets=type_of_triplets)
+    loss = losses.TripletLoss(
+        margin=0.1, distance="lp", average_nonzero=True, swap=swap, miner=miner
+    )
+    triplets = ref_triplet_margin(labels, x, 0.3, type_of_triplets)
+    expected = ref_triplet_loss(labels, x, triplets, 0.1, swap=swap)
+    # The triplets are fixed by the mining (no gradient): differentiate with them fixed.
+    grad = _fd_grad(lambda v: ref_triplet_loss(labels, v, triplets, 0.1, swap=swap), x)
+    value, ours = _value_and_grad(loss, labels, x)
+    assert float(value) == pytest.approx(expected, rel=1e-4)
+    np.testing.assert_allclose(ours, grad, rtol=2e-3, atol=2e-4)
+
+
+def test_triplet_loss_with_batch_hard_miner_is_one_triplet_per_anchor():
+    labels, x = batch(7, b=10, classes=3)
+    keep_pos, keep_neg = ref_batch_easy_hard(labels, x, "hard", "hard")
+    triplets = [
+        (a, int(np.flatnonzero(keep_pos[a])[0]), int(np.flatnonzero(keep_neg[a])[0]))
+        for a in range(len(labels))
+        if keep_pos[a].any()
+    ]
+    loss = losses.TripletLoss(
+        margin=0.4,
+        distance="lp",
+        average_nonzero=True,
+        smooth_loss=True,
+        miner=miners.BatchHardMiner(),
+    )
+    value, _ = _value_and_grad(loss, labels, x)
+    assert float(value) == pytest.approx(ref_triplet_loss(labels, x, triplets, 0.4, True), rel=1e-5)
+
+
+def test_multi_similarity_loss_with_its_miner_matches_loop():
+    labels, x = batch(8)
+    keep_pos, keep_neg = ref_multi_similarity(labels, x)
+    loss = losses.MultiSimilarityLoss(miner=miners.MultiSimilarityMiner())
+    expected = ref_multi_similarity_loss(labels, x, keep_pos, keep_neg)
+    grad = _fd_grad(lambda v: ref_multi_similarity_loss(labels, v, keep_pos, keep_neg), x)
+    value, ours = _value_and_grad(loss, labels, x)
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(ours, grad, rtol=2e-3, atol=2e-4)
+
+
+def test_one_pair_of_each_kind_gives_zero_as_in_pml():
+    """PML's pair losses return 0 when the miner keeps at most one pair of each kind.
+
+    Labels [0, 0, 1]: anchors 0 and 1 have one positive and the negative 2, at distance 0.1
+    from anchor 0 and 1.34 from anchor 1; a negative range up to 0.5 keeps one triplet.
+    """
+    labels = np.array([0, 0, 1])
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]], "float32")
+    one = miners.BatchHardMiner(allowed_neg_range=(0.0, 0.5))
+    two = miners.BatchHardMiner(allowed_neg_range=(0.0, 2.0))
+    assert int(_np(one(labels, x).positives).sum()) == 1
+    for loss in (losses.MultiSimilarityLoss, losses.CircleLoss, losses.OnlineContrastiveLoss):
+        assert float(_np(loss(miner=one)(labels, x))) == 0.0
+        assert float(_np(loss(miner=two)(labels, x))) > 0.0
+
+
+@pytest.mark.parametrize("name", ["triplet", "multi_similarity", "contrastive"])
+def test_blocks_equal_one_block(name, monkeypatch):
+    """Mining is per row: a loss computed in blocks of rows mines each block alone."""
+    labels, x = batch(9, b=12)
+    loss = {
+        "triplet": losses.TripletLoss(distance="lp", miner=miners.TripletMarginMiner()),
+        "multi_similarity": losses.MultiSimilarityLoss(miner=miners.MultiSimilarityMiner()),
+        "contrastive": losses.OnlineContrastiveLoss(miner=miners.TripletMarginMiner()),
+    }[name]
+    whole = _value_and_grad(loss, labels, x)
+    monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 5 * 12)
+    blocks = _value_and_grad(loss, labels, x)
+    assert float(blocks[0]) == pytest.approx(float(whole[0]), rel=1e-5)
+    np.testing.assert_allclose(blocks[1], whole[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="torch runs eagerly")
+@pytest.mark.parametrize("name", ["triplet", "multi_similarity"])
+def test_eager_equals_compiled(name):
+    labels, x = batch(10)
+    loss = {
+        "triplet": losses.TripletLoss(distance="lp", swap=True, miner=miners.TripletMarginMiner()),
+        "multi_similarity": losses.MultiSimilarityLoss(miner=miners.MultiSimilarityMiner()),
+    }[name]
+    eager = _value_and_grad(loss, labels, x)
+    compiled = _value_and_grad(loss, labels, x, compiled=True)
+    assert float(compiled[0]) == pytest.approx(float(eager[0]), rel=1e-5)
+    np.testing.assert_allclose(compiled[1], eager[1], rtol=1e-4, atol=1e-6)
+
+
+# --- Pair losses with a distance of their own. ---
+
+
+def ref_contrastive(labels, m, pos_margin, neg_margin, closer):
+    """PML's ContrastiveLoss on the matrix `m`: the mean of the non-zero hinges of each kind."""
+    pos, neg = label_pairs(labels)
+    if closer:  # a similarity: PML's margin(x, y) = y - x
+        pos_loss, neg_loss = np.maximum(pos_margin - m, 0), np.maximum(m - neg_margin, 0)
+    else:
+        pos_loss, neg_loss = np.maximum(m - pos_margin, 0), np.maximum(neg_margin - m, 0)
+    total = 0.0
+    for loss, mask in ((pos_loss, pos), (neg_loss, neg)):
+        values = loss[mask]
+        total += values[values > 0].mean() if (values > 0).any() else 0.0
+    return total
+
+
+def test_contrastive_loss_with_a_similarity_matches_loop():
+    labels, x = batch(13)
+    loss = losses.OnlineContrastiveLoss(pos_margin=0.8, neg_margin=0.2, distance="cosine")
+    expected = ref_contrastive(labels, cosine(x), 0.8, 0.2, closer=True)
+    grad = _fd_grad(lambda v: ref_contrastive(labels, cosine(v), 0.8, 0.2, True), x)
+    value, ours = _value_and_grad(loss, labels, x)
+    assert float(value) == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(ours, grad, rtol=2e-3, atol=2e-4)
+
+
+def test_multi_similarity_loss_with_a_distance_matches_loop():
+    """On a distance the exponents turn around: e^{alpha (d - base)}, e^{-beta (d - base)}."""
+    labels, x = batch(14)
+
+    def reference(v):
+        d, (pos, neg) = lp(v), label_pairs(labels)
+        total = np.log1p((np.exp(2.0 * (d - 0.5)) * pos).sum(1)) / 2.0
+        total += np.log1p((np.exp(-50.0 * (d - 0.5)) * neg).sum(1)) / 50.0
+        return total.mean()
+
+    value, ours = _value_and_grad(losses.MultiSimilarityLoss(distance="lp"), labels, x)
+    assert float(value) == pytest.approx(reference(x), rel=1e-5)
+    np.testing.assert_allclose(ours, _fd_grad(reference, x), rtol=2e-3, atol=2e-4)
+
+
+@TORCH_ONLY
+@pytest.mark.parametrize(
+    "loss_name, distance",
+    [
+        ("MultiSimilarityLoss", "LpDistance"),
+        ("MultiSimilarityLoss", "DotProductSimilarity"),
+        ("ContrastiveLoss", "CosineSimilarity"),
+        ("ContrastiveLoss", "LpDistance_power2"),
+    ],
+)
+def test_pair_loss_distance_equals_pml(loss_name, distance):
+    pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    from deepmetric import distances
+
+    ours_distance, pml_distance = {
+        "LpDistance": (distances.LpDistance(), pml_distances.LpDistance()),
+        "DotProductSimilarity": (
+            distances.DotProductSimilarity(),
+            pml_distances.DotProductSimilarity(normalize_embeddings=False),
+        ),
+        "CosineSimilarity": (distances.CosineSimilarity(), pml_distances.CosineSimilarity()),
+        "LpDistance_power2": (distances.LpDistance(power=2), pml_distances.LpDistance(power=2)),
+    }[distance]
+    ours_loss = {
+        "MultiSimilarityLoss": losses.MultiSimilarityLoss,
+        "ContrastiveLoss": losses.OnlineContrastiveLoss,
+    }[loss_name](distance=ours_distance)
+    pml_loss = getattr(pml_losses, loss_name)(distance=pml_distance)
+    labels, x = batch(15, b=16)
+    x = x * 0.3  # inner products of moderate size for the unnormalised dot product
+    ours = _value_and_grad(ours_loss, labels, x)
+    theirs = _backend.value_and_grad(lambda v, lab: pml_loss(v, lab), x, labels)
+    assert float(ours[0]) == pytest.approx(float(theirs[0]), rel=1e-5, abs=1e-6)
+    scale = max(float(np.abs(theirs[1]).max()), 1e-3)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-3, atol=1e-4 * scale)
+
+
+# --- Configuration, saving and errors. ---
+
+ALL_MINERS = [
+    miners.HDCMiner(0.3),
+    miners.AngularMiner(30),
+    miners.MultiSimilarityMiner(epsilon=0.2),
+    miners.PairMarginMiner(0.1, 0.5, distance="cosine"),
+    miners.TripletMarginMiner(0.1, "semihard"),
+    miners.BatchEasyHardMiner("hard", "easy", allowed_pos_range=(0.0, 1.5)),
+    miners.BatchHardMiner(),
+]
+
+
+@pytest.mark.parametrize("miner", ALL_MINERS, ids=lambda m: type(m).__name__)
+def test_miner_config_round_trip(miner):
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(miner))
+    assert type(restored) is type(miner) and restored.get_config() == miner.get_config()
+    assert restored == miner
+
+
+def test_a_loss_with_a_miner_saves_in_a_keras_file(tmp_path):
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+    loss = losses.MultiSimilarityLoss(miner=miners.MultiSimilarityMiner(epsilon=0.3))
+    model.compile(optimizer="sgd", loss=loss)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert loaded.loss.get_config() == loss.get_config()
+    assert loaded.loss.miner == miners.MultiSimilarityMiner(epsilon=0.3)
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (lambda: miners.TripletMarginMiner(type_of_triplets="medium"), ValueError, "one of 'all'"),
+        (lambda: miners.MultiSimilarityMiner(epsilon="0.1"), TypeError, "`epsilon` must be a"),
+        (lambda: miners.PairMarginMiner(distance="manhattan"), ValueError, "Unknown `distance`"),
+        (
+            lambda: miners.BatchEasyHardMiner("semihard", "semihard"),
+            ValueError,
+            'cannot both be "semihard"',
+        ),
+        (lambda: miners.BatchEasyHardMiner("all", "semihard"), ValueError, 'with "all"'),
+        (lambda: miners.BatchHardMiner(allowed_pos_range=(2, 1)), ValueError, "low <= high"),
+        (lambda: losses.CircleLoss(miner="ms"), TypeError, "`miner` must be None or a"),
+        (lambda: miners.HDCMiner(0.0), ValueError, "`filter_percentage` must be in"),
+        (lambda: miners.AngularMiner(distance="cosine"), ValueError, "must be LpDistance"),
+    ],
+)
+def test_bad_arguments(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+# --- pytorch-metric-learning 2.9. ---
+
+
+def _pml_masks(indices, n):
+    """PML's index tuple as (positive counts, negative counts) matrices."""
+    indices = [i.numpy() for i in indices]
+    a1, p, a2, neg = (
+        indices if len(indices) == 4 else (indices[0], indices[1], indices[0], indices[2])
+    )
+    pos_counts, neg_counts = np.zeros((2, n, n))
+    np.add.at(pos_counts, (a1, p), 1)
+    np.add.at(neg_counts, (a2, neg), 1)
+    return pos_counts, neg_counts
+
+
+PAIRS = [
+    ("MultiSimilarityMiner", {}),
+    ("MultiSimilarityMiner", {"epsilon": 0.4}),
+    ("PairMarginMiner", {}),
+    ("TripletMarginMiner", {}),
+    ("TripletMarginMiner", {"margin": 0.1, "type_of_triplets": "hard"}),
+    ("TripletMarginMiner", {"type_of_triplets": "semihard"}),
+    ("TripletMarginMiner", {"type_of_triplets": "easy"}),
+    ("BatchHardMiner", {}),
+    ("BatchEasyHardMiner", {}),
+    ("BatchEasyHardMiner", {"pos_strategy": "semihard", "neg_strategy": "hard"}),
+    ("BatchEasyHardMiner", {"pos_strategy": "all", "neg_strategy": "easy"}),
+    ("AngularMiner", {}),
+    ("AngularMiner", {"angle": 45}),
+]
+
+
+@TORCH_ONLY
+@pytest.mark.parametrize("name, kwargs", PAIRS, ids=lambda v: str(v))
+def test_miner_equals_pml(name, kwargs):
+    pml = pytest.importorskip("pytorch_metric_learning.miners")
+    import torch  # backend-specific test: PML runs on torch
+
+    labels, x = batch(11, b=16)
+    mined = getattr(miners, name)(**kwargs)(labels, x)
+    pos_counts, neg_counts = _pml_masks(
+        getattr(pml, name)(**kwargs)(torch.tensor(x), torch.tensor(labels)), len(labels)
+    )
+    np.testing.assert_array_equal(_np(mined.positives), pos_counts > 0)
+    np.testing.assert_array_equal(_np(mined.negatives), neg_counts > 0)
+    ours_pos, ours_neg = mined.pair_counts()
+    np.testing.assert_array_equal(_np(ours_pos), pos_counts)
+    np.testing.assert_array_equal(_np(ours_neg), neg_counts)
+
+
+LOSSES = {
+    # deepmetric loss (built with the miner), PML loss.
+    "multi_similarity": (lambda m: losses.MultiSimilarityLoss(miner=m), "MultiSimilarityLoss", {}),
+    "circle": (lambda m: losses.CircleLoss(miner=m), "CircleLoss", {}),
+    "contrastive": (lambda m: losses.OnlineContrastiveLoss(miner=m), "ContrastiveLoss", {}),
+    "triplet": (
+        lambda m: losses.TripletLoss(margin=0.05, distance="lp", average_nonzero=True, miner=m),
+        "TripletMarginLoss",
+        {},
+    ),
+    "triplet_swap_smooth": (
+        lambda m: losses.TripletLoss(
+            margin=0.2, distance="lp", average_nonzero=True, swap=True, smooth_loss=True, miner=m
+        ),
+        "TripletMarginLoss",
+        {"margin": 0.2, "swap": True, "smooth_loss": True},
+    ),
+}
+
+
+@TORCH_ONLY
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("name, kwargs", PAIRS, ids=lambda v: str(v))
+def test_loss_with_miner_equals_pml(loss_name, name, kwargs):
+    """deepmetric's `Loss(miner=M)` is PML's `loss(embeddings, labels, M(embeddings, labels))`:
+    value and gradient."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+    build, pml_name, pml_kwargs = LOSSES[loss_name]
+    labels, x = batch(12, b=16)
+    ours = _value_and_grad(build(getattr(miners, name)(**kwargs)), labels, x)
+    pml_miner = getattr(pml_miners, name)(**kwargs)
+    pml_loss = getattr(pml_losses, pml_name)(**pml_kwargs)
+    theirs = _backend.value_and_grad(lambda v, lab: pml_loss(v, lab, pml_miner(v, lab)), x, labels)
+    assert float(ours[0]) == pytest.approx(float(theirs[0]), rel=1e-5, abs=1e-6)
+    scale = max(float(np.abs(theirs[1]).max()), 1e-3)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-3, atol=1e-4 * scale)
+
+
+@TORCH_ONLY
+@pytest.mark.parametrize("fraction", [0.3, 0.5])
+def test_hdc_miner_equals_pml_up_to_mirror_ties(fraction):
+    """PML keeps exactly k pairs; a pair ties with its mirror, so PML may keep one fewer."""
+    pml = pytest.importorskip("pytorch_metric_learning.miners")
+    import torch  # backend-specific test: PML runs on torch
+
+    labels, x = batch(17, b=16)
+    mined = miners.HDCMiner(fraction)(labels, x)
+    counts = _pml_masks(pml.HDCMiner(fraction)(torch.tensor(x), torch.tensor(labels)), 16)
+    for ours, theirs in zip((mined.positives, mined.negatives), counts, strict=True):
+        ours, theirs = _np(ours), theirs > 0
+        assert not (theirs & ~ours).any() and (ours & ~theirs).sum() <= 1
+        np.testing.assert_array_equal(ours | ours.T, theirs | theirs.T)
