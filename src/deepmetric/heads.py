@@ -53,7 +53,7 @@ from deepmetric.losses.base import (
     options_signature,
     store_options,
 )
-from deepmetric.losses.pair import margin_loss
+from deepmetric.losses.pair import _MARGIN_BETA, _MARGIN_MARGIN, _MARGIN_NU, margin_loss
 from deepmetric.losses.proxy import (
     proxy_anchor_loss,
     proxy_nca_logits,
@@ -428,9 +428,13 @@ class MarginBeta(keras.layers.Layer):
 
     Args:
       num_classes: None for one $\beta$ shared by every class, else the number of classes.
-      margin: the margin m.
-      nu: the weight $\nu$ of the regulariser $\nu\beta$.
-      beta: the initial value of $\beta$.
+      margin: the margin m (>= 0, on distances).
+      nu: the weight $\nu$ of the regulariser $\nu\beta$ (>= 0).
+      beta: the initial value of $\beta$ (>= 0, a distance).
+
+    The options have the ranges of `deepmetric.losses.MarginLoss` (the same checks). Called
+    with labels, an empty batch is a ValueError naming `embeddings`, and a non-finite
+    embedding or $\beta$ makes the added loss NaN (the rule of the heads).
 
     >>> import numpy as np
     >>> layer = MarginBeta(num_classes=3)
@@ -444,9 +448,9 @@ class MarginBeta(keras.layers.Layer):
         if num_classes is not None:
             num_classes = _positive_int("num_classes", num_classes)
         self.num_classes = num_classes
-        self.margin = _number("margin", margin)
-        self.nu = _number("nu", nu)
-        self.initial_beta = _number("beta", beta)
+        self.margin = _MARGIN_MARGIN.checked(margin)
+        self.nu = _MARGIN_NU.checked(nu)
+        self.initial_beta = _MARGIN_BETA.checked(beta)
 
     def build(self, input_shape):
         self.beta = self.add_weight(
@@ -461,6 +465,9 @@ class MarginBeta(keras.layers.Layer):
         embeddings = check_embeddings(embeddings, "embeddings")
         if labels is None:
             return embeddings
+        # Training: an empty batch is an error; a non-finite embedding or beta makes the loss
+        # NaN (`margin_loss` guards both).
+        check_nonempty(embeddings, "embeddings")
         labels = check_labels(labels, embeddings.shape[0], "labels")
         losses = margin_loss(
             labels,

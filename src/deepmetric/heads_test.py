@@ -399,3 +399,34 @@ def test_margin_beta_bad_options():
         heads.MarginBeta(num_classes=0)
     with pytest.raises(TypeError, match="`nu` must be a number"):
         heads.MarginBeta(nu="0.1")
+
+
+@pytest.mark.parametrize("option", ["margin", "nu", "beta"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, math.nextafter(0.0, -1.0)])
+def test_margin_beta_option_ranges(option, value):
+    """margin, nu and beta >= 0 (MarginLoss's ranges): NaN, inf and negatives are refused."""
+    with pytest.raises(ValueError, match=f"`{option}` must be a finite number >= 0. Received"):
+        heads.MarginBeta(num_classes=3, **{option: value})
+    heads.MarginBeta(num_classes=3, **{option: 0.0})  # the bound itself is in the range
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_margin_beta_nonfinite_input_gives_nan(bad):
+    """A non-finite embedding or learned beta makes the added loss NaN, not finite."""
+    labels, x = data(7)
+    layer = heads.MarginBeta(num_classes=4, nu=0.1)
+    layer([x, labels])
+    assert np.isfinite(float(ops.convert_to_numpy(layer.losses[0])))
+    y = x.copy()
+    y[3, 1] = bad
+    layer([y, labels])
+    assert np.isnan(float(ops.convert_to_numpy(layer.losses[0])))
+    layer.beta.assign(np.array([1.0, bad, 1.0, 1.0], "float32"))
+    layer([x, labels])
+    assert np.isnan(float(ops.convert_to_numpy(layer.losses[0])))
+
+
+def test_margin_beta_empty_batch_names_embeddings():
+    labels, x = data(8)
+    with pytest.raises(ValueError, match="`embeddings` must hold at least one example"):
+        heads.MarginBeta(num_classes=4)([x[:0], labels[:0]])

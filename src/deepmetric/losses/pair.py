@@ -22,13 +22,16 @@ from deepmetric import mining
 from deepmetric._api import export
 from deepmetric.losses.base import (
     LARGE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Bounds,
     MetricLoss,
     Option,
-    check_number,
     check_reference_mask,
     count_positive,
     loss_inputs,
     masked_logsumexp,
+    nonfinite_to_nan,
     number_option,
     per_anchor_share,
 )
@@ -40,6 +43,34 @@ from deepmetric.mining import any_pairs, rows_with_pairs
 # signal-to-noise ratio's denominator; an all-zero or constant embedding then gives finite
 # values.
 _VARIANCE_FLOOR = 1e-12
+
+# The option tables, shared by each function and its class (the function checks its options
+# through them): margins on distances and weights >= 0, scales > 0, tolerances (fractions of
+# a mean) in [0, 1], cosine thresholds in [-1, 1], angles in degrees in their valid interval.
+_COSINE = Bounds(-1.0, 1.0)
+_NCA_SCALE = number_option("softmax_scale", 1.0, POSITIVE)
+_SNR_POS_MARGIN = number_option("pos_margin", 0.0, NON_NEGATIVE)
+_SNR_NEG_MARGIN = number_option("neg_margin", 1.0, NON_NEGATIVE)
+_LIFTED_NEG_MARGIN = number_option("neg_margin", 1.0, NON_NEGATIVE)
+_LIFTED_POS_MARGIN = number_option("pos_margin", 0.0, NON_NEGATIVE)
+_POS_EPS = number_option("pos_eps", 0.01, Bounds(0.0, 1.0))
+_NEG_EPS = number_option("neg_eps", 0.01, Bounds(0.0, 1.0))
+_TUPLET_MARGIN = number_option(
+    "margin", 5.73, Bounds(0.0, 90.0, exclusive_maximum=True, text="in [0, 90) degrees")
+)
+_TUPLET_SCALE = number_option("scale", 64.0, POSITIVE)
+_ANGULAR_ALPHA = number_option(
+    "alpha",
+    40.0,
+    Bounds(0.0, 90.0, exclusive_minimum=True, exclusive_maximum=True, text="in (0, 90) degrees"),
+)
+_MARGIN_MARGIN = number_option("margin", 0.2, NON_NEGATIVE)
+_MARGIN_NU = number_option("nu", 0.0, NON_NEGATIVE)
+_MARGIN_BETA = number_option("beta", 1.2, NON_NEGATIVE)
+_TCM_LAMBDA_PLUS = number_option("lambda_plus", 1.0, NON_NEGATIVE)
+_TCM_LAMBDA_MINUS = number_option("lambda_minus", 1.0, NON_NEGATIVE)
+_TCM_MARGIN_PLUS = number_option("margin_plus", 0.9, _COSINE)
+_TCM_MARGIN_MINUS = number_option("margin_minus", 0.5, _COSINE)
 
 
 def _safe_sqrt(x):
@@ -95,7 +126,7 @@ def nca_loss(
     >>> round(float(ops.mean(nca_loss(np.array([0, 0, 1, 1]), x))), 4)
     0.6429
     """
-    softmax_scale = check_number("softmax_scale", softmax_scale, positive=True)
+    softmax_scale = _NCA_SCALE.checked(softmax_scale)
 
     def rows(d2, positives, negatives):
         logits = -softmax_scale * d2
@@ -114,7 +145,8 @@ def nca_loss(
         reference_mask,
         distance=distances_lib.EuclideanDistance(squared=True),
     )
-    return per_anchor_share(loss, ops.cast(ops.sum(has_positive), loss.dtype))
+    loss = per_anchor_share(loss, ops.cast(ops.sum(has_positive), loss.dtype))
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 # ------------------------------------------------------------- signal-to-noise contrastive
@@ -184,8 +216,8 @@ def signal_to_noise_ratio_contrastive_loss(
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D); normalised inside.
-      pos_margin: positive pairs closer than this are not penalised.
-      neg_margin: negative pairs farther than this are not penalised.
+      pos_margin: positive pairs closer than this are not penalised (>= 0, a distance).
+      neg_margin: negative pairs farther than this are not penalised (>= 0, a distance).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair; a pair
@@ -200,8 +232,8 @@ def signal_to_noise_ratio_contrastive_loss(
     >>> round(float(ops.mean(loss)), 4)
     1.3058
     """
-    pos_margin = check_number("pos_margin", pos_margin)
-    neg_margin = check_number("neg_margin", neg_margin)
+    pos_margin = _SNR_POS_MARGIN.checked(pos_margin)
+    neg_margin = _SNR_NEG_MARGIN.checked(neg_margin)
     pos_sum, pos_count, neg_sum, neg_count = normalized_rows(
         _contrastive_rows(pos_margin, neg_margin),
         labels,
@@ -211,9 +243,10 @@ def signal_to_noise_ratio_contrastive_loss(
         reference_mask,
         distance=_SignalToNoiseRatio(),
     )
-    return per_anchor_share(pos_sum, ops.sum(pos_count)) + per_anchor_share(
+    loss = per_anchor_share(pos_sum, ops.sum(pos_count)) + per_anchor_share(
         neg_sum, ops.sum(neg_count)
     )
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 # ------------------------------------------------------------ generalized lifted structure
@@ -247,8 +280,8 @@ def generalized_lifted_structure_loss(
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D); normalised inside.
-      neg_margin: the negative margin $m_-$.
-      pos_margin: the positive margin $m_+$.
+      neg_margin: the negative margin $m_-$ (>= 0, on distances).
+      pos_margin: the positive margin $m_+$ (>= 0, on distances).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair; a pair
@@ -263,8 +296,8 @@ def generalized_lifted_structure_loss(
     >>> round(float(ops.mean(loss)), 4)
     1.2413
     """
-    neg_margin = check_number("neg_margin", neg_margin)
-    pos_margin = check_number("pos_margin", pos_margin)
+    neg_margin = _LIFTED_NEG_MARGIN.checked(neg_margin)
+    pos_margin = _LIFTED_POS_MARGIN.checked(pos_margin)
 
     def rows(d, positives, negatives):
         pos_term = masked_logsumexp(d - pos_margin, positives)
@@ -280,7 +313,7 @@ def generalized_lifted_structure_loss(
         reference_mask,
         distance=_UnitEuclidean(),
     )
-    return loss
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 # ------------------------------------------------------------------- intra-pair variance
@@ -313,8 +346,10 @@ def intra_pair_variance_loss(
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D); normalised inside.
-      pos_eps: the relative tolerance $\epsilon_+$ below the mean positive similarity.
-      neg_eps: the relative tolerance $\epsilon_-$ above the mean negative similarity.
+      pos_eps: the relative tolerance $\epsilon_+$ below the mean positive similarity, in
+        [0, 1] (a fraction of the mean).
+      neg_eps: the relative tolerance $\epsilon_-$ above the mean negative similarity, in
+        [0, 1].
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
       reference_mask: optional booleans, (R,) per reference row or (B, R) per pair; a pair
@@ -329,8 +364,8 @@ def intra_pair_variance_loss(
     >>> round(float(ops.mean(loss)), 4)
     0.1106
     """
-    pos_eps = check_number("pos_eps", pos_eps)
-    neg_eps = check_number("neg_eps", neg_eps)
+    pos_eps = _POS_EPS.checked(pos_eps)
+    neg_eps = _NEG_EPS.checked(neg_eps)
     inputs = (labels, embeddings, reference_embeddings, reference_labels, reference_mask)
 
     def sums(s, positives, negatives):
@@ -367,7 +402,8 @@ def intra_pair_variance_loss(
     pos_loss, neg_loss, pos_slope, neg_slope = normalized_rows(rows, *inputs)
     pos_loss = pos_loss + (pos_threshold - fixed_pos) * pos_slope
     neg_loss = neg_loss - (neg_threshold - fixed_neg) * neg_slope
-    return per_anchor_share(pos_loss, num_pos) + per_anchor_share(neg_loss, num_neg)
+    loss = per_anchor_share(pos_loss, num_pos) + per_anchor_share(neg_loss, num_neg)
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 # -------------------------------------------------------------------------- tuplet margin
@@ -404,7 +440,7 @@ def tuplet_margin_loss(
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D); normalised inside.
-      margin: the angular margin m, in degrees (PML's unit).
+      margin: the angular margin m, in degrees (PML's unit), in [0, 90).
       scale: the scale s (> 0).
       reference_embeddings, reference_labels: compare each anchor with this set instead of
         the rest of the batch.
@@ -420,8 +456,8 @@ def tuplet_margin_loss(
     >>> round(float(ops.mean(loss)), 4)
     0.4557
     """
-    margin = math.radians(check_number("margin", margin))
-    scale = check_number("scale", scale, positive=True)
+    margin = math.radians(_TUPLET_MARGIN.checked(margin))
+    scale = _TUPLET_SCALE.checked(scale)
 
     def rows(s, positives, negatives):
         sine = _safe_sqrt(1.0 - ops.square(s))
@@ -439,7 +475,8 @@ def tuplet_margin_loss(
         rows, labels, embeddings, reference_embeddings, reference_labels, reference_mask
     )
     total = ops.where(any_pairs(has_positive, has_negative), total, 0.0)
-    return per_anchor_share(total, ops.sum(num_positives))
+    loss = per_anchor_share(total, ops.sum(num_positives))
+    return nonfinite_to_nan(loss, embeddings, reference_embeddings)
 
 
 # -------------------------------------------------------------------------------- angular
@@ -489,9 +526,7 @@ def angular_loss(
     >>> round(float(ops.mean(angular_loss(np.array([0, 0, 1, 1]), x))), 4)
     0.847
     """
-    alpha = check_number("alpha", alpha)
-    if not 0.0 < alpha < 90.0:
-        raise ValueError(f"`alpha` must be in (0, 90) degrees. Received: alpha={alpha!r}")
+    alpha = _ANGULAR_ALPHA.checked(alpha)
     tan2 = math.tan(math.radians(alpha)) ** 2
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
@@ -522,7 +557,9 @@ def angular_loss(
     per_pair = ops.where(active, ops.softplus(log_total - 2.0 * (1.0 + tan2) * s), 0.0)
     has_positive, has_negative = rows_with_pairs(positives, negatives)
     contributions = ops.where(any_pairs(has_positive, has_negative), ops.sum(per_pair, 1), 0.0)
-    return per_anchor_share(contributions, _count(positives, s))
+    return nonfinite_to_nan(
+        per_anchor_share(contributions, _count(positives, s)), embeddings, reference
+    )
 
 
 # --------------------------------------------------------------------------------- margin
@@ -598,10 +635,11 @@ def margin_loss(
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D); normalised inside.
-      margin: the margin m.
-      nu: the weight $\nu$ of the regulariser of a learned $\beta$.
-      beta: the boundary $\beta$: a number, a (num_classes,) tensor of per-class values, or a
-        (1,) tensor (one learned value: then the regulariser is $\nu\beta$ itself).
+      margin: the margin m (>= 0, on distances).
+      nu: the weight $\nu$ of the regulariser of a learned $\beta$ (>= 0).
+      beta: the boundary $\beta$ (a distance): a number (>= 0), a (num_classes,) tensor of
+        per-class values, or a (1,) tensor (one learned value: then the regulariser is
+        $\nu\beta$ itself); a non-finite tensor entry makes the loss NaN.
       triplets_per_anchor: only "all" (a miner selects fewer).
       learn_beta: add the regulariser $\nu\beta$ (PML adds it when $\beta$ is learned).
       num_classes: PML's keyword: with a number `beta`, per-class copies of it (the same
@@ -619,14 +657,14 @@ def margin_loss(
     >>> round(float(ops.mean(margin_loss(np.array([0, 0, 1, 1]), x))), 4)
     0.4838
     """
-    margin = check_number("margin", margin)
-    nu = check_number("nu", nu)
+    margin = _MARGIN_MARGIN.checked(margin)
+    nu = _MARGIN_NU.checked(nu)
     _triplets_per_anchor("triplets_per_anchor", triplets_per_anchor)
     _num_classes("num_classes", num_classes)
     per_class = not isinstance(beta, (int, float))
     if not per_class:
-        beta = check_number("beta", beta)
-        return _margin_scalar_beta(
+        beta = _MARGIN_BETA.checked(beta)
+        loss = _margin_scalar_beta(
             labels,
             embeddings,
             margin,
@@ -636,6 +674,7 @@ def margin_loss(
             reference_labels,
             reference_mask,
         )
+        return nonfinite_to_nan(loss, embeddings, reference_embeddings)
     labels, embeddings, ref_labels, reference = loss_inputs(
         labels, embeddings, reference_embeddings, reference_labels
     )
@@ -660,12 +699,14 @@ def margin_loss(
     d = _UnitEuclidean().matrix(query, ref)
     total, count, triplets = margin_terms(d, positives, negatives, beta_column, margin)
     if not learn_beta:
-        return per_anchor_share(total, ops.sum(count))
-    if single:  # PML: nu * beta, added as it is ("already reduced") when there is a triplet
+        loss = per_anchor_share(total, ops.sum(count))
+    elif single:  # PML: nu * beta, added as it is ("already reduced") when there is a triplet
         any_triplet = ops.cast(ops.any(triplets > 0), total.dtype)
-        return per_anchor_share(total, ops.sum(count)) + nu * beta[0] * any_triplet
-    # PML: nu * beta of each triplet's anchor, over the same divisor.
-    return per_anchor_share(total + nu * triplets * beta_column[:, 0], ops.sum(count))
+        loss = per_anchor_share(total, ops.sum(count)) + nu * beta[0] * any_triplet
+    else:  # PML: nu * beta of each triplet's anchor, over the same divisor.
+        loss = per_anchor_share(total + nu * triplets * beta_column[:, 0], ops.sum(count))
+    # A learned beta is an input too: a non-finite one makes the loss NaN.
+    return nonfinite_to_nan(loss, embeddings, reference, beta)
 
 
 def _margin_scalar_beta(labels, x, margin, nu, beta, ref_x, ref_labels, ref_mask):
@@ -685,10 +726,6 @@ def _margin_scalar_beta(labels, x, margin, nu, beta, ref_x, ref_labels, ref_mask
 # ------------------------------------------------------------------------------- classes
 
 
-def _degrees(name, value):
-    return check_number(name, value)
-
-
 @export
 class NCALoss(MetricLoss):
     """Neighbourhood components analysis loss; see `nca_loss`.
@@ -699,7 +736,7 @@ class NCALoss(MetricLoss):
     """
 
     function = staticmethod(nca_loss)
-    options = (number_option("softmax_scale", 1.0, positive=True),)
+    options = (_NCA_SCALE,)
 
 
 @export
@@ -713,7 +750,7 @@ class SignalToNoiseRatioContrastiveLoss(MetricLoss):
     """
 
     function = staticmethod(signal_to_noise_ratio_contrastive_loss)
-    options = (number_option("pos_margin", 0.0), number_option("neg_margin", 1.0))
+    options = (_SNR_POS_MARGIN, _SNR_NEG_MARGIN)
 
 
 @export
@@ -726,7 +763,7 @@ class GeneralizedLiftedStructureLoss(MetricLoss):
     """
 
     function = staticmethod(generalized_lifted_structure_loss)
-    options = (number_option("neg_margin", 1.0), number_option("pos_margin", 0.0))
+    options = (_LIFTED_NEG_MARGIN, _LIFTED_POS_MARGIN)
 
 
 @export
@@ -739,7 +776,7 @@ class IntraPairVarianceLoss(MetricLoss):
     """
 
     function = staticmethod(intra_pair_variance_loss)
-    options = (number_option("pos_eps", 0.01), number_option("neg_eps", 0.01))
+    options = (_POS_EPS, _NEG_EPS)
 
 
 @export
@@ -752,14 +789,7 @@ class TupletMarginLoss(MetricLoss):
     """
 
     function = staticmethod(tuplet_margin_loss)
-    options = (Option("margin", 5.73, _degrees), number_option("scale", 64.0, positive=True))
-
-
-def _alpha(name, value):
-    value = check_number(name, value)
-    if not 0.0 < value < 90.0:
-        raise ValueError(f"`{name}` must be in (0, 90) degrees. Received: {name}={value!r}")
-    return value
+    options = (_TUPLET_MARGIN, _TUPLET_SCALE)
 
 
 @export
@@ -772,7 +802,7 @@ class AngularLoss(MetricLoss):
     """
 
     function = staticmethod(angular_loss)
-    options = (Option("alpha", 40.0, _alpha),)
+    options = (_ANGULAR_ALPHA,)
 
 
 def _learn_beta(name, value):
@@ -799,9 +829,9 @@ class MarginLoss(MetricLoss):
 
     function = staticmethod(margin_loss)
     options = (
-        number_option("margin", 0.2),
-        number_option("nu", 0.0),
-        number_option("beta", 1.2),
+        _MARGIN_MARGIN,
+        _MARGIN_NU,
+        _MARGIN_BETA,
         Option("triplets_per_anchor", "all", _triplets_per_anchor),
         Option("learn_beta", False, _learn_beta),
         Option("num_classes", None, _num_classes),
@@ -840,10 +870,10 @@ def threshold_consistent_margin_loss(
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D); normalised inside.
-      lambda_plus: the weight $\lambda_+$ of the positive term.
-      lambda_minus: the weight $\lambda_-$ of the negative term.
-      margin_plus: the similarity $m_+$ every positive pair should exceed.
-      margin_minus: the similarity $m_-$ every negative pair should stay below.
+      lambda_plus: the weight $\lambda_+$ of the positive term (>= 0).
+      lambda_minus: the weight $\lambda_-$ of the negative term (>= 0).
+      margin_plus: the similarity $m_+$ every positive pair should exceed, in [-1, 1].
+      margin_minus: the similarity $m_-$ every negative pair should stay below, in [-1, 1].
 
     Returns:
       (B,) per-anchor shares; their mean is the batch loss.
@@ -853,10 +883,10 @@ def threshold_consistent_margin_loss(
     >>> round(float(ops.mean(threshold_consistent_margin_loss(np.array([0, 0, 1, 1]), x))), 4)
     0.5
     """
-    lambda_plus = check_number("lambda_plus", lambda_plus)
-    lambda_minus = check_number("lambda_minus", lambda_minus)
-    margin_plus = check_number("margin_plus", margin_plus)
-    margin_minus = check_number("margin_minus", margin_minus)
+    lambda_plus = _TCM_LAMBDA_PLUS.checked(lambda_plus)
+    lambda_minus = _TCM_LAMBDA_MINUS.checked(lambda_minus)
+    margin_plus = _TCM_MARGIN_PLUS.checked(margin_plus)
+    margin_minus = _TCM_MARGIN_MINUS.checked(margin_minus)
 
     def rows(s, positives, negatives):
         low = ops.logical_and(positives, ops.less_equal(s, margin_plus))
@@ -869,9 +899,10 @@ def threshold_consistent_margin_loss(
         )
 
     pos_sum, pos_count, neg_sum, neg_count = normalized_rows(rows, labels, embeddings)
-    return lambda_plus * per_anchor_share(pos_sum, ops.sum(pos_count)) + (
+    loss = lambda_plus * per_anchor_share(pos_sum, ops.sum(pos_count)) + (
         lambda_minus * per_anchor_share(neg_sum, ops.sum(neg_count))
     )
+    return nonfinite_to_nan(loss, embeddings)
 
 
 @export
@@ -886,8 +917,8 @@ class ThresholdConsistentMarginLoss(MetricLoss):
     function = staticmethod(threshold_consistent_margin_loss)
     takes_reference = False
     options = (
-        number_option("lambda_plus", 1.0),
-        number_option("lambda_minus", 1.0),
-        number_option("margin_plus", 0.9),
-        number_option("margin_minus", 0.5),
+        _TCM_LAMBDA_PLUS,
+        _TCM_LAMBDA_MINUS,
+        _TCM_MARGIN_PLUS,
+        _TCM_MARGIN_MINUS,
     )

@@ -295,9 +295,38 @@ def test_signature_follows_pytorch_metric_learning(name):
 @pytest.mark.parametrize(
     "cls, options, error, message",
     [
-        (losses.NCALoss, {"softmax_scale": 0.0}, ValueError, "`softmax_scale` must be positive"),
+        (
+            losses.NCALoss,
+            {"softmax_scale": 0.0},
+            ValueError,
+            "`softmax_scale` must be a finite number > 0",
+        ),
         (losses.TupletMarginLoss, {"scale": "64"}, TypeError, "`scale` must be a number"),
-        (losses.AngularLoss, {"alpha": 90.0}, ValueError, r"`alpha` must be in \(0, 90\)"),
+        (
+            losses.AngularLoss,
+            {"alpha": 90.0},
+            ValueError,
+            r"`alpha` must be a finite number in \(0, 90\) degrees",
+        ),
+        (
+            losses.TupletMarginLoss,
+            {"margin": -1.0},
+            ValueError,
+            r"`margin` must be a finite number in \[0, 90\) degrees",
+        ),
+        (
+            losses.IntraPairVarianceLoss,
+            {"neg_eps": 1.5},
+            ValueError,
+            r"`neg_eps` must be a finite number in \[0, 1\]",
+        ),
+        (
+            losses.ThresholdConsistentMarginLoss,
+            {"margin_plus": 1.5},
+            ValueError,
+            r"`margin_plus` must be a finite number in \[-1, 1\]",
+        ),
+        (losses.MarginLoss, {"nu": -0.1}, ValueError, "`nu` must be a finite number >= 0"),
         (losses.IntraPairVarianceLoss, {"pos_eps": None}, TypeError, "`pos_eps` must be"),
         (losses.MarginLoss, {"triplets_per_anchor": 5}, ValueError, "must be 'all'"),
         (losses.MarginLoss, {"learn_beta": True}, ValueError, "heads.MarginBeta"),
@@ -306,7 +335,7 @@ def test_signature_follows_pytorch_metric_learning(name):
             losses.GeneralizedLiftedStructureLoss,
             {"neg_margin": float("inf")},
             ValueError,
-            "`neg_margin` must be finite",
+            "`neg_margin` must be a finite number >= 0",
         ),
     ],
 )

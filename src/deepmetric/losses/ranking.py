@@ -12,20 +12,37 @@ from __future__ import annotations
 from keras import ops
 
 from deepmetric._api import export
-from deepmetric.losses.base import MetricLoss, Option, check_number, number_option
+from deepmetric.losses.base import (
+    NON_NEGATIVE,
+    Bounds,
+    MetricLoss,
+    Option,
+    check_number,
+    nonfinite_to_nan,
+    number_option,
+)
 from deepmetric.losses.contrastive import _UnitEuclidean
 from deepmetric.losses.softmax import normalized_rows
 
 
-def _imbalance(name, value):
-    value = check_number(name, value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value!r}")
-    return value
+def _optional_number_option(name, bounds):
+    """An option that is None (its default, computed from the others) or a finite number in
+    `bounds`; the bounds are declared, so the conformance suite tries values outside them."""
+
+    def check(key, value):
+        return None if value is None else check_number(key, value, bounds)
+
+    return Option(name, None, check, bounds=bounds)
 
 
-def _optional_number(name, value):
-    return None if value is None else check_number(name, value)
+# The option table, shared by the function and the class: the margin and the negative boundary
+# are distances (>= 0), the temperatures >= 0 (PML; 0 gives equal weights), the imbalance a
+# weight in [0, 1].
+_MARGIN = number_option("margin", 0.4, NON_NEGATIVE)
+_TN = number_option("Tn", 10.0, NON_NEGATIVE)
+_IMBALANCE = number_option("imbalance", 0.5, Bounds(0.0, 1.0))
+_ALPHA = _optional_number_option("alpha", NON_NEGATIVE)
+_TP = number_option("Tp", 0.0, NON_NEGATIVE)
 
 
 @export
@@ -52,11 +69,11 @@ def ranked_list_loss(labels, embeddings, *, margin=0.4, Tn=10.0, imbalance=0.5, 
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
       embeddings: float embeddings, shape (B, D); normalised inside.
-      margin: the margin m between the positive and the negative boundary.
-      Tn: the temperature $T_n$ of the negatives' weights.
+      margin: the margin m between the positive and the negative boundary (>= 0).
+      Tn: the temperature $T_n$ of the negatives' weights (>= 0).
       imbalance: the weight $\lambda$ of the negative term, in [0, 1].
-      alpha: the negative boundary $\alpha$ (None: $1 + m/2$).
-      Tp: the temperature $T_p$ of the positives' weights (0: the paper's RLL-Simpler).
+      alpha: the negative boundary $\alpha$ (None: $1 + m/2$; else >= 0, a distance).
+      Tp: the temperature $T_p$ of the positives' weights (>= 0; 0: the paper's RLL-Simpler).
 
     Returns:
       (B,) per-anchor losses; their mean is the batch loss.
@@ -66,11 +83,12 @@ def ranked_list_loss(labels, embeddings, *, margin=0.4, Tn=10.0, imbalance=0.5, 
     >>> round(float(ops.mean(ranked_list_loss(np.array([0, 0, 1, 1]), x))), 4)
     0.1891
     """
-    margin = check_number("margin", margin)
-    Tn = check_number("Tn", Tn)
-    Tp = check_number("Tp", Tp)
-    imbalance = _imbalance("imbalance", imbalance)
-    alpha = 1.0 + margin / 2.0 if alpha is None else check_number("alpha", alpha)
+    margin = _MARGIN.checked(margin)
+    Tn = _TN.checked(Tn)
+    Tp = _TP.checked(Tp)
+    imbalance = _IMBALANCE.checked(imbalance)
+    alpha = _ALPHA.checked(alpha)
+    alpha = 1.0 + margin / 2.0 if alpha is None else alpha
     boundary = alpha - margin
 
     def rows(d, positives, negatives):
@@ -88,7 +106,7 @@ def ranked_list_loss(labels, embeddings, *, margin=0.4, Tn=10.0, imbalance=0.5, 
         return ((1.0 - imbalance) * loss_p + imbalance * loss_n,)
 
     (loss,) = normalized_rows(rows, labels, embeddings, distance=_UnitEuclidean())
-    return loss
+    return nonfinite_to_nan(loss, embeddings)
 
 
 @export
@@ -102,10 +120,4 @@ class RankedListLoss(MetricLoss):
 
     function = staticmethod(ranked_list_loss)
     takes_reference = False
-    options = (
-        number_option("margin", 0.4),
-        number_option("Tn", 10.0),
-        Option("imbalance", 0.5, _imbalance),
-        Option("alpha", None, _optional_number),
-        number_option("Tp", 0.0),
-    )
+    options = (_MARGIN, _TN, _IMBALANCE, _ALPHA, _TP)

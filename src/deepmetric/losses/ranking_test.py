@@ -80,9 +80,11 @@ def test_ranked_list_class_and_signature():
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        ({"imbalance": 1.5}, ValueError, r"`imbalance` must be in \[0, 1\]"),
+        ({"imbalance": 1.5}, ValueError, r"`imbalance` must be a finite number in \[0, 1\]"),
         ({"alpha": "1"}, TypeError, "`alpha` must be a number"),
-        ({"Tn": float("nan")}, ValueError, "`Tn` must be finite"),
+        ({"alpha": -0.5}, ValueError, "`alpha` must be a finite number >= 0"),
+        ({"Tn": float("nan")}, ValueError, "`Tn` must be a finite number >= 0"),
+        ({"Tp": -1.0}, ValueError, "`Tp` must be a finite number >= 0"),
     ],
 )
 def test_ranked_list_bad_options(options, error, message):

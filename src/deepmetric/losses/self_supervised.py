@@ -13,16 +13,25 @@ import keras
 from keras import ops
 
 from deepmetric._api import export
-from deepmetric._labels import check_embeddings
+from deepmetric._labels import check_embeddings, check_nonempty
 from deepmetric.losses.base import (
+    NON_NEGATIVE,
+    POSITIVE,
     MetricLoss,
-    check_number,
+    nonfinite_to_nan,
     number_option,
     options_config,
     reduce_losses,
     store_options,
 )
 from deepmetric.losses.softmax import NTXentLoss
+
+# VICReg's options, shared by `vicreg_loss` and `VICRegLoss`: the weights of the three terms
+# >= 0 (0 drops a term), the epsilon inside the square root > 0.
+_INVARIANCE_LAMBDA = number_option("invariance_lambda", 25.0, NON_NEGATIVE)
+_VARIANCE_MU = number_option("variance_mu", 25.0, NON_NEGATIVE)
+_COVARIANCE_V = number_option("covariance_v", 1.0, NON_NEGATIVE)
+_EPS = number_option("eps", 1e-4, POSITIVE)
 
 
 def _views(y_pred):
@@ -34,6 +43,7 @@ def _views(y_pred):
             "`y_pred` must have shape (batch_size, 2, embedding_dim): the embeddings of two "
             f"views of each input. Received: y_pred.shape={shape}"
         )
+    check_nonempty(y_pred, "y_pred")
     return check_embeddings(y_pred[:, 0, :], "y_pred"), check_embeddings(y_pred[:, 1, :], "y_pred")
 
 
@@ -68,15 +78,16 @@ def vicreg_loss(
     `pytorch_metric_learning.losses.VICRegLoss()(embeddings, ref_emb=reference_embeddings)`
     (the variance term of PML's code halves each view's mean, as here). A batch of one example
     has no variance: its variance and covariance terms are taken as those of zero variance
-    (PML divides by 0). Paper: "VICReg: Variance-Invariance-Covariance Regularization for
-    Self-Supervised Learning", ICLR 2022, arXiv:2105.04906.
+    (PML divides by 0). A non-finite entry in either view makes every value NaN; an empty batch
+    is a ValueError naming `embeddings`. Paper: "VICReg: Variance-Invariance-Covariance
+    Regularization for Self-Supervised Learning", ICLR 2022, arXiv:2105.04906.
 
     Args:
       embeddings: the first view, (B, D).
       reference_embeddings: the second view, (B, D).
-      invariance_lambda: the weight $\lambda$ of the invariance term.
-      variance_mu: the weight $\mu$ of the variance terms.
-      covariance_v: the weight $\nu$ of the covariance terms.
+      invariance_lambda: the weight $\lambda$ of the invariance term (>= 0).
+      variance_mu: the weight $\mu$ of the variance terms (>= 0).
+      covariance_v: the weight $\nu$ of the covariance terms (>= 0).
       eps: the $\epsilon$ inside the square root (> 0).
 
     Returns:
@@ -87,12 +98,14 @@ def vicreg_loss(
     >>> round(float(ops.mean(vicreg_loss(z, z[::-1]))), 4)
     18.953
     """
-    invariance_lambda = check_number("invariance_lambda", invariance_lambda)
-    variance_mu = check_number("variance_mu", variance_mu)
-    covariance_v = check_number("covariance_v", covariance_v)
-    eps = check_number("eps", eps, positive=True)
-    first = check_embeddings(embeddings, "embeddings")
-    second = check_embeddings(reference_embeddings, "reference_embeddings")
+    invariance_lambda = _INVARIANCE_LAMBDA.checked(invariance_lambda)
+    variance_mu = _VARIANCE_MU.checked(variance_mu)
+    covariance_v = _COVARIANCE_V.checked(covariance_v)
+    eps = _EPS.checked(eps)
+    first = check_nonempty(check_embeddings(embeddings, "embeddings"), "embeddings")
+    second = check_nonempty(
+        check_embeddings(reference_embeddings, "reference_embeddings"), "reference_embeddings"
+    )
     if tuple(first.shape) != tuple(second.shape):
         raise ValueError(
             "`embeddings` and `reference_embeddings` must have the same shape. Received: "
@@ -115,7 +128,7 @@ def vicreg_loss(
     var1, cov1 = regularisers(first)
     var2, cov2 = regularisers(second)
     batch_terms = variance_mu * (var1 + var2) + covariance_v * (cov1 + cov2)
-    return invariance_lambda * invariance + batch_terms
+    return nonfinite_to_nan(invariance_lambda * invariance + batch_terms, first, second)
 
 
 @export
@@ -129,12 +142,7 @@ class VICRegLoss(keras.losses.Loss):
     ```
     """
 
-    options = (
-        number_option("invariance_lambda", 25.0),
-        number_option("variance_mu", 25.0),
-        number_option("covariance_v", 1.0),
-        number_option("eps", 1e-4, positive=True),
-    )
+    options = (_INVARIANCE_LAMBDA, _VARIANCE_MU, _COVARIANCE_V, _EPS)
 
     def __init__(
         self,

@@ -164,8 +164,10 @@ def test_sample_weight_and_one_example():
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"shape \(batch_size, 2, embedding_dim\)"):
         losses.VICRegLoss()(None, np.zeros((4, 3, 2), "float32"))
-    with pytest.raises(ValueError, match="`eps` must be positive"):
+    with pytest.raises(ValueError, match="`eps` must be a finite number > 0"):
         losses.VICRegLoss(eps=0.0)
+    with pytest.raises(ValueError, match="`variance_mu` must be a finite number >= 0"):
+        losses.vicreg_loss(np.ones((2, 2)), np.ones((2, 2)), variance_mu=-1.0)
     with pytest.raises(TypeError, match="`loss` must be a deepmetric loss"):
         losses.SelfSupervisedLoss(keras.losses.MeanSquaredError())
     with pytest.raises(ValueError, match="RankedListLoss does not take"):

@@ -15,8 +15,9 @@ non-finite entry in the embeddings. The outcome must be:
 The targets come from the registries of `deepmetric.testing` (`metric_losses`, `proxy_heads`)
 and `deepmetric.losses.__all__`; a public function is paired with the class whose option table
 it shares, so the option ranges are those of the tables. Inputs that are not
-(labels, embeddings) (pair distances, similarity matrices, proxies, explicit triplets) are
-listed in `SPECIAL`; a new public loss that fits neither fails `test_every_loss_is_fuzzed`.
+(labels, embeddings) (pair distances, similarity matrices, proxies, explicit triplets, two
+views) are listed in `SPECIAL`; a new public loss that fits neither fails
+`test_every_loss_is_fuzzed`.
 Reproducible (`derandomize=True`) and bounded: few distinct shapes, so that JAX compiles
 little; the number of cases run is printed at the end of the module.
 """
@@ -83,13 +84,24 @@ FLAG = "flag"
 PRACTICAL = (-1.0, -0.5, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 10.0, 64.0)
 
 
+def _accepts(option, value):
+    try:
+        option.checked(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _table(cls):
-    """The numeric options (name -> bounds) and the flags (name -> FLAG) of an option table."""
+    """The numeric options (name -> bounds; also those that may be None and declare bounds)
+    and the flags (name -> FLAG) of an option table. A flag the class allows at one value
+    only (`MarginLoss(learn_beta=True)` needs a layer) keeps its default."""
     table: dict[str, Any] = {}
     for o in cls.options:
         if isinstance(o.default, bool):
-            table[o.name] = FLAG
-        elif isinstance(o.default, float):
+            if _accepts(o, True) and _accepts(o, False):
+                table[o.name] = FLAG
+        elif isinstance(o.default, float) or o.bounds is not None:
             table[o.name] = o.bounds
     return table
 
@@ -138,6 +150,10 @@ def _proxies(rng, size, labels):
 
 def _triplets(rng, size, labels):
     return rng.normal(size=(size, 3, DIM)).astype("float32"), (np.zeros(size, labels.dtype),)
+
+
+def _two_views(rng, size, labels):
+    return rng.normal(size=(size, 2, DIM)).astype("float32"), (np.zeros(size, labels.dtype),)
 
 
 MARGIN = {"margin": NON_NEGATIVE}
@@ -213,6 +229,27 @@ SPECIAL: dict[str, tuple] = {
         {"margin": POSITIVE, "swap": FLAG},
         lambda kw: losses.TripletMarginLoss(**kw),
         _triplets,
+        lambda f, v, y: f(y, v),
+        "y_pred",
+    ),
+    "vicreg_loss": (
+        _table(losses.VICRegLoss),
+        lambda kw: lambda a, b: losses.vicreg_loss(a, b, **kw),
+        _two_views,
+        lambda f, v, _: _scalar(f(v[:, 0], v[:, 1])),
+        "embeddings",
+    ),
+    "VICRegLoss": (
+        _table(losses.VICRegLoss),
+        lambda kw: losses.VICRegLoss(**kw),
+        _two_views,
+        lambda f, v, y: f(y, v),
+        "y_pred",
+    ),
+    "SelfSupervisedLoss": (
+        {"symmetric": FLAG},
+        lambda kw: losses.SelfSupervisedLoss(**kw),
+        _two_views,
         lambda f, v, y: f(y, v),
         "y_pred",
     ),

@@ -294,8 +294,9 @@ def values_outside(bounds):
 
 
 def _numeric_options(options, owner):
-    """The options of `options` with a float default; each must declare its `bounds`."""
-    numeric = [o for o in options if isinstance(o.default, float)]
+    """The options of `options` with a float default, each of which must declare its
+    `bounds`, and the other options that declare bounds (a number that may be None)."""
+    numeric = [o for o in options if isinstance(o.default, float) or o.bounds is not None]
     for option in numeric:
         assert option.bounds is not None, (
             f"option_ranges: {owner} option `{option.name}` declares no range (give "
