@@ -62,10 +62,13 @@ def label_names(data: datasets.Dataset, y) -> np.ndarray:
     return names[np.asarray(y, dtype="int64")]
 
 
-def split_indices(data, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of the train and test parts of `split` (`datasets.split_samples`)."""
+def split_indices(
+    data, test_size: float, seed: int, by: str = "samples"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the train and test parts of `split` (`datasets.split_indices(by=by)`:
+    held-out samples of every class, or held-out classes)."""
     try:
-        return datasets.split_samples(data.y, test_size, seed)
+        return datasets.split_indices(data.y, by=by, test_size=test_size, seed=seed)
     except datasets.DataError as e:
         raise CliError(str(e).replace("test_size=", "--test-size ")) from None
 
