@@ -14,7 +14,7 @@ distances:
 
 - "numpy": each row's k-th smallest distance is bounded from a fixed sample of
   8192 reference columns; then a chunk of queries meets the references block by
-  block (4096 columns, one matrix product each, small enough to stay in cache) and
+  block (16384 columns, one matrix product each, a few MB) and
   keeps only the values below its bound, which are sorted exactly (rows where the
   sample falls short are searched again over all columns). With fewer than
   32768 references, or k too large for the sample, a chunk gets all its
@@ -49,7 +49,7 @@ CHUNK_BYTES = 256 * 2**20
 _SAMPLE = 8192
 _MARGIN = 1.3
 # Reference columns per block of the blocked numpy search.
-_BLOCK = 4096
+_BLOCK = 16384
 
 
 def faiss_installed() -> bool:
