@@ -12,11 +12,15 @@ reference once and sizes the chunks to a memory budget.
 Two engines give the same neighbours up to float rounding of near-equal
 distances:
 
-- "numpy": a chunk of queries gets its distances from one matrix product; each
-  row's k-th smallest distance is bounded from a fixed sample of the columns
-  (an exact partition where the sample falls short), and the candidates below the
-  bound are sorted exactly. The product gives ||r||^2 - 2 q.r for the Euclidean
-  metrics (||q||^2 is added to the k winners only), -q.r for the others.
+- "numpy": each row's k-th smallest distance is bounded from a fixed sample of
+  8192 reference columns; then a chunk of queries meets the references block by
+  block (16384 columns, one matrix product each, a few MB) and
+  keeps only the values below its bound, which are sorted exactly (rows where the
+  sample falls short are searched again over all columns). With fewer than
+  32768 references, or k too large for the sample, a chunk gets all its
+  distances from one product and an exact partition. The product gives
+  ||r||^2 - 2 q.r for the Euclidean metrics (||q||^2 is added to the k winners
+  only), -q.r for the others.
 - "faiss": faiss's exact `IndexFlatL2` (`IndexFlatIP` for the cosine and inner
   product metrics), its neighbours re-sorted by (distance,
   index) where distances tie.
@@ -44,6 +48,8 @@ CHUNK_BYTES = 256 * 2**20
 # Columns sampled to bound each row's k-th smallest distance, and the margin above it.
 _SAMPLE = 8192
 _MARGIN = 1.3
+# Reference columns per block of the blocked numpy search.
+_BLOCK = 16384
 
 
 def faiss_installed() -> bool:
@@ -76,9 +82,12 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def _squared_distances(query: np.ndarray, reference: np.ndarray, ref_sq: np.ndarray):
-    """||r||^2 - 2 q.r: the squared distance up to a per-row constant (same ranking)."""
-    d = query @ reference.T
-    d *= -2.0
+    """||r||^2 - 2 q.r: the squared distance up to a per-row constant (same ranking).
+
+    The factor -2 scales the (small) queries, not the (large) product: scaling by a
+    power of two is exact, so the values are those of -2 (q @ r.T), one pass fewer.
+    """
+    d = (query * np.float32(-2.0)) @ reference.T
     d += ref_sq[None, :]
     return d
 
@@ -118,6 +127,23 @@ def _topk_numpy(d: np.ndarray, k: int) -> np.ndarray:
     padded[rows, slot] = d[rows, cols]
     order = np.argsort(padded, axis=1, kind="stable")[:, :k]
     return cols[starts[:, None] + order]
+
+
+def _sorted_candidates(rows, cols, values, rows_n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, columns) of the k smallest candidates of each row, sorted by (value, column).
+
+    `rows`, `cols`, `values` list the candidates row-major, columns ascending within a
+    row; every row has at least k of them.
+    """
+    counts = np.bincount(rows, minlength=rows_n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    # Candidates of each row side by side, padded with +inf, then a stable sort:
+    # equal distances keep their ascending column order.
+    slot = np.arange(len(rows)) - starts[rows]
+    padded = np.full((rows_n, int(counts.max())), np.inf, dtype=np.float32)
+    padded[rows, slot] = values
+    order = np.argsort(padded, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(padded, order, axis=1), cols[starts[:, None] + order]
 
 
 def _topk_faiss(index, q: np.ndarray, k: int, exclude: np.ndarray | None, similarity: bool):
@@ -201,6 +227,7 @@ class ExactSearch:
         if not self._similarity:
             self._ref_sq = np.einsum("ij,ij->i", self.reference, self.reference)
         self._faiss: Any = None
+        self._sample: tuple | None = None
         if engine == "faiss":
             import faiss
 
@@ -224,9 +251,7 @@ class ExactSearch:
         """(n, num_references) values that rank like the distances, from one product."""
         if self._ref_sq is not None:
             return _squared_distances(queries, self.reference, self._ref_sq)
-        d = queries @ self.reference.T
-        np.negative(d, out=d)
-        return d
+        return np.negative(queries) @ self.reference.T  # exact, as -(q @ r.T)
 
     def search(self, queries: np.ndarray, k: int, *, exclude=None, query_labels=None):
         """The `k` nearest references of each row of `queries`, as a `SearchResult`.
@@ -249,7 +274,11 @@ class ExactSearch:
             raise ValueError(f"`k` must be an integer in [1, {available}]. Received: k={k!r}")
         rows = np.arange(len(queries))
         d = None
-        if self._faiss is None:
+        if self._faiss is None and self._blocked(k):
+            values, nn = self._search_blocked(queries, k, exclude)
+            if not self._similarity:
+                values += np.einsum("ij,ij->i", queries, queries)[:, None]
+        elif self._faiss is None:
             d = self._keys(queries)
             if exclude is not None:
                 d[rows, exclude] = np.inf
@@ -264,6 +293,74 @@ class ExactSearch:
         if query_labels is not None:
             first = self._first_match(queries, np.asarray(query_labels), nn, exclude, d)
         return SearchResult(distances, nn.astype(np.int64, copy=False), first)
+
+    def _blocked(self, k: int) -> bool:
+        """Whether the numpy search goes by column blocks: where a sample of the columns
+        bounds each row's k-th smallest value (many references, k small beside them)."""
+        n = len(self)
+        return n >= 4 * _SAMPLE and int(math.ceil(_MARGIN * k * _SAMPLE / n)) + 16 < _SAMPLE
+
+    def _search_blocked(self, queries, k, exclude):
+        """(values, indices) of the k smallest keys of each query, sorted by (value, index).
+
+        The keys of a chunk are never held whole: a threshold per query comes from a
+        fixed sample of `_SAMPLE` reference columns (its j-th smallest key, j about
+        `_MARGIN` k times the sampled fraction); then blocks of `_BLOCK` columns are
+        computed one at a time, small enough to stay in the processor's cache, and only
+        their keys <= the threshold are kept. Rows with fewer than k candidates (rare)
+        are searched again over all columns. The result is the exact k smallest, ties
+        to the lower index, as `_topk_numpy` on the whole matrix.
+        """
+        n, rows_n = len(self), len(queries)
+        j = int(math.ceil(_MARGIN * k * _SAMPLE / n)) + 16
+        if self._sample is None:
+            subset = np.sort(np.random.default_rng(0).choice(n, _SAMPLE, replace=False))
+            where = np.full(n, -1, np.int64)
+            where[subset] = np.arange(_SAMPLE)
+            self._sample = (self.reference[subset], None if self._ref_sq is None else
+                            self._ref_sq[subset], where)  # fmt: skip
+        sample_ref, sample_sq, where = self._sample
+        scaled = queries * np.float32(-1.0 if self._similarity else -2.0)  # exact scaling
+        keys = scaled @ sample_ref.T
+        if sample_sq is not None:
+            keys += sample_sq[None, :]
+        if exclude is not None:
+            hit = np.flatnonzero(where[exclude] >= 0)
+            keys[hit, where[exclude[hit]]] = np.inf
+        threshold = np.partition(keys, j - 1, axis=1)[:, j - 1]
+        del keys
+        found_rows, found_cols, found_values = [], [], []
+        for start in range(0, n, _BLOCK):
+            stop = min(start + _BLOCK, n)
+            block = scaled @ self.reference[start:stop].T
+            if self._ref_sq is not None:
+                block += self._ref_sq[None, start:stop]
+            if exclude is not None:
+                inside = np.flatnonzero((exclude >= start) & (exclude < stop))
+                block[inside, exclude[inside] - start] = np.inf
+            r, c = np.nonzero(block <= threshold[:, None])
+            found_rows.append(r)
+            found_cols.append(c + start)
+            found_values.append(block[r, c])
+        rows = np.concatenate(found_rows)
+        order = np.argsort(rows, kind="stable")  # row-major, columns ascending in a row
+        rows, cols = rows[order], np.concatenate(found_cols)[order]
+        values = np.concatenate(found_values)[order]
+        counts = np.bincount(rows, minlength=rows_n)
+        short = np.flatnonzero(counts < k)
+        if len(short):  # the sample's bound fell short: these rows over all columns
+            keep = ~np.isin(rows, short)
+            d = self._keys(queries[short])
+            if exclude is not None:
+                d[np.arange(len(short)), exclude[short]] = np.inf
+            kth = np.partition(d, k - 1, axis=1)[:, k - 1]
+            r, c = np.nonzero(d <= kth[:, None])
+            rows = np.concatenate([rows[keep], short[r]])
+            order = np.argsort(rows, kind="stable")
+            rows = rows[order]
+            cols = np.concatenate([cols[keep], c])[order]
+            values = np.concatenate([values[keep], d[r, c]])[order]
+        return _sorted_candidates(rows, cols, values, rows_n, k)
 
     def _search_faiss(self, queries, k, exclude, available):
         """faiss's k nearest, one more fetched: where the k-th and the next tie, faiss
@@ -372,7 +469,8 @@ def _as_points(x, name: str) -> np.ndarray:
 def build_structure(rows: np.ndarray, structure: str, metric: str, options: dict):
     """A faiss "hnsw" or "ivf" structure over `rows` (unit rows for cosine), ids = positions.
 
-    HNSW: `IndexHNSWFlat` with `options["m"]` links per node. IVF: `IndexIVFFlat` with
+    HNSW: `IndexHNSWFlat` with `options["m"]` links per node, built with
+    `options["ef_construction"]` candidates per insertion. IVF: `IndexIVFFlat` with
     `options["nlist"]` cells (default 4 sqrt(n), at most n), trained on at most 256
     rows per cell, sampled with a fixed seed.
     """
@@ -382,6 +480,8 @@ def build_structure(rows: np.ndarray, structure: str, metric: str, options: dict
     dim = rows.shape[1]
     if structure == "hnsw":
         index = faiss.index_factory(dim, f"HNSW{options['m']},Flat", kind)
+        hnsw: Any = faiss.downcast_index(index)
+        hnsw.hnsw.efConstruction = options.get("ef_construction", 40)
     else:
         nlist = min(options["nlist"] or max(1, round(4 * math.sqrt(len(rows)))), len(rows))
         index = faiss.index_factory(dim, f"IVF{nlist},Flat", kind)

@@ -52,21 +52,34 @@ def test_hand_computed_line():
 
 
 @pytest.mark.parametrize("margin", [1.3, 0.2])
-def test_large_reference_set_uses_sampled_threshold(monkeypatch, margin):
-    """40,000 references take the sampled-threshold path of the numpy search.
+@pytest.mark.parametrize("exclude", [False, True])
+def test_large_reference_set_uses_sampled_threshold(monkeypatch, margin, exclude):
+    """40,000 references take the sampled-threshold path of the numpy search, by
+    blocks of columns (3,000 a block here, so that the last block is partial).
 
     Integer coordinates make float32 distances exact, with many exact ties, so
     the neighbours must equal the float64 brute force exactly, ties broken by
     index. A margin of 0.2 makes the sampled threshold too low for every row,
-    which exercises the exact fallback.
+    which exercises the exact fallback. With `exclude`, the queries are rows of
+    the reference set that leave themselves out.
     """
     monkeypatch.setattr(index, "_MARGIN", margin)
+    monkeypatch.setattr(index, "_BLOCK", 3000)
     reference = grid_points(40_000, seed=7)
-    queries = grid_points(12, seed=8)
-    d, i = exact_search(queries, reference, 25, engine="numpy")
+    rows = np.array([0, 5, 2999, 3000, 20_000, 39_999])
+    queries = reference[rows] if exclude else grid_points(12, seed=8)
+    search = ExactSearch(reference)
+    assert search._blocked(25)
+    found = search.search(queries, 25, exclude=rows if exclude else None)
     want_d, want_i = brute_force(queries, reference, 25)
-    np.testing.assert_array_equal(i, want_i)
-    np.testing.assert_allclose(d, want_d, rtol=1e-6)
+    if exclude:
+        d = np.sqrt(((queries[:, None, :] - reference[None]) ** 2).sum(-1, dtype=np.float64))
+        d[np.arange(len(rows)), rows] = np.inf
+        order = np.lexsort((np.broadcast_to(np.arange(len(reference)), d.shape), d), axis=-1)
+        want_i = order[:, :25]
+        want_d = np.take_along_axis(d, want_i, axis=1)
+    np.testing.assert_array_equal(found.indices, want_i)
+    np.testing.assert_allclose(found.distances, want_d, rtol=1e-6)
 
 
 @pytest.mark.skipif(not index.faiss_installed(), reason="faiss is not installed")

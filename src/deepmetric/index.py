@@ -98,11 +98,13 @@ class Index:
         (needs `pip install faiss-cpu`).
       structure: with engine="faiss": "flat" (exact; the same neighbours as
         "exact" up to float rounding of near-equal distances), "hnsw"
-        (`IndexHNSWFlat` with `m` links per node, `ef_search` candidates per query)
+        (`IndexHNSWFlat` with `m` links per node, built with `ef_construction`
+        candidates per insertion, searched with `ef_search` candidates per query)
         or "ivf" (`IndexIVFFlat` with `nlist` cells, default 4 sqrt(n), trained on
         the rows present at the first search, and `nprobe` cells visited per query).
         The approximate structures trade recall for speed: `measure_recall` gives it.
-      m, ef_search, nlist, nprobe: the options of the approximate structures
+      m, ef_construction, ef_search, nlist, nprobe: the options of the approximate
+        structures, positive integers
         (kept in `options`, saved with the index; a changed `ef_search` or
         `nprobe` applies to the next search).
 
@@ -122,9 +124,10 @@ class Index:
         *,
         structure="flat",
         m=32,
+        ef_construction=40,
         ef_search=64,
         nlist=None,
-        nprobe=16,
+        nprobe=8,
     ) -> None:
         self.metric = _check_metric(metric)
         self.engine = _choice(engine, "engine", INDEX_ENGINES)
@@ -137,6 +140,7 @@ class Index:
             raise ImportError("engine='faiss' needs faiss: `pip install faiss-cpu`.")
         self.options = {
             "m": _positive_int(m, "m"),
+            "ef_construction": _positive_int(ef_construction, "ef_construction"),
             "ef_search": _positive_int(ef_search, "ef_search"),
             "nlist": None if nlist is None else _positive_int(nlist, "nlist"),
             "nprobe": _positive_int(nprobe, "nprobe"),

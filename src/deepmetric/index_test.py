@@ -127,6 +127,25 @@ def test_approximate_structure_grows_with_add():
     assert index.search(np.full((1, 4), 9.0), k=1).indices.tolist() == [[50]]
 
 
+@needs_faiss
+def test_structure_options_reach_faiss_and_are_saved(tmp_path):
+    """ef_construction and ef_search are HNSW's efConstruction and efSearch, nprobe IVF's;
+    the options are saved in index.json and come back with Index.load."""
+    import faiss
+
+    rows = np.random.default_rng(6).normal(size=(300, 8))
+    index = Index(engine="faiss", structure="hnsw", m=8, ef_construction=72, ef_search=24)
+    index.add(rows).search(rows[:2], k=3)
+    hnsw = faiss.downcast_index(index._faiss).hnsw
+    assert (hnsw.efConstruction, hnsw.efSearch) == (72, 24)
+    loaded = Index.load(index.save(tmp_path / "h"))
+    assert loaded.options == index.options and loaded.options["ef_construction"] == 72
+    assert faiss.downcast_index(loaded._faiss).hnsw.efConstruction == 72
+    ivf = Index(engine="faiss", structure="ivf", nlist=4).add(rows)
+    ivf.search(rows[:2], k=3)
+    assert faiss.extract_index_ivf(ivf._faiss).nprobe == ivf.options["nprobe"] == 8
+
+
 # ------------------------------------------------------------------ save / load
 
 
@@ -417,6 +436,8 @@ def test_calibrate_bad_input(labels, kwargs, error, match):
         ({"structure": "hnsw"}, "needs engine='faiss'"),
         ({"engine": "faiss", "structure": "lsh"}, "structure"),
         ({"m": 0}, "m"),
+        ({"ef_construction": 0}, "ef_construction"),
+        ({"nprobe": 1.5}, "nprobe"),
     ],
 )
 def test_bad_settings(kwargs, match):

@@ -62,21 +62,25 @@ def label_names(data: datasets.Dataset, y) -> np.ndarray:
     return names[np.asarray(y, dtype="int64")]
 
 
-def split_indices(data, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of the train and test parts of `split` (`datasets.split_samples`).
+def split_indices(
+    data, test_size: float, seed: int, by: str = "samples"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of the train and test parts of `split` (`datasets.split_indices(by=by)`:
+    held-out samples of every class, or held-out classes).
 
-    CliError naming the class (its folder for an image folder) of a class with 1 example.
+    With `by="samples"`, a CliError naming the class (its folder for an image folder) of a
+    class with 1 example.
     """
     counts = np.bincount(np.asarray(data.y, dtype="int64"), minlength=len(data.class_names))
     single = [data.class_names[i] for i in np.flatnonzero(counts == 1)]
-    if single:
+    if single and by == "samples":
         more = f" (and {len(single) - 1} more: {', '.join(single[1:6])})" if single[1:] else ""
         raise CliError(
             f"class {single[0]!r}{more} has 1 example; the stratified split of the data "
             "needs at least 2 per class"
         )
     try:
-        return datasets.split_samples(data.y, test_size, seed)
+        return datasets.split_indices(data.y, by=by, test_size=test_size, seed=seed)
     except datasets.DataError as e:
         raise CliError(str(e).replace("test_size=", "--test-size ")) from None
 

@@ -60,10 +60,14 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 0,
     "seed": 0,
     "test_size": 0.3,
+    "split": "samples",
     "map_method": "pca",
     "devices": 1,
     "grad_cache_chunk": None,  # no gradient caching
 }
+
+# What `deepmetric train --split` holds out (deepmetric.datasets.split_indices(by=...)).
+TRAIN_SPLITS = ("samples", "classes")
 
 
 class CliError(Exception):
@@ -215,6 +219,13 @@ def _add_train(t: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, help="seed of the split, the weights, the batches")
     t.add_argument(
         "--test-size", type=_fraction, help="held-out fraction of the data (default 0.3)"
+    )
+    t.add_argument(
+        "--split",
+        choices=TRAIN_SPLITS,
+        help="what is held out: 'samples' (default; a stratified --test-size of every class's "
+        "examples, the test classes are training classes) or 'classes' (a --test-size of the "
+        "classes, whole: test classes are never seen in training, as in Musgrave et al. 2020)",
     )
     t.add_argument(
         "--map-method",

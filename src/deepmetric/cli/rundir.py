@@ -3,7 +3,8 @@
 A run `<out>/<name>/` is built in three places: the checkpoint `<out>/<name>.partial/`
 (updated after each epoch; `state.json`, written last, names the model file, so the
 checkpoint is always a complete epoch), a hidden temporary folder `<out>/.<name>.tmp-*` with
-the outputs, renamed to `<out>/<name>/` when complete, after which the checkpoint goes.
+the outputs (metrics.json with the verification figures, report.html: `run_report`), renamed
+to `<out>/<name>/` when complete, after which the checkpoint goes.
 The lock file `<out>/<name>.lock` (`RunLock`) keeps a second process off the run while the
 command runs. A write that fails (no space, no permission) is a CliError that names the
 last complete checkpoint, which it leaves as it was.
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from deepmetric.cli import run_report
 from deepmetric.cli.parser import (
     TRAIN_DEFAULTS,
     CliError,
@@ -58,6 +60,7 @@ FIXED_ON_RESUME = (
     "warmup_steps",
     "seed",
     "test_size",
+    "split",
 )
 
 
@@ -280,6 +283,11 @@ class RunDirectory:
         if index is not None and index.calibration is not None:
             keys = ("threshold", "precision", "recall", "f1", "accuracy", "gallery", "queries")
             metrics["calibration"] = {k: index.calibration[k] for k in keys}
+        before_embeddings = np.load(self.partial / "before_embeddings.npy")
+        stages = {"before": before_embeddings, "after": embeddings}
+        verification, pairs = run_report.verification(stages, y_test, config["seed"])
+        if verification is not None:
+            metrics["verification"] = verification
         write_json(folder / "metrics.json", metrics)
         write_json(
             folder / "config.json",
@@ -300,7 +308,6 @@ class RunDirectory:
             folder, embeddings, y_test, images=x_test if data.is_image else None, class_names=names
         )
         method = config["map_method"]
-        before_embeddings = np.load(self.partial / "before_embeddings.npy")
         for when, vectors, metrics in (
             ("before", before_embeddings, before),
             ("after", embeddings, after),
@@ -316,6 +323,16 @@ class RunDirectory:
                 seed=config["seed"],
             )
         plot_history(folder / "training_curves.png", state["history"])
+        run_report.write(
+            folder,
+            title=f"deepmetric run {self.name}: {state['loss']} on {config['data']}",
+            metrics={"before": before, "after": after},
+            pairs=pairs,
+            embeddings=embeddings,
+            x_test=x_test,
+            y_test=y_test,
+            data=data,
+        )
 
 
 def _find_partial(out: Path, name: str | None) -> Path:
@@ -334,7 +351,12 @@ def _resolve_config(given: dict[str, Any], saved: dict | None) -> dict[str, Any]
     """The defaults, overridden by the saved settings, overridden by the options given."""
     given = {k: v for k, v in given.items() if k in TRAIN_DEFAULTS and v is not None}
     if saved:
-        changed = [k for k in FIXED_ON_RESUME if k in given and given[k] != saved.get(k)]
+        # A run saved before an option existed ran with its default.
+        changed = [
+            k
+            for k in FIXED_ON_RESUME
+            if k in given and given[k] != saved.get(k, TRAIN_DEFAULTS.get(k))
+        ]
         if changed:
             raise CliError(
                 "--resume continues the saved run; these options differ from it: "

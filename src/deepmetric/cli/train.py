@@ -1,11 +1,12 @@
 """`deepmetric train`: train an embedding model, evaluate it before and after, write the run.
 
-The steps: the objective (loss or head) of --loss, the data and its stratified split, P x K
-batches, the model (new, or the checkpoint of an interrupted run; on the devices of --devices
-and wrapped for --grad-cache-chunk by `deepmetric.cli.devices.Devices`), `fit` with a checkpoint
+The steps: the objective (loss or head) of --loss, the data and its --split (held-out samples
+or held-out classes), P x K batches, the model (new, or the checkpoint of an interrupted run;
+on the devices of --devices and wrapped for --grad-cache-chunk by
+`deepmetric.cli.devices.Devices`), `fit` with a checkpoint
 after every epoch, the metrics after training, the index of the held-out split with its
 calibrated threshold (`deepmetric.cli.index.held_out_index`), and the atomic commit of the
-run directory.
+run directory (with the verification figures and report.html, `deepmetric.cli.run_report`).
 See docs/cli.md.
 """
 
@@ -40,7 +41,9 @@ def train(run: RunDirectory, *, verbose: bool = True, devices: Devices | None = 
     if objective.is_head and not run.resuming:
         objective.head(2)  # a bad --margin fails before the data load
     dataset, paths = data.load_data_and_paths(config["data"])
-    train_rows, test_rows = data.split_indices(dataset, config["test_size"], config["seed"])
+    train_rows, test_rows = data.split_indices(
+        dataset, config["test_size"], config["seed"], config["split"]
+    )
     x_train, x_test = dataset.x[train_rows], dataset.x[test_rows]
     y_train, y_test = dataset.y[train_rows], dataset.y[test_rows]
     classes = np.unique(y_train)  # a head has one proxy per training class

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepmetric import cli
+from deepmetric import cli, datasets
 from deepmetric.cli import train as train_command
+from deepmetric.evaluation import pair_distances, verification_metrics, verification_pairs
 from deepmetric.index import Index
 
 SMALL = ["--epochs", "1", "--classes-per-batch", "4", "--samples-per-class", "4"]
@@ -33,6 +34,8 @@ RUN_FILES = {
     "map_after.png",
     "training_curves.png",
     "index",
+    "report.html",
+    "roc.png",
 }
 
 
@@ -48,7 +51,7 @@ def test_train_writes_every_output(run):
     assert {p.name for p in run.iterdir()} == RUN_FILES
     assert not list(run.parent.glob(".*")) and not list(run.parent.glob("*.partial"))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"before", "after", "calibration"}
+    assert set(metrics) == {"before", "after", "calibration", "verification"}
     for side in ("before", "after"):
         assert set(metrics[side]) == METRICS
         assert all(0.0 <= v <= 1.0 for v in metrics[side].values())
@@ -93,6 +96,37 @@ def test_train_writes_the_calibrated_index_of_the_held_out_split(run):
     assert again.f1 == pytest.approx(calibration["f1"], abs=1e-6)
     matched = index.match(index.vectors[:5])
     assert matched.tolist() == labels[:5].tolist()  # each row finds itself at distance 0
+
+
+def test_train_writes_the_verification_figures_of_held_out_pairs(run):
+    """metrics.json's "verification": verification_metrics of 3,000 same-class and 3,000
+    different-class pairs of the held-out split (verification_pairs, seeded with --seed),
+    on the trained model's held-out embeddings (index/, as vecs.tsv) and the untrained one's."""
+    entry = json.loads((run / "metrics.json").read_text())["verification"]
+    assert set(entry) == {"pairs", "seed", "metric", "before", "after"}
+    assert (entry["pairs"], entry["seed"], entry["metric"]) == (3000, 0, "euclidean")
+    index = Index.load(run / "index")
+    y = np.array([int(name) for name in index.labels])  # the digits' classes are "0".."9"
+    first, second, same = verification_pairs(y, 3000, seed=0)
+    expected = verification_metrics(pair_distances(index.vectors, first, second), same)
+    after = entry["after"]
+    assert set(after) == set(expected) == set(entry["before"])
+    for key in ("roc_auc", "eer", "eer_threshold", "best_accuracy", "best_threshold"):
+        assert after[key] == pytest.approx(expected[key], abs=1e-6), key
+    assert {float(f): v for f, v in after["tar_at_far"].items()} == pytest.approx(
+        expected["tar_at_far"], abs=1e-6
+    )
+
+
+def test_train_writes_the_html_report(run):
+    """report.html: one self-contained page with the metrics, the figures, the ROC curve and
+    the gallery of held-out queries (its rendering is tested in deepmetric/report_test.py)."""
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    for part in ('id="metrics"', 'id="verification"', 'id="figures"', 'id="gallery"'):
+        assert part in page, part
+    assert page.count('class="query"') == 40  # max_queries of the 540 held-out examples
+    assert "map after training" in page and "<script" not in page
 
 
 def test_saved_model_loads_in_safe_mode_and_embeds(run, tmp_path):
@@ -143,7 +177,9 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     assert state["epoch"] == 1 and len(state["history"]["loss"]) == 1
 
     monkeypatch.setattr(train_command, "callbacks", original)
-    assert cli.main(["train", "--resume", "--name", "r", "--out", str(tmp_path), "--quiet"]) == 0
+    resume = ["train", "--resume", "--name", "r", "--out", str(tmp_path), "--quiet"]
+    assert cli.main([*resume, "--split", "classes"]) == cli.EXIT_USAGE  # fixed on resume
+    assert cli.main([*resume, "--split", "samples"]) == 0
     rows = list(csv.DictReader((tmp_path / "r" / "history.csv").open()))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs_trained"] == 2
@@ -190,13 +226,34 @@ HEADS = [
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_heads_train_and_save_the_embedder(head, tmp_path):
-    """`--loss HEAD` trains a head on top of the embedder; the run saves the embedder alone."""
-    assert cli.main(["train", *SMALL, "--loss", head, "--out", str(tmp_path), "--name", "h"]) == 0
+def test_heads_train_and_save_the_embedder(head, tmp_path, monkeypatch):
+    """`--loss HEAD` trains a head on top of the embedder; the run saves the embedder alone.
+
+    With `--split classes` the 3 held-out digits (`datasets.split_classes`) are never seen
+    in training: the head has one proxy for each of the 7 training classes, and the
+    held-out examples (meta.tsv) are all the examples of the 3 others.
+    """
+    proxies = []
+    trainer = train_command.Objective.trainer
+
+    def spy(self, embedder, num_classes):
+        proxies.append(num_classes)
+        return trainer(self, embedder, num_classes)
+
+    monkeypatch.setattr(train_command.Objective, "trainer", spy)
+    args = ["train", *SMALL, "--loss", head, "--split", "classes"]
+    assert cli.main([*args, "--out", str(tmp_path), "--name", "h"]) == 0
+    assert proxies == [7]
     model = keras.saving.load_model(tmp_path / "h" / "model.keras", safe_mode=True)
     assert len(model.inputs) == 1 and tuple(model.outputs[0].shape) == (None, 8)
     config = json.loads((tmp_path / "h" / "config.json").read_text())
-    assert config["loss"] == head
+    assert config["loss"] == head and config["split"] == "classes"
+    digits = datasets.load_digits()
+    _, test = datasets.split_classes(digits.y, 0.3, seed=0)
+    meta = (tmp_path / "h" / "meta.tsv").read_text().splitlines()[1:]
+    held_out = sorted(int(line.split("\t")[1]) for line in meta)
+    assert held_out == sorted(digits.y[test].tolist()) and len(set(held_out)) == 3
+    assert config["num_train"] == 1797 - len(test)
     rows = list(csv.DictReader((tmp_path / "h" / "history.csv").open()))
     assert np.isfinite(float(rows[0]["loss"])) and "val_map_at_r" in rows[0]
     assert cli.main(["evaluate", str(tmp_path / "h" / "model.keras"), "--split", "test"]) == 0
