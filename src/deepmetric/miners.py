@@ -34,6 +34,7 @@ from keras import ops
 from deepmetric import distances as distances_lib
 from deepmetric import mining
 from deepmetric._api import export
+from deepmetric._checks import NON_NEGATIVE, Bounds, check_choice, check_number
 from deepmetric._labels import check_embeddings, check_labels
 
 # Finite stand-in for an infinite distance in masked minima and maxima.
@@ -66,27 +67,6 @@ class Mined(NamedTuple):
         if self.positive_counts is not None:
             return self.positive_counts, self.negative_counts
         return ops.cast(self.positives, "float32"), ops.cast(self.negatives, "float32")
-
-
-def _number(name, value, *, positive=False, low=None, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise TypeError(f"`{name}` must be a number. Received: {name}={value!r}")
-    value = float(value)
-    if math.isinf(value) or (positive and value <= 0.0):
-        kind = "positive and finite" if positive else "finite"
-        raise ValueError(f"`{name}` must be {kind}. Received: {name}={value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"`{name}` must be in [{low}, {high}]. Received: {name}={value!r}")
-    return value
-
-
-def _choice(name, value, allowed):
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(
-            f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}. "
-            f"Received: {name}={value!r}"
-        )
-    return value
 
 
 def _range(name, value):
@@ -222,7 +202,7 @@ class MultiSimilarityMiner(Miner):
     General Pair Weighting for Deep Metric Learning", CVPR 2019, arXiv:1904.06627.
 
     Args:
-      epsilon: the relaxation $\epsilon$.
+      epsilon: the relaxation $\epsilon$, a finite number >= 0.
       distance: a `deepmetric.distances` name or `Distance` (default: cosine similarity).
     """
 
@@ -230,7 +210,7 @@ class MultiSimilarityMiner(Miner):
 
     def __init__(self, epsilon=0.1, distance=None):
         super().__init__(distance)
-        self.epsilon = _number("epsilon", epsilon)
+        self.epsilon = check_number("epsilon", epsilon, NON_NEGATIVE)
 
     def _select(self, gaps, positives, negatives, order):
         keep_positives = ops.logical_and(
@@ -256,15 +236,16 @@ class PairMarginMiner(Miner):
     distance: `LpDistance()` (Euclidean distance of the L2-normalised embeddings).
 
     Args:
-      pos_margin: positive pairs beyond it are kept.
-      neg_margin: negative pairs within it are kept.
+      pos_margin: positive pairs beyond it are kept (any finite number: a distance, or a
+        similarity for a similarity).
+      neg_margin: negative pairs within it are kept (any finite number).
       distance: a `deepmetric.distances` name or `Distance`.
     """
 
     def __init__(self, pos_margin=0.2, neg_margin=0.8, distance=None):
         super().__init__(distance)
-        self.pos_margin = _number("pos_margin", pos_margin)
-        self.neg_margin = _number("neg_margin", neg_margin)
+        self.pos_margin = check_number("pos_margin", pos_margin)
+        self.neg_margin = check_number("neg_margin", neg_margin)
 
     def _select(self, gaps, positives, negatives, order):
         sign = self._sign
@@ -297,15 +278,17 @@ class TripletMarginMiner(Miner):
     number of kept triplets of each pair (for the pair losses).
 
     Args:
-      margin: the margin m.
+      margin: the margin m, a finite number >= 0.
       type_of_triplets: "all", "hard", "semihard" or "easy".
       distance: a `deepmetric.distances` name or `Distance`.
     """
 
     def __init__(self, margin=0.2, type_of_triplets="all", distance=None):
         super().__init__(distance)
-        self.margin = _number("margin", margin)
-        self.type_of_triplets = _choice("type_of_triplets", type_of_triplets, TYPES_OF_TRIPLETS)
+        self.margin = check_number("margin", margin, NON_NEGATIVE)
+        self.type_of_triplets = check_choice(
+            "type_of_triplets", type_of_triplets, TYPES_OF_TRIPLETS
+        )
 
     def bounds(self):
         """(low, high): a triplet is kept when low < t <= high."""
@@ -388,8 +371,8 @@ class BatchEasyHardMiner(Miner):
         distance=None,
     ):
         super().__init__(distance)
-        self.pos_strategy = _choice("pos_strategy", pos_strategy, STRATEGIES)
-        self.neg_strategy = _choice("neg_strategy", neg_strategy, STRATEGIES)
+        self.pos_strategy = check_choice("pos_strategy", pos_strategy, STRATEGIES)
+        self.neg_strategy = check_choice("neg_strategy", neg_strategy, STRATEGIES)
         if pos_strategy == neg_strategy == "semihard":
             raise ValueError(
                 '`pos_strategy` and `neg_strategy` cannot both be "semihard". Received: '
@@ -518,12 +501,9 @@ class HDCMiner(Miner):
 
     def __init__(self, filter_percentage=0.5, distance=None):
         super().__init__(distance)
-        self.filter_percentage = _number("filter_percentage", filter_percentage, low=0.0, high=1.0)
-        if self.filter_percentage == 0.0:
-            raise ValueError(
-                "`filter_percentage` must be in (0, 1]. "
-                f"Received: filter_percentage={filter_percentage!r}"
-            )
+        self.filter_percentage = check_number(
+            "filter_percentage", filter_percentage, Bounds(0.0, 1.0, exclusive_minimum=True)
+        )
 
     def _top(self, values, mask):
         """`mask` restricted to its k largest `values`, k = ceil(fraction * count)."""
@@ -556,7 +536,7 @@ class AngularMiner(Miner):
     "Deep Metric Learning with Angular Loss", ICCV 2017, arXiv:1708.01682.
 
     Args:
-      angle: the threshold in degrees.
+      angle: the threshold in degrees, in [0, 180].
       distance: must be `LpDistance()` (PML's restriction), the default.
     """
 
@@ -567,7 +547,7 @@ class AngularMiner(Miner):
                 "`distance` of AngularMiner must be LpDistance() (as in pytorch-metric-learning). "
                 f"Received: distance={self.distance!r}"
             )
-        self.angle = _number("angle", angle)
+        self.angle = check_number("angle", angle, Bounds(0.0, 180.0))
 
     def mine_rows(self, query, reference, self_index, positives, negatives, order=None):
         rule = mining.AngleRule(query, reference, math.radians(self.angle))

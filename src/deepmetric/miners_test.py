@@ -2,6 +2,7 @@
 pytorch-metric-learning 2.9 (torch only), alone and inside the losses."""
 
 import itertools
+import re
 
 import keras
 import numpy as np
@@ -518,13 +519,37 @@ def test_a_loss_with_a_miner_saves_in_a_keras_file(tmp_path):
         (lambda: miners.BatchEasyHardMiner("all", "semihard"), ValueError, 'with "all"'),
         (lambda: miners.BatchHardMiner(allowed_pos_range=(2, 1)), ValueError, "low <= high"),
         (lambda: losses.CircleLoss(miner="ms"), TypeError, "`miner` must be None or a"),
-        (lambda: miners.HDCMiner(0.0), ValueError, "`filter_percentage` must be in"),
+        (
+            lambda: miners.HDCMiner(0.0),
+            ValueError,
+            r"`filter_percentage` must be a finite number in \(0, 1\]",
+        ),
         (lambda: miners.AngularMiner(distance="cosine"), ValueError, "must be LpDistance"),
     ],
 )
 def test_bad_arguments(build, error, message):
     with pytest.raises(error, match=message):
         build()
+
+
+@pytest.mark.parametrize(
+    "miner, option, bad, allowed",
+    [
+        (miners.MultiSimilarityMiner, "epsilon", -0.1, ">= 0"),
+        (miners.PairMarginMiner, "pos_margin", None, ""),
+        (miners.PairMarginMiner, "neg_margin", None, ""),
+        (miners.TripletMarginMiner, "margin", -0.1, ">= 0"),
+        (miners.HDCMiner, "filter_percentage", 1.5, "in (0, 1]"),
+        (miners.AngularMiner, "angle", 181.0, "in [0, 180]"),
+    ],
+)
+def test_numeric_options_refuse_nonfinite_and_out_of_range(miner, option, bad, allowed):
+    """Every numeric option of a miner: NaN, +-inf and a value outside its documented range
+    are a ValueError naming the option and the range (the rule of the losses' options)."""
+    expected = re.escape(f"`{option}` must be a finite number{' ' + allowed if allowed else ''}.")
+    for value in [float("nan"), float("inf"), float("-inf"), *([bad] if bad is not None else [])]:
+        with pytest.raises(ValueError, match=expected):
+            miner(**{option: value})
 
 
 # --- pytorch-metric-learning 2.9. ---

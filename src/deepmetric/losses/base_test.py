@@ -161,9 +161,11 @@ def test_the_option_table_gives_signature_config_and_checks(cls):
     assert {o.name for o in cls.options} <= set(config)
     first = cls.options[0]
     if isinstance(first.default, float):
-        value = first.default + 1.0
-        if first.bounds is not None and value not in first.bounds:
-            value = first.default - 0.1  # inside the range of a bounded option
+        # Another value inside the range of a bounded option.
+        candidates = (first.default + 1.0, first.default - 0.1, first.default / 2)
+        bounds = first.bounds
+        inside = [v for v in candidates if bounds is None or v in bounds]
+        value = next(v for v in inside if v != first.default)
         assert getattr(cls(value), first.name) == value
         with pytest.raises(TypeError, match=f"`{first.name}` must be a number"):
             cls(**{first.name: "x"})
