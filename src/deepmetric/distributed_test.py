@@ -308,15 +308,16 @@ def _split_batch():
 def test_own_rows_against_the_global_batch_sum_to_the_global_loss(name):
     """Each replica scores its rows against the gathered batch, with the counts summed over
     the replicas: the replicas' shares add up to the loss of the global batch (and each
-    replica's values are not its local loss). Replicas of unequal sizes (7 and 9 rows)."""
+    replica's values are not its local loss). Replicas of unequal sizes (7 and 9 rows). A
+    loss whose rows are not separable (`separable_rows=False`) takes the whole-batch path, as
+    `MetricLoss.__call__` does."""
     x, y, _, parts = _split_batch()
     loss = getattr(losses, name)()
+    hook = loss.call_with_reference if loss.separable_rows else None
 
     def share(replicas, part):
         labels, embeddings = ops.convert_to_tensor(part[0]), ops.convert_to_tensor(part[1])
-        values, total = distributed.global_values(
-            replicas, loss.call, labels, embeddings, loss.call_with_reference
-        )
+        values, total = distributed.global_values(replicas, loss.call, labels, embeddings, hook)
         return distributed.global_share(replicas, values, total)
 
     expected = float(ops.convert_to_numpy(loss(y, x)))

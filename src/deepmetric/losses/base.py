@@ -307,6 +307,11 @@ class MetricLoss(keras.losses.Loss):
     default_name: str | None = None
     # Whether `function` takes a reference set (then `call_with_reference` exists).
     takes_reference = True
+    # Whether, across devices, a replica may score only its own rows against the gathered
+    # batch (the loss is a sum over anchors whose only batch-wide terms are counts, summed
+    # with `distributed.replica_sum`). False (a batch-wide mean with a gradient, as in the
+    # intra-pair variance loss): every replica computes the global loss and keeps its rows.
+    separable_rows = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -358,7 +363,7 @@ class MetricLoss(keras.losses.Loss):
                 sample_weight,
                 reduction=self.reduction,
                 mining=getattr(self, "mining", "global"),
-                call_with_reference=self.call_with_reference,
+                call_with_reference=self.call_with_reference if self.separable_rows else None,
             )
 
     def call(self, labels, embeddings):

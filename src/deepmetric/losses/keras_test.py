@@ -209,7 +209,16 @@ def test_metric_loss_is_every_labels_and_embeddings_loss():
     """`issubclass(cls, MetricLoss)`: the losses of (labels, embeddings) batches, and no other."""
     metric = {cls.__name__ for cls in CLASSES if issubclass(cls, losses.base.MetricLoss)}
     assert metric == {
+        "AngularLoss",
         "CircleLoss",
+        "GeneralizedLiftedStructureLoss",
+        "IntraPairVarianceLoss",
+        "MarginLoss",
+        "NCALoss",
+        "RankedListLoss",
+        "SignalToNoiseRatioContrastiveLoss",
+        "ThresholdConsistentMarginLoss",
+        "TupletMarginLoss",
         "LiftedStructLoss",
         "MultiSimilarityLoss",
         "NTXentLoss",

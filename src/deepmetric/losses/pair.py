@@ -776,6 +776,8 @@ class IntraPairVarianceLoss(MetricLoss):
     """
 
     function = staticmethod(intra_pair_variance_loss)
+    # The thresholds are means over every pair of the batch, with a gradient.
+    separable_rows = False
     options = (_POS_EPS, _NEG_EPS)
 
 

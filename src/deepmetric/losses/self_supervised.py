@@ -246,5 +246,6 @@ class SelfSupervisedLoss(keras.losses.Loss):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["loss"] = keras.saving.deserialize_keras_object(config["loss"])
+        if config.get("loss") is not None:  # None or absent: the default (NT-Xent)
+            config["loss"] = keras.saving.deserialize_keras_object(config["loss"])
         return cls(**config)
