@@ -625,7 +625,8 @@ class DistanceWeightedMiner(Miner):
     differences: PML draws as many positives per anchor as its class has members, uniformly
     with replacement, where this keeps every positive pair once; and the weights are
     normalised per row (PML subtracts one batch-wide maximum before the exponential, which can
-    underflow a whole row to zero). Draws come from a `keras.random.SeedGenerator(seed)`.
+    underflow a whole row to zero). Draws come from a `keras.random.SeedGenerator(seed)`
+    (whose state does not advance inside a JAX `model.fit` step: see docs/losses.md).
     Paper: "Sampling Matters in Deep Embedding Learning", ICCV 2017, arXiv:1706.07567.
 
     Args:
