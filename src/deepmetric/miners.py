@@ -34,7 +34,7 @@ from keras import ops
 from deepmetric import distances as distances_lib
 from deepmetric import mining
 from deepmetric._api import export
-from deepmetric._checks import NON_NEGATIVE, Bounds, check_choice, check_number
+from deepmetric._checks import NON_NEGATIVE, POSITIVE, Bounds, check_choice, check_number
 from deepmetric._labels import check_embeddings, check_labels
 
 # Finite stand-in for an infinite distance in masked minima and maxima.
@@ -563,6 +563,220 @@ class AngularMiner(Miner):
 
     def get_config(self):
         return {"angle": self.angle, **super().get_config()}
+
+
+def _check_count(name, value):
+    """A positive int option (a count), or a TypeError / ValueError naming it."""
+    number = check_number(name, value, Bounds(1.0))
+    if not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int. Received: {name}={value!r}")
+    return int(number)
+
+
+def _check_seed(seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"`seed` must be None or an int. Received: seed={seed!r}")
+    return seed
+
+
+def _sample_rows(weights, seed):
+    """int32 (b, R): R independent draws per row from the categorical of its `weights`.
+
+    Inverse-CDF sampling without a (b, R, R) comparison: the R uniforms of a row are sorted
+    together with the row's cumulative weights, and the draw of a uniform u is the number of
+    cumulative weights below it (one joint argsort and its inverse per row, O(b * R) memory).
+    A zero-weight column is never drawn (up to a uniform tied exactly with a cumulative sum);
+    a row whose weights are all zero gives arbitrary columns (the caller drops it).
+    """
+    num_columns = ops.shape(weights)[1]
+    cdf = ops.cumsum(weights, axis=1)
+    u = keras.random.uniform(ops.shape(weights), seed=seed) * cdf[:, -1:]
+    perm = ops.argsort(ops.concatenate([cdf, ops.cast(u, cdf.dtype)], axis=1), axis=1)
+    below = ops.cumsum(ops.cast(ops.less(perm, num_columns), "int32"), axis=1)
+    position = ops.argsort(perm, axis=1)[:, num_columns:]
+    drawn = ops.take_along_axis(below, position, axis=1)
+    return ops.minimum(drawn, num_columns - 1)
+
+
+class SampledNegativeRule(NamedTuple):
+    """The triplets of `DistanceWeightedMiner`: (a, p, n) is kept when `n == choice[a, p]`,
+    the negative drawn for the positive pair (a, p) (a `TripletRule`-like rule)."""
+
+    choice: Any
+
+    def keeps(self, selected, negatives):
+        picked = ops.sum(ops.where(selected, self.choice, 0), axis=1)
+        has = ops.any(selected, axis=1)
+        return ops.logical_and(negatives, _one_hot_rows(picked, has, ops.shape(negatives)[1]))
+
+
+@export
+class DistanceWeightedMiner(Miner):
+    r"""Distance-weighted sampling of negatives (Wu et al., 2017): every positive pair (a, p)
+    gets one negative n drawn with probability proportional to
+    $w_{an} = d^{2-n} \left[1 - d^2/4\right]^{(3-n)/2}$, $d = \max(d_{an}, \text{cutoff})$,
+    $n$ the embedding dimension, and $w_{an} = 0$ for $d_{an} \ge$ `nonzero_loss_cutoff`
+    (the inverse of the density of distances between points uniform on the unit sphere).
+
+    The triplets (a, p, n) are a rule (`SampledNegativeRule`) evaluated by `TripletLoss`;
+    a pair loss uses the pairs (a, p) and (a, n) of the triplets. An anchor whose weights are
+    all zero keeps nothing. Follows `pytorch_metric_learning.miners.DistanceWeightedMiner`
+    (same weights, same errors for a distance other than `LpDistance()`), with two
+    differences: PML draws as many positives per anchor as its class has members, uniformly
+    with replacement, where this keeps every positive pair once; and the weights are
+    normalised per row (PML subtracts one batch-wide maximum before the exponential, which can
+    underflow a whole row to zero). Draws come from a `keras.random.SeedGenerator(seed)`
+    (whose state does not advance inside a JAX `model.fit` step: see docs/losses.md).
+    Paper: "Sampling Matters in Deep Embedding Learning", ICCV 2017, arXiv:1706.07567.
+
+    Args:
+      cutoff: the distance below which the weights are clipped, > 0.
+      nonzero_loss_cutoff: negatives at this distance or farther are never drawn, > 0.
+      seed: None or an int, the seed of the draws.
+      distance: must be `LpDistance()` (PML's restriction), the default.
+    """
+
+    def __init__(self, cutoff=0.5, nonzero_loss_cutoff=1.4, seed=None, distance=None):
+        super().__init__(distance)
+        if distances_lib.get(self.distance) != distances_lib.LpDistance():
+            raise ValueError(
+                "`distance` of DistanceWeightedMiner must be LpDistance() (as in "
+                f"pytorch-metric-learning). Received: distance={self.distance!r}"
+            )
+        self.cutoff = check_number("cutoff", cutoff, POSITIVE)
+        self.nonzero_loss_cutoff = check_number(
+            "nonzero_loss_cutoff", nonzero_loss_cutoff, POSITIVE
+        )
+        self.seed = _check_seed(seed)
+        self._seed_generator = keras.random.SeedGenerator(seed)
+
+    def weights(self, gaps, negatives, dim):
+        """float32 (b, R) unnormalised sampling weights of the negatives (row maximum 1)."""
+        d = ops.maximum(ops.cast(gaps, "float32"), self.cutoff)
+        log_w = (2.0 - dim) * ops.log(d) - ((dim - 3.0) / 2.0) * ops.log(1.0 - 0.25 * d * d)
+        valid = ops.logical_and(negatives, ops.isfinite(log_w))
+        valid = ops.logical_and(
+            valid, ops.less(ops.cast(gaps, "float32"), self.nonzero_loss_cutoff)
+        )
+        top = ops.max(ops.where(valid, log_w, -_BIG), axis=1, keepdims=True)
+        return ops.where(valid, ops.exp(ops.where(valid, log_w - top, 0.0)), 0.0)
+
+    def mine_rows(self, query, reference, self_index, positives, negatives, order=None):
+        gaps = ops.stop_gradient(self._distance.matrix(query, reference, self_index=self_index))
+        weights = self.weights(gaps, negatives, float(query.shape[1]))
+        choice = _sample_rows(weights, self._seed_generator)
+        has = ops.any(ops.greater(weights, 0.0), axis=1, keepdims=True)
+        kept = ops.logical_and(positives, has)
+        num_columns = ops.shape(gaps)[1]
+        # per_negative[a, n]: how many kept positives of a drew n; (b, R, R) avoided by a scatter.
+        rows = ops.broadcast_to(
+            ops.arange(ops.shape(gaps)[0], dtype="int32")[:, None], ops.shape(choice)
+        )
+        flat = ops.reshape(rows * num_columns + ops.cast(choice, "int32"), (-1, 1))
+        per_negative = ops.reshape(
+            ops.scatter(flat, ops.reshape(ops.cast(kept, "float32"), (-1,)), (ops.size(gaps),)),
+            ops.shape(gaps),
+        )
+        return Mined(
+            kept,
+            ops.greater(per_negative, 0.0),
+            SampledNegativeRule(choice),
+            ops.cast(kept, "float32"),
+            per_negative,
+            triplets=True,
+        )
+
+    def get_config(self):
+        return {
+            "cutoff": self.cutoff,
+            "nonzero_loss_cutoff": self.nonzero_loss_cutoff,
+            "seed": self.seed,
+            **super().get_config(),
+        }
+
+
+@export
+class UniformHistogramMiner(Miner):
+    """Pairs spread evenly over their distances: the positive pairs of the batch are put in
+    `num_bins` equal-width bins between their smallest and largest distance, and from each
+    non-empty bin `pos_per_bin` pairs are drawn uniformly with replacement; likewise the
+    negative pairs with `neg_per_bin`.
+
+    A pair drawn k times counts k times (`Mined.positive_counts` / `negative_counts`). The
+    bins span the whole batch, so a loss with this miner computes its (B, R) matrix at once.
+    Equals `pytorch_metric_learning.miners.UniformHistogramMiner` in distribution (the bin
+    edges are computed as `floor((d - min) / (max - min) * num_bins)`, PML's as a
+    `linspace`, which can differ at an edge by rounding). Default distance `LpDistance()`;
+    draws come from a `keras.random.SeedGenerator(seed)`.
+
+    Args:
+      num_bins, pos_per_bin, neg_per_bin: ints >= 1.
+      seed: None or an int, the seed of the draws.
+      distance: a `deepmetric.distances` name or `Distance`.
+    """
+
+    row_local = False
+
+    def __init__(self, num_bins=100, pos_per_bin=10, neg_per_bin=10, seed=None, distance=None):
+        super().__init__(distance)
+        self.num_bins = _check_count("num_bins", num_bins)
+        self.pos_per_bin = _check_count("pos_per_bin", pos_per_bin)
+        self.neg_per_bin = _check_count("neg_per_bin", neg_per_bin)
+        self.seed = _check_seed(seed)
+        self._seed_generator = keras.random.SeedGenerator(seed)
+
+    def _draw(self, values, mask, per_bin):
+        """float32 (b, R): how often each pair of `mask` is drawn."""
+        shape = ops.shape(values)
+        flat = ops.reshape(ops.cast(values, "float32"), (-1,))
+        flat_mask = ops.reshape(mask, (-1,))
+        low = ops.min(ops.where(flat_mask, flat, _BIG))
+        high = ops.max(ops.where(flat_mask, flat, -_BIG))
+        width = high - low
+        nb = self.num_bins
+        scaled = ops.where(
+            ops.greater(width, 0.0), (flat - low) / ops.where(width > 0, width, 1.0) * nb, nb - 1.0
+        )
+        bins = ops.clip(ops.floor(scaled), 0.0, nb - 1.0)
+        keys = ops.where(flat_mask, bins, float(nb))
+        order = ops.argsort(keys)
+        sorted_keys = ops.take(keys, order)
+        edges = ops.arange(nb, dtype="float32")
+        starts = ops.cast(ops.searchsorted(sorted_keys, edges, side="left"), "int32")
+        ends = ops.cast(ops.searchsorted(sorted_keys, edges, side="right"), "int32")
+        counts = ends - starts
+        u = keras.random.uniform((nb, per_bin), seed=self._seed_generator)
+        offset = ops.cast(ops.floor(u * ops.cast(counts[:, None], "float32")), "int32")
+        index = starts[:, None] + ops.minimum(offset, ops.maximum(counts[:, None] - 1, 0))
+        index = ops.minimum(index, ops.size(flat) - 1)
+        pairs = ops.take(order, ops.reshape(index, (-1,)))
+        valid = ops.reshape(
+            ops.broadcast_to(ops.cast(counts[:, None] > 0, "float32"), (nb, per_bin)), (-1,)
+        )
+        drawn = ops.scatter(
+            ops.reshape(ops.cast(pairs, "int32"), (-1, 1)), valid, (ops.size(flat),)
+        )
+        return ops.reshape(drawn, shape)
+
+    def _select(self, gaps, positives, negatives, order):
+        per_positive = self._draw(gaps, positives, self.pos_per_bin)
+        per_negative = self._draw(gaps, negatives, self.neg_per_bin)
+        return Mined(
+            ops.greater(per_positive, 0.0),
+            ops.greater(per_negative, 0.0),
+            None,
+            per_positive,
+            per_negative,
+        )
+
+    def get_config(self):
+        return {
+            "num_bins": self.num_bins,
+            "pos_per_bin": self.pos_per_bin,
+            "neg_per_bin": self.neg_per_bin,
+            "seed": self.seed,
+            **super().get_config(),
+        }
 
 
 def get(identifier):

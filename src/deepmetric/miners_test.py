@@ -483,6 +483,8 @@ ALL_MINERS = [
     miners.TripletMarginMiner(0.1, "semihard"),
     miners.BatchEasyHardMiner("hard", "easy", allowed_pos_range=(0.0, 1.5)),
     miners.BatchHardMiner(),
+    miners.DistanceWeightedMiner(0.4, 1.2, seed=3),
+    miners.UniformHistogramMiner(20, 5, 6, seed=4, distance="cosine"),
 ]
 
 
@@ -525,6 +527,9 @@ def test_a_loss_with_a_miner_saves_in_a_keras_file(tmp_path):
             r"`filter_percentage` must be a finite number in \(0, 1\]",
         ),
         (lambda: miners.AngularMiner(distance="cosine"), ValueError, "must be LpDistance"),
+        (lambda: miners.DistanceWeightedMiner(distance="cosine"), ValueError, "LpDistance"),
+        (lambda: miners.UniformHistogramMiner(num_bins=2.5), TypeError, "`num_bins` must be"),
+        (lambda: miners.UniformHistogramMiner(seed="1"), TypeError, "`seed` must be None"),
     ],
 )
 def test_bad_arguments(build, error, message):
@@ -541,6 +546,11 @@ def test_bad_arguments(build, error, message):
         (miners.TripletMarginMiner, "margin", -0.1, ">= 0"),
         (miners.HDCMiner, "filter_percentage", 1.5, "in (0, 1]"),
         (miners.AngularMiner, "angle", 181.0, "in [0, 180]"),
+        (miners.DistanceWeightedMiner, "cutoff", 0.0, "> 0"),
+        (miners.DistanceWeightedMiner, "nonzero_loss_cutoff", -1.0, "> 0"),
+        (miners.UniformHistogramMiner, "num_bins", 0, ">= 1"),
+        (miners.UniformHistogramMiner, "pos_per_bin", 0, ">= 1"),
+        (miners.UniformHistogramMiner, "neg_per_bin", -3, ">= 1"),
     ],
 )
 def test_numeric_options_refuse_nonfinite_and_out_of_range(miner, option, bad, allowed):
@@ -655,3 +665,171 @@ def test_hdc_miner_equals_pml_up_to_mirror_ties(fraction):
         ours, theirs = _np(ours), theirs > 0
         assert not (theirs & ~ours).any() and (ours & ~theirs).sum() <= 1
         np.testing.assert_array_equal(ours | ours.T, theirs | theirs.T)
+
+
+# --- The random miners against their distributions. ---
+# Fixed seeds make every test deterministic; the bounds are the 1 - 1e-4 quantiles of the
+# chi-square law of the statistic under the target distribution, for the number of draws made.
+
+CHI2_LEVEL = 1e-4
+
+
+def _chi2_bound(dof):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    return float(scipy_stats.chi2.ppf(1.0 - CHI2_LEVEL, dof))
+
+
+def _chi2(observed, expected):
+    """Pearson's statistic and its degrees of freedom over groups of cells: `observed` and
+    `expected` are lists of 1-D arrays (one multinomial each), expected > 0."""
+    stat = sum(float(((o - e) ** 2 / e).sum()) for o, e in zip(observed, expected, strict=True))
+    return stat, sum(len(e) - 1 for e in expected)
+
+
+def ref_distance_weights(labels, x, cutoff=0.5, nonzero_loss_cutoff=1.4):
+    """(B, B) sampling probabilities of the negatives per anchor, from the paper's density."""
+    n = x.shape[1]
+    dist = lp(x)
+    d = np.maximum(dist, cutoff)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = d ** (2.0 - n) * (1.0 - d * d / 4.0) ** ((3.0 - n) / 2.0)
+    _, negatives = label_pairs(labels)
+    w = np.where(negatives & (dist < nonzero_loss_cutoff) & np.isfinite(w), w, 0.0)
+    total = w.sum(1, keepdims=True)
+    return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cutoff, nonzero", [(0.5, 1.4), (0.9, 1.2)])
+def test_distance_weighted_miner_draws_negatives_from_the_weights(cutoff, nonzero):
+    labels, x = batch(5, b=12, d=6, classes=3)
+    target = ref_distance_weights(labels, x, cutoff, nonzero)
+    positives, _ = label_pairs(labels)
+    miner = miners.DistanceWeightedMiner(cutoff, nonzero, seed=7)
+    draws = 150
+    counts = np.zeros_like(target)
+    for _ in range(draws):
+        mined = miner(labels, x)
+        kept = _np(mined.positives)
+        expected_kept = positives & (target.sum(1, keepdims=True) > 0)
+        np.testing.assert_array_equal(kept, expected_kept)
+        np.testing.assert_array_equal(_np(mined.positive_counts), expected_kept)
+        counts += _np(mined.negative_counts)
+    assert not counts[target == 0].any()
+    rows = [a for a in range(len(labels)) if target[a].sum() > 0]
+    assert rows
+    per_anchor = draws * positives.sum(1)
+    observed = [counts[a][target[a] > 0] for a in rows]
+    expected = [per_anchor[a] * target[a][target[a] > 0] for a in rows]
+    stat, dof = _chi2(observed, expected)
+    assert stat < _chi2_bound(dof), (stat, dof)
+
+
+def test_distance_weighted_triplets_pair_each_positive_with_its_drawn_negative():
+    labels, x = batch(6, b=10, d=5, classes=3)
+    mined = miners.DistanceWeightedMiner(seed=2)(labels, x)
+    choice, kept = _np(mined.rule.choice), _np(mined.positives)
+    expected_neg = np.zeros(kept.shape)
+    for a, p in zip(*np.nonzero(kept), strict=True):
+        expected_neg[a, choice[a, p]] += 1
+        selected = np.zeros(kept.shape, bool)
+        selected[a, p] = True
+        keeps = _np(mined.rule.keeps(ops.convert_to_tensor(selected), _np(mined.negatives)))
+        assert np.array_equal(np.nonzero(keeps), ([a], [choice[a, p]]))
+    np.testing.assert_array_equal(_np(mined.negative_counts), expected_neg)
+
+
+def _reference_bins(values, mask, num_bins):
+    low, high = values[mask].min(), values[mask].max()
+    if high == low:
+        return np.where(mask, num_bins - 1, -1)
+    bins = np.clip(np.floor((values - low) / (high - low) * num_bins), 0, num_bins - 1)
+    return np.where(mask, bins, -1).astype(int)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_bins, per_bin", [(4, 3), (10, 2)])
+def test_uniform_histogram_miner_draws_uniformly_per_bin(num_bins, per_bin):
+    labels, x = batch(8, b=12, d=4, classes=3)
+    positives, negatives = label_pairs(labels)
+    miner = miners.UniformHistogramMiner(num_bins, per_bin, per_bin + 1, seed=11)
+    dist = _np(miner._distance.matrix(ops.convert_to_tensor(x), ops.convert_to_tensor(x)))
+    draws = 80
+    for mask, per, attr in [
+        (positives, per_bin, "positive_counts"),
+        (negatives, per_bin + 1, "negative_counts"),
+    ]:
+        bins = _reference_bins(dist.astype(np.float64), mask, num_bins)
+        total = np.zeros(mask.shape)
+        for _ in range(draws):
+            counts = _np(getattr(miner(labels, x), attr))
+            assert not counts[~mask].any()
+            for b in range(num_bins):  # exactly `per` draws from each non-empty bin
+                assert counts[bins == b].sum() == (per if (bins == b).any() else 0)
+            total += counts
+        observed, expected = [], []
+        for b in range(num_bins):
+            cells = bins == b
+            if cells.sum() > 1:
+                observed.append(total[cells])
+                expected.append(np.full(cells.sum(), draws * per / cells.sum()))
+        stat, dof = _chi2(observed, expected)
+        assert stat < _chi2_bound(dof), (attr, stat, dof)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda seed: miners.DistanceWeightedMiner(seed=seed),
+        lambda seed: miners.UniformHistogramMiner(8, 2, 2, seed=seed),
+    ],
+    ids=["distance_weighted", "uniform_histogram"],
+)
+def test_random_miners_are_reproduced_by_their_seed(build):
+    labels, x = batch(9, b=12, d=5, classes=3)
+
+    def run(seed):
+        miner = build(seed)
+        return [np.concatenate([_np(c) for c in miner(labels, x).pair_counts()]) for _ in range(3)]
+
+    first, again, other = run(5), run(5), run(6)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    assert not np.array_equal(first[0], first[1])  # successive calls draw afresh
+
+
+@TORCH_ONLY
+def test_random_miners_have_pml_support_and_sizes():
+    """PML's draws fall where ours may (the same zero-weight negatives, the same bins), and
+    the histogram miner keeps as many pairs (per_bin times the non-empty bins)."""
+    pml = pytest.importorskip("pytorch_metric_learning.miners")
+    import torch  # backend-specific test: PML runs on torch
+
+    labels, x = batch(5, b=12, d=6, classes=3)
+    target = ref_distance_weights(labels, x)
+    torch.manual_seed(0)
+    for _ in range(20):
+        _, neg = _pml_masks(
+            pml.DistanceWeightedMiner()(torch.tensor(x), torch.tensor(labels)), len(labels)
+        )
+        assert not neg[target == 0].any()
+    ours = miners.UniformHistogramMiner(6, 3, 4, seed=1)(labels, x)
+    pos, neg = _pml_masks(
+        pml.UniformHistogramMiner(6, 3, 4)(torch.tensor(x), torch.tensor(labels)), len(labels)
+    )
+    assert _np(ours.positive_counts).sum() == pos.sum()
+    assert _np(ours.negative_counts).sum() == neg.sum()
+
+
+@pytest.mark.parametrize("loss_name", ["TripletLoss", "OnlineContrastiveLoss"])
+def test_losses_take_the_random_miners(loss_name):
+    """A loss with a random miner equals the loss with the masks that miner drew (same seed)."""
+    labels, x = batch(3, b=12, d=5, classes=3)
+    for build in (
+        lambda: miners.DistanceWeightedMiner(seed=4),
+        lambda: miners.UniformHistogramMiner(5, 2, 3, seed=4),
+    ):
+        value = float(getattr(losses, loss_name)(miner=build())(labels, x))
+        again = float(getattr(losses, loss_name)(miner=build())(labels, x))
+        assert np.isfinite(value) and value == again
