@@ -1,5 +1,6 @@
 """Classification heads with trainable class proxies: ArcFace, CosFace, normalised softmax,
-sub-centre ArcFace, Proxy-NCA, Proxy-Anchor.
+sub-centre ArcFace, Proxy-NCA, Proxy-Anchor, large-margin softmax, SphereFace, SoftTriple,
+P2SGrad.
 
 A head sits on top of an embedding model during training only. It holds a (num_classes, D)
 matrix of proxies ((num_classes * K, D) for sub-centre ArcFace; trainable, saved with the model)
@@ -20,11 +21,13 @@ trainer.compile(
 trainer.fit((x, y), y)
 ```
 
-`NormalizedSoftmax` and `SubCenterArcFace` are trained the same way. `ProxyNCA` and
-`ProxyAnchor` add their loss with `add_loss` and return logits for monitoring: compile the
-trainer with `loss=None` and fit it on `(x, y)` alone. Called on embeddings only (no labels),
+`NormalizedSoftmax`, `SubCenterArcFace`, `LargeMarginSoftmax`, `SphereFace` and `SoftTriple`
+are trained the same way. `ProxyNCA`, `ProxyAnchor` and `P2SGrad` add their loss with
+`add_loss` and return logits for monitoring: compile the trainer with `loss=None` and fit it
+on `(x, y)` alone. Called on embeddings only (no labels),
 each head returns its logits without margin (the scaled cosine similarities; for `ProxyNCA`
-minus the scaled squared distances).
+minus the scaled squared distances; for `LargeMarginSoftmax` and `SphereFace` scaled by the
+norms as well).
 
 `MarginBeta` is not a proxy head: it holds the learned boundaries of the margin loss (PML's
 `MarginLoss(learn_beta=True)`), adds that loss and returns the embeddings.
@@ -63,10 +66,14 @@ from deepmetric.losses.proxy import (
 __all__ = [
     "ArcFace",
     "CosFace",
+    "LargeMarginSoftmax",
     "MarginBeta",
     "NormalizedSoftmax",
+    "P2SGrad",
     "ProxyAnchor",
     "ProxyNCA",
+    "SoftTriple",
+    "SphereFace",
     "SubCenterArcFace",
     "get",
     "proxy_anchor_loss",
@@ -78,6 +85,22 @@ def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     return value
+
+
+def _angular_multiplier(name, value):
+    """A positive integer, or a float equal to one (as the command line's --margin gives)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+        or value < 1
+    ):
+        raise ValueError(
+            f"`{name}` must be a positive integer (the angular multiplier m). "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
 
 
 def _initializer(name, value):
@@ -403,6 +426,193 @@ class ProxyNCA(_ProxyHead):
 
     def loss(self, labels, embeddings):
         return proxy_nca_loss(labels, embeddings, self.proxies, softmax_scale=self.softmax_scale)
+
+
+def _multiple_angle_cosine(cos, m):
+    """cos(m theta) from cos theta: the Chebyshev polynomial T_m (the paper's equation 7, a
+    polynomial, so its gradient stays finite at cos theta = +-1)."""
+    previous, current = ops.ones_like(cos), cos
+    for _ in range(m - 1):
+        previous, current = current, 2.0 * cos * current - previous
+    return current
+
+
+class _LargeMarginBase(_ProxyHead):
+    r"""Base of `LargeMarginSoftmax` and `SphereFace`: the target cosine becomes
+    $\psi(\theta) = (-1)^k \cos(m\theta) - 2k$ for $\theta \in [k\pi/m, (k+1)\pi/m]$ and
+    every logit is multiplied by `magnitude(embeddings)` (a (B, 1) or (B, C) tensor) and s."""
+
+    # PML's default initialisation of the class weights: normal, standard deviation 1.
+    options: tuple[Option, ...] = (
+        Option("margin", 4, _angular_multiplier),
+        number_option("scale", 1.0, POSITIVE),
+        _PROXY_INITIALIZER._replace(
+            default={"class_name": "RandomNormal", "config": {"mean": 0.0, "stddev": 1.0}}
+        ),
+    )
+
+    def logits(self, embeddings, labels):
+        cos = self.cosine(embeddings)
+        if labels is not None:
+            m = self.margin
+            theta = ops.arccos(ops.clip(ops.stop_gradient(cos), -1.0, 1.0))
+            k = ops.floor(theta / (math.pi / m))
+            sign = 1.0 - 2.0 * ops.mod(k, 2.0)  # (-1)^k
+            psi = sign * _multiple_angle_cosine(cos, m) - 2.0 * k
+            target = ops.cast(ops.one_hot(ops.cast(labels, "int32"), self.num_classes), "bool")
+            cos = ops.where(target, psi, cos)
+        return self.scale * self.magnitude(embeddings) * cos
+
+    def magnitude(self, embeddings):
+        raise NotImplementedError
+
+
+def _norm(x, axis):
+    return ops.sqrt(ops.sum(ops.square(ops.cast(x, "float32")), axis=axis, keepdims=True))
+
+
+@export
+class LargeMarginSoftmax(_LargeMarginBase):
+    r"""Large-margin softmax (L-Softmax) head (Liu et al., ICML 2016, arXiv:1612.02295).
+
+    Logits $z_{ic} = s\,\|x_i\|\,\|w_c\|\,\psi_{ic}$ with $\psi_{ic} = \cos\theta_{ic}$
+    for $c \ne y_i$ and, for the target, $\psi(\theta) = (-1)^k \cos(m\theta) - 2k$ where
+    $\theta \in [k\pi/m, (k+1)\pi/m]$ (equation 6; $\cos(m\theta)$ by the multiple-angle
+    formula, equation 7). The class weights $w_c$ are not normalised: their norms are part of
+    the logits. Train with `SparseCategoricalCrossentropy(from_logits=True)` (see the module
+    docstring); the mean cross-entropy equals PML's `LargeMarginSoftmaxLoss(num_classes,
+    embedding_size, margin, scale)` with the same (transposed) weights, value and gradient.
+
+    Args:
+      num_classes: number of classes.
+      margin: the integer angular multiplier m (>= 1; 1 is the plain softmax). PML truncates a
+        float with `int`; here a float must be integral (4.0 is 4, 4.5 a ValueError).
+      scale: the scale s (> 0).
+      proxy_initializer: initializer of the (num_classes, D) class weights (normal with
+        standard deviation 1, PML's, by default).
+
+    >>> import numpy as np
+    >>> head = LargeMarginSoftmax(num_classes=3, margin=2)
+    >>> tuple(head([np.ones((2, 4)), np.array([0, 2])]).shape)
+    (2, 3)
+    """
+
+    def magnitude(self, embeddings):
+        return _norm(embeddings, 1) * ops.transpose(_norm(self.proxies, 1))
+
+
+@export
+class SphereFace(_LargeMarginBase):
+    r"""SphereFace / angular softmax (A-Softmax) head (Liu et al., CVPR 2017, arXiv:1704.08063).
+
+    `LargeMarginSoftmax` with normalised class weights: logits
+    $z_{ic} = s\,\|x_i\|\,\psi_{ic}$, with $\psi$ the large-margin target cosine
+    $(-1)^k \cos(m\theta) - 2k$ on $[k\pi/m, (k+1)\pi/m]$ and $\cos\theta_{ic}$ elsewhere.
+    Train with `SparseCategoricalCrossentropy(from_logits=True)`; the mean cross-entropy
+    equals PML's `SphereFaceLoss(num_classes, embedding_size, margin, scale)` with the same
+    weights, value and gradient.
+
+    Args:
+      num_classes: number of classes.
+      margin: the integer angular multiplier m (>= 1).
+      scale: the scale s (> 0).
+      proxy_initializer: initializer of the (num_classes, D) class weights.
+
+    >>> import numpy as np
+    >>> head = SphereFace(num_classes=3)
+    >>> tuple(head([np.ones((2, 4)), np.array([0, 2])]).shape)
+    (2, 3)
+    """
+
+    def magnitude(self, embeddings):
+        return _norm(embeddings, 1)
+
+
+@export
+class SoftTriple(_ProxyHead):
+    r"""SoftTriple head (Qian et al., ICCV 2019, arXiv:1909.05235).
+
+    Each class has K centres; the similarity to class c is the softmax-weighted cosine to its
+    centres, $S_{ic} = \sum_k \frac{\exp(\cos_{ick}/\gamma)}{\sum_{k'} \exp(\cos_{ick'}/
+    \gamma)} \cos_{ick}$, and the logits are $z_{ic} = \lambda\,(S_{ic} - \delta\,[c = y_i])$.
+    Train with `SparseCategoricalCrossentropy(from_logits=True)`; the mean cross-entropy equals
+    PML's `SoftTripleLoss(num_classes, embedding_size, centers_per_class, la, gamma, margin)`
+    with the same weights (PML's `fc` is the transpose of `proxies`), value and gradient. The
+    paper's regulariser that merges centres is not part of it (PML's default neither).
+
+    Args:
+      num_classes: number of classes.
+      centers_per_class: the number K of centres per class (>= 1); rows c * K .. c * K + K - 1
+        of the (num_classes * K, D) proxies belong to class c.
+      la: the scale $\lambda$ (> 0).
+      gamma: the temperature $\gamma$ of the softmax over the centres (> 0).
+      margin: the margin $\delta$ (>= 0, on similarities).
+      proxy_initializer: initializer of the proxies.
+
+    >>> import numpy as np
+    >>> head = SoftTriple(num_classes=3, centers_per_class=2)
+    >>> tuple(head([np.ones((2, 4)), np.array([0, 2])]).shape), tuple(head.proxies.shape)
+    ((2, 3), (6, 4))
+    """
+
+    options = (
+        Option("centers_per_class", 10, _positive_int),
+        number_option("la", 20.0, POSITIVE),
+        number_option("gamma", 0.1, POSITIVE),
+        number_option("margin", 0.01, NON_NEGATIVE),
+        _PROXY_INITIALIZER,
+    )
+
+    def _num_proxies(self):
+        return self.num_classes * self.centers_per_class
+
+    def logits(self, embeddings, labels):
+        cos = ops.reshape(
+            super().cosine(embeddings), (-1, self.num_classes, self.centers_per_class)
+        )
+        similarity = ops.sum(ops.softmax(cos / self.gamma, axis=2) * cos, axis=2)
+        if labels is not None:
+            target = ops.one_hot(ops.cast(labels, "int32"), self.num_classes)
+            similarity = similarity - self.margin * target
+        return self.la * similarity
+
+
+@export
+class P2SGrad(_ProxyHead):
+    r"""P2SGrad head (Zhang et al., CVPR 2019, arXiv:1905.02479).
+
+    The loss is the mean squared error between the cosines and the one-hot labels,
+    $\frac{1}{BC}\sum_{i,c} (\cos\theta_{ic} - [c = y_i])^2$, whose gradient is the
+    paper's equation 11. Called on `[embeddings, labels]`, it adds that loss with `add_loss`
+    and returns the cosines (logits for monitoring); compile the trainer with `loss=None`. The
+    value and the gradient in the embeddings equal PML's `P2SGradLoss(descriptors_dim,
+    num_classes)` with the same weights; PML renormalises its weights in place before each
+    call, outside the gradient, whereas here the proxies are normalised in the forward pass,
+    so the gradient in the proxies is PML's projected on the tangent of the unit sphere.
+
+    Args:
+      num_classes: number of classes (proxies).
+      proxy_initializer: initializer of the (num_classes, D) proxies.
+
+    >>> import numpy as np
+    >>> head = P2SGrad(num_classes=3)
+    >>> out = head([np.ones((2, 4)), np.array([0, 2])])
+    >>> tuple(out.shape), len(head.losses)
+    ((2, 3), 1)
+    """
+
+    adds_loss = True
+
+    def logits(self, embeddings, labels):
+        return ops.clip(self.cosine(embeddings), -1.0, 1.0)
+
+    def loss(self, labels, embeddings):
+        cos = self.logits(embeddings, None)
+        target = ops.one_hot(ops.cast(labels, "int32"), self.num_classes)
+        # The mean over B x C; 0 for an empty batch of unknown size (compiled).
+        count = ops.cast(ops.shape(cos)[0], "float32") * float(self.num_classes)
+        value = ops.sum(ops.square(cos - target)) / ops.maximum(count, 1.0)
+        return nonfinite_to_nan(value, embeddings, self.proxies)
 
 
 @export

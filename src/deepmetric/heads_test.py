@@ -25,10 +25,20 @@ OPTIONS = {
     "NormalizedSoftmax": {"temperature": 0.1},
     "ProxyNCA": {"softmax_scale": 2.0},
     "ProxyAnchor": {"margin": 0.1, "alpha": 32.0},
+    "LargeMarginSoftmax": {"margin": 3, "scale": 1.5},
+    "SphereFace": {"margin": 4, "scale": 2.0},
+    "SoftTriple": {"centers_per_class": 3, "la": 10.0, "gamma": 0.2, "margin": 0.05},
+    "P2SGrad": {},
 }
 HEADS = list(OPTIONS)
-LOSS_HEADS = ["ProxyNCA", "ProxyAnchor"]  # they add their loss (adds_loss)
+LOSS_HEADS = ["ProxyNCA", "ProxyAnchor", "P2SGrad"]  # they add their loss (adds_loss)
 MARGIN_HEADS = ["CosFace", "ArcFace", "SubCenterArcFace"]
+OTHER_MARGIN_HEADS = ["ProxyAnchor", "LargeMarginSoftmax", "SphereFace", "SoftTriple"]
+
+
+def per_class(options):
+    """The number K of proxies per class of a head with `options`."""
+    return options.get("sub_centers", options.get("centers_per_class", 1))
 
 
 def data(seed, b=12, d=5, classes=4):
@@ -38,7 +48,7 @@ def data(seed, b=12, d=5, classes=4):
 
 def make_head(name, proxies, **options):
     """The head `name` with `options` and its proxies set to `proxies`."""
-    k = options.get("sub_centers", 1)
+    k = per_class(options)
     head = getattr(heads, name)(num_classes=proxies.shape[0] // k, **options)
     head.build((None, proxies.shape[1]))
     head.proxies.assign(proxies)
@@ -46,7 +56,7 @@ def make_head(name, proxies, **options):
 
 
 def random_proxies(seed, name, classes=4, d=5, k=None):
-    k = OPTIONS[name].get("sub_centers", 1) if k is None else k
+    k = per_class(OPTIONS[name]) if k is None else k
     return np.random.default_rng(seed).normal(size=(classes * k, d)).astype("float32")
 
 
@@ -63,6 +73,29 @@ def ref_logits(name, options, labels, x, proxies):
         return cos / options["temperature"]
     if name == "ProxyAnchor":
         return options["alpha"] * cos
+    if name == "P2SGrad":  # Zhang et al.: the cosines
+        return cos
+    if name == "SoftTriple":  # Qian et al.: lambda (sum_k softmax_k(cos / gamma) cos - delta)
+        k, gamma = options["centers_per_class"], options["gamma"]
+        cos = (unit(x) @ unit(proxies).T).reshape(len(x), -1, k)
+        weights = np.exp((cos - cos.max(axis=2, keepdims=True)) / gamma)
+        similarity = np.sum(weights / weights.sum(axis=2, keepdims=True) * cos, axis=2)
+        if labels is not None:
+            similarity = similarity - options["margin"] * np.eye(similarity.shape[1])[labels]
+        return options["la"] * similarity
+    if name in ("LargeMarginSoftmax", "SphereFace"):
+        # Liu et al. 2016, eq. 6: psi(theta) = (-1)^k cos(m theta) - 2k on [k pi/m, (k+1) pi/m],
+        # times ||x|| ||w_c|| (SphereFace: ||x||) and the scale.
+        s, m = options["scale"], options["margin"]
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        if name == "LargeMarginSoftmax":
+            norms = norms * np.linalg.norm(proxies, axis=1)[None]
+        if labels is not None:
+            theta = np.arccos(np.clip(cos, -1, 1))
+            k = np.floor(theta / (math.pi / m))
+            psi = (-1.0) ** k * np.cos(m * theta) - 2 * k
+            cos = np.where(np.eye(cos.shape[1])[labels] > 0, psi, cos)
+        return s * norms * cos
     s, m = options["scale"], options["margin"]
     if labels is None:
         return s * cos
@@ -88,6 +121,9 @@ def ref_objective(name, options, labels, x, proxies):
         return ref_proxy_nca(labels, x, proxies, options["softmax_scale"])
     if name == "ProxyAnchor":
         return ref_proxy_anchor(labels, x, proxies, options["margin"], options["alpha"])
+    if name == "P2SGrad":  # the mean squared error between the cosines and the one-hot labels
+        cos = unit(x) @ unit(proxies).T
+        return float(np.mean((cos - np.eye(cos.shape[1])[labels]) ** 2))
     return cross_entropy(labels, ref_logits(name, options, labels, x, proxies))
 
 
@@ -106,7 +142,7 @@ def edge_proxies(name, labels, x):
     (arccos); the finite gradient there is the conformance suite's degenerate batch
     (`deepmetric.testing.invariants.check_head_degenerate`)."""
     proxies = random_proxies(3, name)
-    k = OPTIONS[name].get("sub_centers", 1)
+    k = per_class(OPTIONS[name])
     proxies[k * labels[0] + k - 1] = -x[0]
     proxies[k * ((labels[1] + 1) % 4) + k - 1] = x[1]
     return proxies
@@ -122,7 +158,8 @@ def test_logits(name, with_labels):
     head = make_head(name, proxies, **OPTIONS[name])
     logits = head([x, labels]) if with_labels else head(x)
     expected = ref_logits(name, OPTIONS[name], labels if with_labels else None, x, proxies)
-    tolerance = {"rtol": 1e-4, "atol": 2e-3} if "ArcFace" in name else {"rtol": 1e-5, "atol": 1e-4}
+    angular = "ArcFace" in name or name in ("LargeMarginSoftmax", "SphereFace")
+    tolerance = {"rtol": 1e-4, "atol": 2e-3} if angular else {"rtol": 1e-5, "atol": 1e-4}
     np.testing.assert_allclose(ops.convert_to_numpy(logits), expected, **tolerance)
 
 
@@ -156,7 +193,7 @@ def test_cross_entropy_value_and_gradient(name, compiled):
     (The losses the other heads add: losses/proxy_test.py, and `test_adds_its_loss`.)"""
     labels, x = data(22)
     options = {**OPTIONS[name], **OBJECTIVE_OPTIONS.get(name, {})}
-    proxies = random_proxies(23, name, k=options.get("sub_centers", 1))
+    proxies = random_proxies(23, name, k=per_class(options))
     head = make_head(name, proxies, **options)
     check_value_and_grad(
         head_cross_entropy(head),
@@ -189,6 +226,7 @@ def _trainer(head):
 TRAIN_OPTIONS = {
     "SubCenterArcFace": {"sub_centers": 2, "scale": 8.0},
     "ProxyNCA": {"softmax_scale": 4.0},
+    "SoftTriple": {"centers_per_class": 2},
 }
 
 
@@ -215,7 +253,7 @@ def test_fit_lowers_the_loss_and_moves_the_proxies(name):
     losses = history.history["loss"]
     assert losses[-1] < losses[0]
     proxies = ops.convert_to_numpy(head.proxies)
-    assert proxies.shape == (4 * options.get("sub_centers", 1), 3)
+    assert proxies.shape == (4 * per_class(options), 3)
     assert not np.allclose(proxies, before)
 
 
@@ -235,7 +273,7 @@ def test_options_by_position_or_name_and_config_round_trip(name):
     assert cls.from_config(config).get_config() == config
     assert all(getattr(head, n) == v for n, v in options.items())
     assert list(inspect.signature(cls).parameters) == ["num_classes", *names, "kwargs"]
-    assert ("margin" in names) == (name in [*MARGIN_HEADS, "ProxyAnchor"])
+    assert ("margin" in names) == (name in [*MARGIN_HEADS, *OTHER_MARGIN_HEADS])
 
 
 FLOAT_OPTIONS = [
@@ -299,6 +337,18 @@ def test_numeric_options_are_checked(name, option, value, error, message):
         ),
         (lambda: heads.ProxyNCA(3, 1.0, "he_normal", 2), TypeError, r"ProxyNCA\(num_classes, "),
         (lambda: heads.CosFace(3, nope=1), ValueError, "Unrecognized keyword arguments"),
+        *[
+            (lambda v=v: heads.LargeMarginSoftmax(3, margin=v), ValueError, "positive integer")
+            for v in (0, 2.5, -1, float("nan"), float("inf"), True)
+        ],
+        (lambda: heads.SphereFace(3, margin="4"), ValueError, r"margin='4'"),
+        (lambda: heads.SoftTriple(3, centers_per_class=0), ValueError, "`centers_per_class`"),
+        (lambda: heads.SoftTriple(3, gamma=0.0), ValueError, "`gamma` must be a finite number > 0"),
+        (
+            lambda: heads.SoftTriple(3, margin=-0.1),
+            ValueError,
+            "`margin` must be a finite number >= 0",
+        ),
     ],
 )
 def test_bad_arguments(make, error, message):
@@ -314,6 +364,69 @@ def test_bad_inputs(name):
         head([x, labels, labels])
     with pytest.raises(ValueError, match=r"labels.shape=\(12, 2\)"):
         head([x, np.stack([labels, labels], 1)])
+
+
+def test_large_margin_integral_float_margin_is_the_integer():
+    """--margin arrives as a float: 4.0 is m = 4 (PML's `int(margin)`), kept as an int."""
+    head = heads.SphereFace(3, margin=4.0)
+    assert head.margin == 4 and isinstance(head.get_config()["margin"], int)
+
+
+def test_large_margin_with_multiplier_one_is_the_plain_softmax():
+    """m = 1: psi(theta) = cos(theta); the logits are s ||x|| ||w|| cos = s x.w (and the labels
+    change nothing)."""
+    labels, x = data(30)
+    proxies = random_proxies(31, "LargeMarginSoftmax")
+    head = make_head("LargeMarginSoftmax", proxies, margin=1, scale=2.0)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(head([x, labels])), 2.0 * x @ proxies.T, rtol=1e-5, atol=1e-5
+    )
+
+
+PML_HEADS = {  # PML 2.9's class, its positional arguments, and which weight holds the proxies
+    "LargeMarginSoftmax": ("LargeMarginSoftmaxLoss", (4, 5), "W"),
+    "SphereFace": ("SphereFaceLoss", (4, 5), "W"),
+    "SoftTriple": ("SoftTripleLoss", (4, 5), "fc"),
+    "P2SGrad": ("P2SGradLoss", (5, 4), "weight"),
+}
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PML runs on torch only")
+@pytest.mark.parametrize("name", list(PML_HEADS))
+def test_equals_pytorch_metric_learning(name):
+    """PML 2.9 with the same (transposed) weights: the loss, its gradient in the embeddings and
+    in the weights (P2SGrad: PML's weight gradient projected on the unit sphere, since PML
+    renormalises its weights outside the gradient and the head inside)."""
+    import torch
+    from pytorch_metric_learning import losses as pml_losses
+
+    class_name, args, weight = PML_HEADS[name]
+    options = OPTIONS[name]
+    labels, x = data(40)
+    proxies = random_proxies(41, name)
+    if name == "P2SGrad":
+        proxies = unit(proxies).astype("float32")
+    pml = getattr(pml_losses, class_name)(*args, **options)
+    pml_weight = getattr(pml, weight)
+    with torch.no_grad():
+        pml_weight.copy_(torch.tensor(proxies.T))
+    pml_x = torch.tensor(x, requires_grad=True)
+    expected = pml(pml_x, torch.tensor(labels))
+    expected.backward()
+    head = make_head(name, proxies, **options)
+    ours_x = torch.tensor(x, requires_grad=True)
+    if head.adds_loss:
+        head([ours_x, torch.tensor(labels)])
+        value = head.losses[0]
+    else:
+        value = head_cross_entropy(head)(ours_x, torch.tensor(labels))
+    value.backward()
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    np.testing.assert_allclose(ours_x.grad.numpy(), pml_x.grad.numpy(), rtol=1e-4, atol=1e-6)
+    pml_grad = pml_weight.grad.numpy().T
+    if name == "P2SGrad":
+        pml_grad = pml_grad - np.sum(pml_grad * proxies, axis=1, keepdims=True) * proxies
+    np.testing.assert_allclose(head.proxies.value.grad.numpy(), pml_grad, rtol=1e-4, atol=1e-6)
 
 
 # --- MarginBeta: the learned boundaries of the margin loss. ---

@@ -39,14 +39,26 @@ LOSSES = {
 HEADS = {
     "arcface": "ArcFace",
     "cosface": "CosFace",
+    "large_margin_softmax": "LargeMarginSoftmax",
     "normalized_softmax": "NormalizedSoftmax",
+    "p2sgrad": "P2SGrad",
     "proxy_anchor": "ProxyAnchor",
     "proxy_nca": "ProxyNCA",
+    "soft_triple": "SoftTriple",
+    "sphereface": "SphereFace",
     "sub_center_arcface": "SubCenterArcFace",
 }
 
 # The heads with a `margin` option; the others refuse --margin.
-HEADS_WITH_MARGIN = ("arcface", "cosface", "proxy_anchor", "sub_center_arcface")
+HEADS_WITH_MARGIN = (
+    "arcface",
+    "cosface",
+    "large_margin_softmax",
+    "proxy_anchor",
+    "soft_triple",
+    "sphereface",
+    "sub_center_arcface",
+)
 
 # The margin used when --margin is not given, for losses on L2-normalised embeddings whose
 # TFA default (1.0, meant for unnormalised embeddings) trains worse: distances between unit

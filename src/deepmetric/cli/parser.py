@@ -190,8 +190,9 @@ def _add_train(t: argparse.ArgumentParser) -> None:
         type=_nonnegative_float,
         help="margin of the loss, if it has one (default: 0.2 for the triplet losses, "
         "otherwise the loss's own default); for a head: arcface and sub_center_arcface in "
-        "radians in [0, pi/2), cosface, proxy_anchor; normalized_softmax and proxy_nca have "
-        "none and refuse it",
+        "radians in [0, pi/2), cosface, proxy_anchor, soft_triple; large_margin_softmax and "
+        "sphereface an integer multiplier m >= 1; normalized_softmax, proxy_nca and p2sgrad "
+        "have none and refuse it",
     )
     t.add_argument("--epochs", type=_positive_int, help=f"epochs (default: {d['epochs']})")
     t.add_argument(
