@@ -24,6 +24,7 @@ LOSSES = {
     "nca": "NCALoss",
     "nt_xent": "NTXentLoss",
     "online_contrastive": "OnlineContrastiveLoss",
+    "pnp": "PNPLoss",
     "ranked_list": "RankedListLoss",
     "signal_to_noise_ratio_contrastive": "SignalToNoiseRatioContrastiveLoss",
     "sup_con": "SupConLoss",

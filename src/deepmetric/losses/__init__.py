@@ -14,6 +14,7 @@
   signal-to-noise-ratio contrastive, generalized lifted structure, intra-pair variance, tuplet
   margin, angular, margin, threshold-consistent margin.
 - `ranking`: pytorch-metric-learning's ranked list loss.
+- `pnp`: pytorch-metric-learning's PNP loss (negatives before positives, over triplets).
 - `self_supervised`: two-view losses on `y_pred` of shape (B, 2, D): VICReg and the
   `SelfSupervisedLoss` wrapper.
 - `npairs`: N-pairs losses on a given similarity matrix (TFA).
@@ -60,6 +61,7 @@ from deepmetric.losses.pair import (
     threshold_consistent_margin_loss,
     tuplet_margin_loss,
 )
+from deepmetric.losses.pnp import PNPLoss, pnp_loss
 from deepmetric.losses.proxy import proxy_anchor_loss, proxy_nca_loss
 from deepmetric.losses.ranking import RankedListLoss, ranked_list_loss
 from deepmetric.losses.self_supervised import SelfSupervisedLoss, VICRegLoss, vicreg_loss
@@ -99,6 +101,7 @@ __all__ = [
     "NpairsLoss",
     "NpairsMultilabelLoss",
     "OnlineContrastiveLoss",
+    "PNPLoss",
     "RankedListLoss",
     "SelfSupervisedLoss",
     "SignalToNoiseRatioContrastiveLoss",
@@ -124,6 +127,7 @@ __all__ = [
     "npairs_multilabel_loss",
     "nt_xent_loss",
     "online_contrastive_loss",
+    "pnp_loss",
     "proxy_anchor_loss",
     "proxy_nca_loss",
     "ranked_list_loss",

@@ -215,6 +215,7 @@ def test_metric_loss_is_every_labels_and_embeddings_loss():
         "IntraPairVarianceLoss",
         "MarginLoss",
         "NCALoss",
+        "PNPLoss",
         "RankedListLoss",
         "SignalToNoiseRatioContrastiveLoss",
         "ThresholdConsistentMarginLoss",
