@@ -122,6 +122,25 @@ def sequential_blocks() -> bool:
     return name() == "tensorflow"
 
 
+def keeps_assignment(value) -> bool:
+    """Whether `variable.assign(value)` may store `value` (a loss's state, for example).
+
+    False only for a JAX tracer outside a Keras `StatelessScope`: under a bare `jax.jit` the
+    traced value would escape its trace (JAX's `UnexpectedTracerError` at the next use). Inside
+    a `StatelessScope` (the JAX trainer's step) the assignment is recorded by the scope, and
+    eager values and the other backends' tensors are always stored.
+    """
+    if name() != "jax":
+        return True
+    import jax
+
+    if not isinstance(value, jax.core.Tracer):
+        return True
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return in_stateless_scope()
+
+
 # ---------------------------------------------------------------------------
 # The command line: seeding and torch threads
 

@@ -16,6 +16,7 @@ from deepmetric._api import normalize_name
 LOSSES = {
     "angular": "AngularLoss",
     "circle": "CircleLoss",
+    "dynamic_soft_margin": "DynamicSoftMarginLoss",
     "generalized_lifted_structure": "GeneralizedLiftedStructureLoss",
     "intra_pair_variance": "IntraPairVarianceLoss",
     "lifted_struct": "LiftedStructLoss",

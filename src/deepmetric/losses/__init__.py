@@ -15,6 +15,7 @@
   margin, angular, margin, threshold-consistent margin.
 - `ranking`: pytorch-metric-learning's ranked list loss.
 - `pnp`: pytorch-metric-learning's PNP loss (negatives before positives, over triplets).
+- `dynamic_soft_margin`: pytorch-metric-learning's dynamic soft margin loss (a histogram as state).
 - `self_supervised`: two-view losses on `y_pred` of shape (B, 2, D): VICReg and the
   `SelfSupervisedLoss` wrapper.
 - `npairs`: N-pairs losses on a given similarity matrix (TFA).
@@ -36,6 +37,10 @@ from deepmetric.losses.contrastive import (
     contrastive_loss,
     lifted_struct_loss,
     online_contrastive_loss,
+)
+from deepmetric.losses.dynamic_soft_margin import (
+    DynamicSoftMarginLoss,
+    dynamic_soft_margin_loss,
 )
 from deepmetric.losses.npairs import (
     NpairsLoss,
@@ -91,6 +96,7 @@ __all__ = [
     "AngularLoss",
     "CircleLoss",
     "ContrastiveLoss",
+    "DynamicSoftMarginLoss",
     "GeneralizedLiftedStructureLoss",
     "IntraPairVarianceLoss",
     "LiftedStructLoss",
@@ -117,6 +123,7 @@ __all__ = [
     "angular_loss",
     "circle_loss",
     "contrastive_loss",
+    "dynamic_soft_margin_loss",
     "generalized_lifted_structure_loss",
     "intra_pair_variance_loss",
     "lifted_struct_loss",

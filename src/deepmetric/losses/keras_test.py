@@ -211,6 +211,7 @@ def test_metric_loss_is_every_labels_and_embeddings_loss():
     assert metric == {
         "AngularLoss",
         "CircleLoss",
+        "DynamicSoftMarginLoss",
         "GeneralizedLiftedStructureLoss",
         "IntraPairVarianceLoss",
         "MarginLoss",

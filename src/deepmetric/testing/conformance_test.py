@@ -22,6 +22,20 @@ ONE_SIDED = {
     "ThresholdConsistentMarginLoss",
 }
 
+# Checks that compare two calls of one loss object, which a stateful loss cannot pass: each
+# call of `DynamicSoftMarginLoss` advances its histogram, so the second call weighs by another
+# CDF. Its `momentum=1.0` variant (each call's histogram is its own batch's) runs them below,
+# and `losses/dynamic_soft_margin_test.py` runs them on the pure function with a fixed histogram.
+STATEFUL_SKIPS = {
+    "DynamicSoftMarginLoss": {
+        "large_labels",
+        "bfloat16_labels",
+        "eager_equals_compiled",
+        "permutation",
+        "relabelling",
+    },
+}
+
 LOSSES = testing.metric_losses()
 HEADS = testing.proxy_heads()
 
@@ -53,6 +67,7 @@ VARIANTS: dict[str, list[dict[str, object]]] = {
     "MarginLoss": [{"margin": 0.1, "beta": 0.8, "num_classes": 3}],
     "ThresholdConsistentMarginLoss": [{"margin_plus": 0.2, "margin_minus": -0.2}],
     "PNPLoss": [{"variant": v, "anneal": 0.1} for v in ("Ds", "Dq", "Iu", "Ib")],
+    "DynamicSoftMarginLoss": [{"momentum": 1.0, "num_bins": 7, "min_val": -2.5}],
     "RankedListLoss": [{"margin": 0.6, "Tn": 3.0, "imbalance": 0.3, "alpha": 1.3, "Tp": 2.0}],
 }
 VARIANT_CHECKS = [
@@ -75,6 +90,8 @@ def test_the_suite_finds_every_loss_and_head():
 @pytest.mark.parametrize("check", list(testing.LOSS_CHECKS))
 @pytest.mark.parametrize("cls", LOSSES, ids=lambda cls: cls.__name__)
 def test_loss_invariant(cls, check):
+    if check in STATEFUL_SKIPS.get(cls.__name__, ()):
+        pytest.skip("each call advances the loss's state; see STATEFUL_SKIPS")
     testing.check_loss(cls, checks=[check], one_sided=cls.__name__ in ONE_SIDED)
 
 
