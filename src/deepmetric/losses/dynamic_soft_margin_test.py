@@ -292,3 +292,11 @@ def test_bad_options(options, error, message):
 
 def test_integral_float_bins():
     assert losses.DynamicSoftMarginLoss(num_bins=4.0).num_bins == 4
+
+
+def test_global_batch_on_two_replicas():
+    """`momentum=1.0`: every call weighs by its own batch's histogram (the replicas' calls and
+    the reference call do not depend on the order in which they advance the state)."""
+    from deepmetric.losses.pnp_test import check_global_batch_on_two_replicas
+
+    check_global_batch_on_two_replicas(losses.DynamicSoftMarginLoss(momentum=1.0))
