@@ -7,10 +7,11 @@ pytorch-metric-learning (PML) 2.9, and a thin `MetricLoss` class has PML's class
 and defaults.
 
 Memory. PML builds the (B, B, B) tensor of similarity differences. Here the anchors run in
-blocks (`deepmetric._blocks.map_rows`): a block of b anchors builds its (b, B, B) slice, with b
-chosen so that b * B * B stays under `_TRIPLET_ENTRIES` (one anchor per step once B > 2048), and
-under `keras.remat` the block's temporaries are recomputed in the backward pass. Memory grows as
-B^2; the work is B^3, as in PML. A batch size unknown while tracing runs as one block.
+blocks (`deepmetric._blocks.map_rows`): a block of b anchors builds its (b, B, B) slice, with
+b chosen so that b * B * B stays under `_TRIPLET_ENTRIES` (one anchor per step from B = 2048
+on), and under `keras.remat` the block's temporaries are recomputed in the backward pass.
+Memory grows as B^2; the work is B^3, as in PML. A batch size unknown while tracing runs as
+one block.
 """
 
 from __future__ import annotations

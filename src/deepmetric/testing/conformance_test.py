@@ -66,7 +66,10 @@ VARIANTS: dict[str, list[dict[str, object]]] = {
     "AngularLoss": [{"alpha": 30.0}],
     "MarginLoss": [{"margin": 0.1, "beta": 0.8, "num_classes": 3}],
     "ThresholdConsistentMarginLoss": [{"margin_plus": 0.2, "margin_minus": -0.2}],
-    "PNPLoss": [{"variant": v, "anneal": 0.1} for v in ("Ds", "Dq", "Iu", "Ib")],
+    "PNPLoss": [
+        {"variant": "Dq", "alpha": 2.0, "anneal": 0.1},
+        {"variant": "Ib", "b": 3.0, "anneal": 0.1},
+    ],
     "DynamicSoftMarginLoss": [{"momentum": 1.0, "num_bins": 7, "min_val": -2.5}],
     "RankedListLoss": [{"margin": 0.6, "Tn": 3.0, "imbalance": 0.3, "alpha": 1.3, "Tp": 2.0}],
 }
