@@ -16,7 +16,9 @@ from deepmetric._api import normalize_name
 LOSSES = {
     "angular": "AngularLoss",
     "circle": "CircleLoss",
+    "fast_ap": "FastAPLoss",
     "generalized_lifted_structure": "GeneralizedLiftedStructureLoss",
+    "histogram": "HistogramLoss",
     "intra_pair_variance": "IntraPairVarianceLoss",
     "lifted_struct": "LiftedStructLoss",
     "margin": "MarginLoss",
@@ -26,6 +28,7 @@ LOSSES = {
     "online_contrastive": "OnlineContrastiveLoss",
     "ranked_list": "RankedListLoss",
     "signal_to_noise_ratio_contrastive": "SignalToNoiseRatioContrastiveLoss",
+    "smooth_ap": "SmoothAPLoss",
     "sup_con": "SupConLoss",
     "threshold_consistent_margin": "ThresholdConsistentMarginLoss",
     "triplet": "TripletLoss",

@@ -14,6 +14,8 @@
   signal-to-noise-ratio contrastive, generalized lifted structure, intra-pair variance, tuplet
   margin, angular, margin, threshold-consistent margin.
 - `ranking`: pytorch-metric-learning's ranked list loss.
+- `ap`: pytorch-metric-learning's average-precision and histogram losses: FastAP, histogram,
+  Smooth-AP.
 - `self_supervised`: two-view losses on `y_pred` of shape (B, 2, D): VICReg and the
   `SelfSupervisedLoss` wrapper.
 - `npairs`: N-pairs losses on a given similarity matrix (TFA).
@@ -28,6 +30,14 @@ Every public loss function and class is registered with Keras under `deepmetric>
 import keras
 
 from deepmetric._api import lookup
+from deepmetric.losses.ap import (
+    FastAPLoss,
+    HistogramLoss,
+    SmoothAPLoss,
+    fast_ap_loss,
+    histogram_loss,
+    smooth_ap_loss,
+)
 from deepmetric.losses.contrastive import (
     ContrastiveLoss,
     LiftedStructLoss,
@@ -89,7 +99,9 @@ __all__ = [
     "AngularLoss",
     "CircleLoss",
     "ContrastiveLoss",
+    "FastAPLoss",
     "GeneralizedLiftedStructureLoss",
+    "HistogramLoss",
     "IntraPairVarianceLoss",
     "LiftedStructLoss",
     "MarginLoss",
@@ -102,6 +114,7 @@ __all__ = [
     "RankedListLoss",
     "SelfSupervisedLoss",
     "SignalToNoiseRatioContrastiveLoss",
+    "SmoothAPLoss",
     "SupConLoss",
     "ThresholdConsistentMarginLoss",
     "TripletBatchAllLoss",
@@ -114,7 +127,9 @@ __all__ = [
     "angular_loss",
     "circle_loss",
     "contrastive_loss",
+    "fast_ap_loss",
     "generalized_lifted_structure_loss",
+    "histogram_loss",
     "intra_pair_variance_loss",
     "lifted_struct_loss",
     "margin_loss",
@@ -128,6 +143,7 @@ __all__ = [
     "proxy_nca_loss",
     "ranked_list_loss",
     "signal_to_noise_ratio_contrastive_loss",
+    "smooth_ap_loss",
     "sup_con_loss",
     "threshold_consistent_margin_loss",
     "triplet_batch_all_loss",

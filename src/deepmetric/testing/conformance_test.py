@@ -20,6 +20,7 @@ ONE_SIDED = {
     "RankedListLoss",
     "SignalToNoiseRatioContrastiveLoss",
     "ThresholdConsistentMarginLoss",
+    "SmoothAPLoss",  # the anchor ranks itself: an anchor alone in its class has AP < 1
 }
 
 LOSSES = testing.metric_losses()
@@ -53,6 +54,9 @@ VARIANTS: dict[str, list[dict[str, object]]] = {
     "MarginLoss": [{"margin": 0.1, "beta": 0.8, "num_classes": 3}],
     "ThresholdConsistentMarginLoss": [{"margin_plus": 0.2, "margin_minus": -0.2}],
     "RankedListLoss": [{"margin": 0.6, "Tn": 3.0, "imbalance": 0.3, "alpha": 1.3, "Tp": 2.0}],
+    "FastAPLoss": [{"num_bins": 4}],
+    "HistogramLoss": [{"n_bins": 10}, {"delta": 0.3}],
+    "SmoothAPLoss": [{"temperature": 0.1}],
 }
 VARIANT_CHECKS = [
     "large_labels",
