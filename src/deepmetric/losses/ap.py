@@ -213,14 +213,16 @@ def histogram_loss(labels, embeddings, *, n_bins=None, delta=None):
 
     $$L = \sum_r p^-_r \, \Phi^+_r, \qquad \Phi^+_r = \sum_{q \le r} p^+_q$$
 
-    Pairs are unordered (each once). As in PML, a positive pair counts when its anchor has a
-    negative in the batch and a negative pair when one of its two examples has a positive
-    (the pairs of PML's triplets); a batch without any triplet gives 0. The per-anchor values
+    Pairs are unordered (each once). As in PML's code, a positive pair counts when its anchor
+    has a negative in the batch and a negative pair when one of its two examples has a positive
+    (the pairs of PML's triplets), and a batch without any triplet gives 0; the paper takes
+    every pair, which differs where two classes of one example each form a negative pair
+    (deepmetric follows PML; `ap_test.py` checks both against a loop). The per-anchor values
     are $B c_i / N^-$, with $c_i$ the anchor's negative pairs' share of $\sum_r p^-_r
     \Phi^+_r N^-$, so that their mean is L; since $\Phi^+$ is a batch-wide statistic with a
     gradient, the rows are not separable across devices. Same value and gradient as
     `pytorch_metric_learning.losses.HistogramLoss(n_bins, delta)` (its default distance
-    `CosineSimilarity()`); PML's code and the paper agree. Paper: "Learning Deep Embeddings
+    `CosineSimilarity()`). Paper: "Learning Deep Embeddings
     with Histogram Loss", NIPS 2016, arXiv:1611.00822.
 
     PML indexes nodes `floor((s + 1) / delta)` and `+1` without a bound, so it fails on a
