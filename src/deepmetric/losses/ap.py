@@ -38,6 +38,11 @@ from deepmetric.losses.base import (
     per_anchor_share,
 )
 
+# The entries of one block of FastAP and the histogram loss: b anchors x R pairs. A quarter
+# of `_blocks.BLOCK_ENTRIES`: each pair keeps more temporaries (its node index, its two
+# shares, the scatter-add's indices), so these losses run in blocks from B > 2048 (at B = 4096
+# on torch: about 2x the distance matrix's peak instead of 3x, for one more forward pass).
+HISTOGRAM_BLOCK_ENTRIES = 1 << 22
 # The entries of one Smooth-AP block: b anchors x R x R sigmoids (2^22 floats are 16 MB).
 SMOOTH_AP_BLOCK_ENTRIES = 1 << 22
 
@@ -58,34 +63,40 @@ def _count_option(name, default, none_allowed=False):
     return Option(name, default, lambda key, value: _count(key, value, none_allowed))
 
 
-def _row_histograms(positions, weights, num_nodes):
-    """Per row, the linear-interpolation histogram of `positions` (b, R) on nodes 0..n-1.
+def _row_histograms(positions, masks, num_nodes):
+    """Per row, the linear-interpolation histograms of `positions` (b, R) on nodes 0..n-1.
 
-    A value at position u between nodes r and r + 1 adds `w (r + 1 - u)` to node r and
-    `w (u - r)` to node r + 1 (PML's triangular pulses of FastAP, its density of the histogram
-    loss), for each (b, R) weight matrix of `weights`; positions outside [0, n - 1] use the
-    first or last interval. One scatter-add per weight matrix (`ops.segment_sum`), so time and
-    memory are O(b R) whatever the number of nodes. Returns a list of (b, n) histograms.
+    A value at position u between nodes r and r + 1 adds `r + 1 - u` to node r and `u - r` to
+    node r + 1 (PML's triangular pulses of FastAP, its density of the histogram loss), in the
+    histogram of the (b, R) boolean mask of `masks` that holds its entry (the masks are
+    disjoint); positions outside [0, n - 1] use the first or last interval (a NaN position the
+    first: the loss is NaN anyway). Two scatter-adds (`ops.segment_sum`) for all the masks, so
+    time and memory are O(b R) whatever the number of nodes. Returns a list of (b, n)
+    histograms, one per mask.
     """
-    finite = ops.equal(positions, positions)
-    lower = ops.where(finite, ops.floor(ops.where(finite, positions, 0.0)), 0.0)
+    not_nan = ops.equal(positions, positions)
+    lower = ops.where(not_nan, ops.floor(ops.where(not_nan, positions, 0.0)), 0.0)
     lower = ops.stop_gradient(ops.clip(lower, 0.0, float(num_nodes - 2)))
     upper_share = positions - lower
     rows = ops.shape(positions)[0]
-    offsets = ops.expand_dims(ops.arange(rows, dtype="int32") * num_nodes, 1)
-    ids = ops.reshape(ops.cast(lower, "int32") + offsets, (-1,))
-    histograms = []
-    for w in weights:
-        low = ops.reshape(ops.where(w, 1.0 - upper_share, 0.0), (-1,))
-        high = ops.reshape(ops.where(w, upper_share, 0.0), (-1,))
-        total = ops.segment_sum(low, ids, num_segments=rows * num_nodes)
-        total = total + ops.segment_sum(high, ids + 1, num_segments=rows * num_nodes)
-        histograms.append(ops.reshape(total, (rows, num_nodes)))
-    return histograms
+    per_mask = rows * num_nodes
+    ids = ops.cast(lower, "int32") + ops.expand_dims(ops.arange(rows, dtype="int32") * num_nodes, 1)
+    selected = masks[0]
+    for t, mask in enumerate(masks[1:], start=1):
+        ids = ops.where(mask, ids + t * per_mask, ids)
+        selected = ops.logical_or(selected, mask)
+    ids = ops.reshape(ids, (-1,))
+    low = ops.reshape(ops.where(selected, 1.0 - upper_share, 0.0), (-1,))
+    high = ops.reshape(ops.where(selected, upper_share, 0.0), (-1,))
+    total = ops.segment_sum(low, ids, num_segments=len(masks) * per_mask)
+    total = total + ops.segment_sum(high, ids + 1, num_segments=len(masks) * per_mask)
+    total = ops.reshape(total, (len(masks), rows, num_nodes))
+    return [total[t] for t in range(len(masks))]
 
 
 def _prepare(labels, embeddings):
-    """Checked labels and L2-normalised float32 embeddings (PML's default distances normalise)."""
+    """(labels, embeddings) checked, and the L2-normalised embeddings (PML's default
+    distances normalise)."""
     labels, embeddings, _, _ = loss_inputs(labels, embeddings)
     return labels, embeddings, distances_lib._l2_normalize(embeddings)
 
@@ -160,7 +171,9 @@ def fast_ap_loss(labels, embeddings, *, num_bins=10):
         loss = ops.where(scored, 1.0 - ap / ops.where(scored, num_pos, 1.0), 0.0)
         return loss, ops.cast(has_pos, ap.dtype)
 
-    loss, has_pos = _blocks.map_rows(block, [x, labels], [x, labels])
+    loss, has_pos = _blocks.map_rows(
+        block, [x, labels], [x, labels], max_entries=HISTOGRAM_BLOCK_ENTRIES
+    )
     return nonfinite_to_nan(per_anchor_share(loss, ops.sum(has_pos)), embeddings)
 
 
@@ -275,7 +288,9 @@ def histogram_loss(labels, embeddings, *, n_bins=None, delta=None):
         count = ops.sum(ops.cast(pos_pairs, s.dtype), axis=1)
         return h_pos, h_neg, count, ops.sum(ops.cast(neg_pairs, s.dtype), axis=1)
 
-    h_pos, h_neg, num_pos, num_neg = _blocks.map_rows(block, [x, labels], [x, labels, has_pos])
+    h_pos, h_neg, num_pos, num_neg = _blocks.map_rows(
+        block, [x, labels], [x, labels, has_pos], max_entries=HISTOGRAM_BLOCK_ENTRIES
+    )
     cdf_pos = ops.cumsum(ops.divide_no_nan(ops.sum(h_pos, axis=0), ops.sum(num_pos)))
     contributions = ops.sum(h_neg * ops.expand_dims(cdf_pos, 0), axis=1)
     return nonfinite_to_nan(per_anchor_share(contributions, ops.sum(num_neg)), embeddings)

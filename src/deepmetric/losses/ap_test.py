@@ -301,6 +301,7 @@ def test_blocks_equal_one_block(name, monkeypatch):
     expected = _backend.value_and_grad(objective, x, labels, compiled=compiled)
     monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 5 * 26)
     monkeypatch.setattr(ap, "SMOOTH_AP_BLOCK_ENTRIES", 5 * 26 * 26)
+    monkeypatch.setattr(ap, "HISTOGRAM_BLOCK_ENTRIES", 5 * 26)
     assert _blocks.block_size(26, 26) == 5
     got = _backend.value_and_grad(objective, x, labels, compiled=compiled)
     assert float(expected[0]) > 0.0
