@@ -43,8 +43,12 @@ from deepmetric.losses.base import (
 # shares, the scatter-add's indices), so these losses run in blocks from B > 2048 (at B = 4096
 # on torch: about 2x the distance matrix's peak instead of 3x, for one more forward pass).
 HISTOGRAM_BLOCK_ENTRIES = 1 << 22
-# The entries of one Smooth-AP block: b anchors x R x R sigmoids (2^22 floats are 16 MB).
-SMOOTH_AP_BLOCK_ENTRIES = 1 << 22
+# The entries of one Smooth-AP block: b anchors x R x R sigmoids (2^23 floats are 32 MB).
+# Not smaller: on torch, glibc's malloc serves freed tensors below 32 MB (its largest mmap
+# threshold) from its heap after the first free, and the heap of hundreds of blocks only grows
+# (at B = 512: 115 MB peak with 2^23, 920 MB with 2^22, 460 MB with 2^20; smaller blocks are
+# somewhat faster).
+SMOOTH_AP_BLOCK_ENTRIES = 1 << 23
 
 
 def _count(name, value, none_allowed=False):
@@ -333,7 +337,7 @@ def smooth_ap_loss(labels, embeddings, *, temperature=0.01):
     authors' code with their `num_id` = the number of classes, for any class size.
 
     The ranks compare every pair of an anchor's row: O(B^3) time, as PML and the authors, but
-    computed a few anchor rows at a time (at most 2^22 sigmoids per step), so memory is O(B^2)
+    computed a few anchor rows at a time (at most 2^23 sigmoids per step), so memory is O(B^2)
     where PML builds several B x B x B tensors.
 
     Args:
