@@ -38,16 +38,16 @@ from deepmetric.losses.base import (
     per_anchor_share,
 )
 
-# The entries of one block of FastAP and the histogram loss: b anchors x R pairs. A quarter
-# of `_blocks.BLOCK_ENTRIES`: each pair keeps more temporaries (its node index, its two
-# shares, the scatter-add's indices), so these losses run in blocks from B > 2048 (at B = 4096
-# on torch: about 2x the distance matrix's peak instead of 3x, for one more forward pass).
-HISTOGRAM_BLOCK_ENTRIES = 1 << 22
-# The entries of one Smooth-AP block: b anchors x R x R sigmoids (2^23 floats are 32 MB).
-# Not smaller: on torch, glibc's malloc serves freed tensors below 32 MB (its largest mmap
-# threshold) from its heap after the first free, and the heap of hundreds of blocks only grows
-# (at B = 512: 115 MB peak with 2^23, 920 MB with 2^22, 460 MB with 2^20; smaller blocks are
-# somewhat faster).
+# The entries of one block of FastAP and the histogram loss (b anchors x R pairs) and of one
+# Smooth-AP block (b anchors x R x R sigmoids): 2^23, so that one float temporary is 32 MB.
+# Half of `_blocks.BLOCK_ENTRIES` for FastAP and the histogram loss, since each pair keeps more
+# temporaries there (its node, its shares, the scatter's indices): they run in blocks from
+# B > 2896. Not smaller: on torch, glibc's malloc serves the freed tensors below 32 MB (its
+# largest mmap threshold) from its heap, which then grows with the number of blocks instead of
+# returning them (Smooth-AP with 2^21: 790 MB at B = 1024, 7.7 GB at B = 2048; with 2^23:
+# 119 MB at B = 1024; FastAP at B = 8192: 1.3 GB with 2^22, 0.8 GB with 2^23), for about twice
+# the time of smaller blocks on torch (the pages of every block are fresh).
+HISTOGRAM_BLOCK_ENTRIES = 1 << 23
 SMOOTH_AP_BLOCK_ENTRIES = 1 << 23
 
 
@@ -368,17 +368,15 @@ def smooth_ap_loss(labels, embeddings, *, temperature=0.01):
         num_columns = ops.shape(reference)[0]
         own = distances_lib.is_self(index, num_columns)
         in_class = ops.logical_or(positives, own)  # P_a: the anchor's class, itself included
-        s = ops.matmul(query, ops.transpose(reference))
-        # [a, j, k]: G(s_ak - s_aj) for k != j.
-        steps = ops.sigmoid((ops.expand_dims(s, 1) - ops.expand_dims(s, 2)) / temperature)
-        columns = ops.arange(num_columns, dtype="int32")
-        other = ops.not_equal(ops.expand_dims(columns, 1), ops.expand_dims(columns, 0))
-        steps = ops.where(ops.expand_dims(other, 0), steps, 0.0)
-        rank = 1.0 + ops.sum(steps, axis=2)
-        rank_in_class = 1.0 + ops.sum(ops.where(ops.expand_dims(in_class, 1), steps, 0.0), axis=2)
+        scaled = ops.matmul(query, ops.transpose(reference)) / temperature
+        # [a, j, k]: G(s_ak - s_aj). Two (b, R, R) temporaries only: the k = j term is
+        # G(0) = 1/2 exactly (with a zero gradient), so 1 + sum_{k != j} is 1/2 + sum_k.
+        steps = ops.sigmoid(ops.expand_dims(scaled, 1) - ops.expand_dims(scaled, 2))
+        members = ops.cast(in_class, scaled.dtype)
+        rank = 0.5 + ops.sum(steps, axis=2)
+        rank_in_class = 0.5 + ops.einsum("ajk,ak->aj", steps, members)
         ratios = ops.where(in_class, rank_in_class / rank, 0.0)
-        size = ops.sum(ops.cast(in_class, s.dtype), axis=1)
-        return (1.0 - ops.sum(ratios, axis=1) / size,)
+        return (1.0 - ops.sum(ratios, axis=1) / ops.sum(members, axis=1),)
 
     num_columns = x.shape[0]
     entries = None if num_columns is None else max(1, SMOOTH_AP_BLOCK_ENTRIES // num_columns)
