@@ -16,6 +16,8 @@
 - `ranking`: pytorch-metric-learning's ranked list loss.
 - `pnp`: pytorch-metric-learning's PNP loss (negatives before positives, over triplets).
 - `dynamic_soft_margin`: pytorch-metric-learning's dynamic soft margin loss (a histogram as state).
+- `ap`: pytorch-metric-learning's average-precision and histogram losses: FastAP, histogram,
+  Smooth-AP.
 - `self_supervised`: two-view losses on `y_pred` of shape (B, 2, D): VICReg and the
   `SelfSupervisedLoss` wrapper.
 - `npairs`: N-pairs losses on a given similarity matrix (TFA).
@@ -30,6 +32,14 @@ Every public loss function and class is registered with Keras under `deepmetric>
 import keras
 
 from deepmetric._api import lookup
+from deepmetric.losses.ap import (
+    FastAPLoss,
+    HistogramLoss,
+    SmoothAPLoss,
+    fast_ap_loss,
+    histogram_loss,
+    smooth_ap_loss,
+)
 from deepmetric.losses.contrastive import (
     ContrastiveLoss,
     LiftedStructLoss,
@@ -97,7 +107,9 @@ __all__ = [
     "CircleLoss",
     "ContrastiveLoss",
     "DynamicSoftMarginLoss",
+    "FastAPLoss",
     "GeneralizedLiftedStructureLoss",
+    "HistogramLoss",
     "IntraPairVarianceLoss",
     "LiftedStructLoss",
     "MarginLoss",
@@ -111,6 +123,7 @@ __all__ = [
     "RankedListLoss",
     "SelfSupervisedLoss",
     "SignalToNoiseRatioContrastiveLoss",
+    "SmoothAPLoss",
     "SupConLoss",
     "ThresholdConsistentMarginLoss",
     "TripletBatchAllLoss",
@@ -124,7 +137,9 @@ __all__ = [
     "circle_loss",
     "contrastive_loss",
     "dynamic_soft_margin_loss",
+    "fast_ap_loss",
     "generalized_lifted_structure_loss",
+    "histogram_loss",
     "intra_pair_variance_loss",
     "lifted_struct_loss",
     "margin_loss",
@@ -139,6 +154,7 @@ __all__ = [
     "proxy_nca_loss",
     "ranked_list_loss",
     "signal_to_noise_ratio_contrastive_loss",
+    "smooth_ap_loss",
     "sup_con_loss",
     "threshold_consistent_margin_loss",
     "triplet_batch_all_loss",

@@ -20,6 +20,7 @@ ONE_SIDED = {
     "RankedListLoss",
     "SignalToNoiseRatioContrastiveLoss",
     "ThresholdConsistentMarginLoss",
+    "SmoothAPLoss",  # the anchor ranks itself: an anchor alone in its class has AP < 1
 }
 
 # Checks that compare two calls of one loss object, which a stateful loss cannot pass: each
@@ -72,6 +73,9 @@ VARIANTS: dict[str, list[dict[str, object]]] = {
     ],
     "DynamicSoftMarginLoss": [{"momentum": 1.0, "num_bins": 7, "min_val": -2.5}],
     "RankedListLoss": [{"margin": 0.6, "Tn": 3.0, "imbalance": 0.3, "alpha": 1.3, "Tp": 2.0}],
+    "FastAPLoss": [{"num_bins": 4}],
+    "HistogramLoss": [{"n_bins": 10}, {"delta": 0.3}],
+    "SmoothAPLoss": [{"temperature": 0.1}],
 }
 VARIANT_CHECKS = [
     "large_labels",
