@@ -325,3 +325,91 @@ def test_bad_files_are_named_in_one_line(tmp_path, make, match):
 def test_split_names_the_class_with_one_example():
     with pytest.raises(DataError, match=r"class 'emu' has 1 example"):
         datasets.split_samples(np.array(["cat", "cat", "dog", "dog", "emu"]))
+
+
+def test_load_glyphs_has_many_classes_of_uint8_images():
+    data = datasets.load_glyphs(examples_per_class=3)
+    names = datasets.glyph_classes()
+    assert len(names) >= 100 and data.class_names == names
+    assert data.x.shape == (3 * len(names), 32, 32, 1) and data.x.dtype == np.uint8
+    assert data.y.tolist() == np.repeat(np.arange(len(names)), 3).tolist()
+    assert data.pixel_scale == 1 / 255 and data.is_image
+    assert len(set(names)) == len(names) and all(len(c) == 1 for c in names)
+    assert datasets.load("glyphs").x.shape[1:] == (32, 32, 1)
+
+
+def test_load_glyphs_is_deterministic_per_seed():
+    first = datasets.load_glyphs(classes=12, examples_per_class=6, seed=3)
+    again = datasets.load_glyphs(classes=12, examples_per_class=6, seed=3)
+    other = datasets.load_glyphs(classes=12, examples_per_class=6, seed=4)
+    np.testing.assert_array_equal(first.x, again.x)
+    assert first.y.tolist() == other.y.tolist()
+    # every image of another seed differs (another font, angle, scale, shift or noise)
+    assert (first.x != other.x).reshape(len(first.x), -1).any(axis=1).all()
+
+
+def test_load_glyphs_classes_and_size():
+    data = datasets.load_glyphs(classes="ЖAb", examples_per_class=2, size=24)
+    assert data.class_names == ["Ж", "A", "b"] and data.x.shape == (6, 24, 24, 1)
+    assert datasets.load_glyphs(classes=5, examples_per_class=1).class_names == list("01234")
+
+
+def test_glyph_images_are_never_blank():
+    """Every image shows its glyph: at least 4 pixels above 96 of 255, which the pixel
+    noise alone (standard deviation at most 0.08 * 255 = 20) reaches with a probability
+    of about 1e-6 per pixel."""
+    x = datasets.load_glyphs().x[..., 0]
+    assert ((x > 96).sum(axis=(1, 2)) >= 4).all()
+    assert (x[:, 0, :] < 96).mean() > 0.99  # and the glyphs stay inside the frame
+
+
+def test_glyph_classes_are_distinct_characters_of_their_fonts():
+    """No class is a homoglyph of another (Greek and Cyrillic A are Latin A's outline),
+    no font draws a character it lacks (glyph index 0), and no two renders in the data
+    are the same glyph: not two classes in one font, not one class in two fonts."""
+    from matplotlib.ft2font import FT2Font
+
+    names = datasets.glyph_classes()
+    for homoglyph in ("\u0391", "\u0410", "\u043e", "\u0440", "\u0421"):  # Α А о р С
+        assert homoglyph not in names
+    for kept in ("A", "a", "\u0416", "\u043f", "\u03bb", "\u00df"):  # Ж п λ ß
+        assert kept in names
+    table = datasets._glyph_table()
+    renders = datasets._font_renders(64)
+    candidates = datasets._glyph_candidates()
+    for font in datasets.GLYPH_FONTS:
+        charmap = FT2Font(str(datasets._font_dir() / f"{font}.ttf"))
+        chars = [c for c, fonts in table if font in fonts]
+        assert all(charmap.get_char_index(ord(c)) for c in chars), font
+        if chars:
+            masks = renders[font][[candidates.index(c) for c in chars]] > 127
+            same = datasets._same_glyphs(masks)
+            assert same.sum() == len(chars), font  # each class only equals itself
+    for char, fonts in table:
+        assert len(fonts) >= datasets.GLYPH_MIN_FONTS
+        masks = np.stack([renders[f][candidates.index(char)] for f in fonts]) > 127
+        assert datasets._same_glyphs(masks).sum() == len(fonts), char
+    templates, owner = datasets._glyph_templates(32)
+    flat = templates[:, 1].reshape(len(templates), -1)
+    _, first = np.unique(flat, axis=0, return_index=True)
+    assert len(first) == len(flat)  # no render twice, within a class or across classes
+    assert owner.tolist() == sorted(owner.tolist()) and set(owner.tolist()) == set(
+        range(len(names))
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"classes": "A!"}, "not classes: '!'"),
+        ({"classes": "AA"}, "distinct characters"),
+        ({"classes": 0}, "from 1 to"),
+        ({"classes": 1.5}, "None, a number of classes or a string"),
+        ({"examples_per_class": 0}, "at least 1"),
+        ({"size": 8}, "from 16 to 128"),
+        ({"size": 32.0}, "`size` must be an int"),
+    ],
+)
+def test_load_glyphs_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        datasets.load_glyphs(**kwargs)

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from deepmetric import datasets
-from deepmetric.cli.parser import CliError, note
+from deepmetric.cli.parser import BUNDLED_DATA, CliError, note
 from deepmetric.evaluation import retrieval_metrics
 
 SKIPPED = "skipping unreadable image "
@@ -44,7 +44,7 @@ def load_data_and_paths(spec: str) -> tuple[datasets.Dataset, list[str] | None]:
 
 def _image_paths(spec: str, data: datasets.Dataset, skipped: set[str]) -> list[str] | None:
     folder = Path(os.path.expanduser(str(spec)))
-    if spec == "digits" or not folder.is_dir() or not data.is_image:
+    if spec in BUNDLED_DATA or not folder.is_dir() or not data.is_image:
         return None
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     paths = [

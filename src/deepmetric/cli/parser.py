@@ -24,9 +24,15 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
+# The data sets that --data names instead of a path (deepmetric.datasets.load): they ship
+# with the dependencies, nothing is downloaded.
+BUNDLED_DATA = ("digits", "glyphs")
+
 DATA_FORMATS = """\
 --data formats:
   digits                 scikit-learn's 8x8 digits (1797 images, 10 classes; the default)
+  glyphs                 characters drawn from matplotlib's fonts with seeded augmentation
+                         (7720 32x32 images, 193 classes: deepmetric.datasets.load_glyphs)
   DIR/<class>/<image>    a folder with one sub-folder of images per class (PIL formats);
                          all images take the mode and size of the first readable one
   DIR with IDX files     MNIST format: *images-idx3-ubyte[.gz] beside *labels-idx1-ubyte[.gz]
@@ -59,6 +65,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "schedule": "constant",
     "warmup_steps": 0,
     "seed": 0,
+    "split_seed": None,  # the held-out split is drawn with --seed
     "test_size": 0.3,
     "split": "samples",
     "map_method": "pca",
@@ -155,8 +162,8 @@ def _add_data_split(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         default="digits",
-        help="'digits' (default), an image folder, an .npz with x and y, or IDX files "
-        "(formats below)",
+        help="'digits' (default), 'glyphs', an image folder, an .npz with x and y, or IDX "
+        "files (formats below)",
     )
     p.add_argument(
         "--split",
@@ -177,8 +184,8 @@ def _add_train(t: argparse.ArgumentParser) -> None:
     # the options given on the command line from the saved ones.
     t.add_argument(
         "--data",
-        help=f"data set: digits, an image folder, an .npz or IDX files, see the formats below "
-        f"(default: {d['data']})",
+        help=f"data set: digits, glyphs, an image folder, an .npz or IDX files, see the formats "
+        f"below (default: {d['data']})",
     )
     t.add_argument(
         "--loss",
@@ -218,6 +225,12 @@ def _add_train(t: argparse.ArgumentParser) -> None:
         "--warmup-steps", type=_nonnegative_int, help="linear warm-up steps (default: 0)"
     )
     t.add_argument("--seed", type=int, help="seed of the split, the weights, the batches")
+    t.add_argument(
+        "--split-seed",
+        type=int,
+        help="seed of the held-out split alone (default: --seed): several --seed values on "
+        "one split",
+    )
     t.add_argument(
         "--test-size", type=_fraction, help="held-out fraction of the data (default 0.3)"
     )
@@ -432,8 +445,9 @@ def _check_output_file(path: str, option: str, force: bool) -> None:
 
 
 def check_data_path(spec: str) -> None:
-    """CliError unless --data is "digits" or an existing path (the loader checks the rest)."""
-    if spec != "digits" and not os.path.exists(os.path.expanduser(spec)):
+    """CliError unless --data names a bundled data set (`BUNDLED_DATA`) or an existing path
+    (the loader checks the rest)."""
+    if spec not in BUNDLED_DATA and not os.path.exists(os.path.expanduser(spec)):
         raise CliError(f"{os.path.expanduser(spec)}: no such file or folder")
 
 

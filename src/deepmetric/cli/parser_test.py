@@ -135,6 +135,8 @@ print(json.dumps([code, sorted({m.split(".")[0] for m in sys.modules} & set(heav
         ["train", "--loss", "proxy_nca", "--margin", "0.1"],
         ["train", "--optimizer", "lamb"],
         ["train", "--split", "folds"],
+        ["train", "--data", "glyphs", "--epochs", "0"],
+        ["train", "--data", "glyphs", "--split-seed", "x"],
         ["train", "--resume"],
         ["frobnicate"],
     ],

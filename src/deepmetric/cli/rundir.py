@@ -59,6 +59,7 @@ FIXED_ON_RESUME = (
     "schedule",
     "warmup_steps",
     "seed",
+    "split_seed",
     "test_size",
     "split",
 )

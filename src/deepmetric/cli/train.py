@@ -41,8 +41,9 @@ def train(run: RunDirectory, *, verbose: bool = True, devices: Devices | None = 
     if objective.is_head and not run.resuming:
         objective.head(2)  # a bad --margin fails before the data load
     dataset, paths = data.load_data_and_paths(config["data"])
+    split_seed = config["seed"] if config.get("split_seed") is None else config["split_seed"]
     train_rows, test_rows = data.split_indices(
-        dataset, config["test_size"], config["seed"], config["split"]
+        dataset, config["test_size"], split_seed, config["split"]
     )
     x_train, x_test = dataset.x[train_rows], dataset.x[test_rows]
     y_train, y_test = dataset.y[train_rows], dataset.y[test_rows]

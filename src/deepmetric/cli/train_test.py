@@ -186,6 +186,29 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     assert not (tmp_path / "r.partial").exists()
 
 
+@pytest.mark.slow
+def test_train_on_the_glyphs_with_a_fixed_split_seed(tmp_path):
+    """`--data glyphs` trains on the bundled many-class glyphs; `--split-seed` draws the
+    held-out classes apart from `--seed` (the weights and batches)."""
+    args = ["train", *SMALL, "--data", "glyphs", "--split", "classes", "--test-size", "0.1"]
+    assert cli.main([*args, "--seed", "1", "--split-seed", "5", "--out", str(tmp_path)]) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == "glyphs" and config["split_seed"] == 5 and config["seed"] == 1
+    glyphs = datasets.load_glyphs()
+    _, test = datasets.split_classes(glyphs.y, 0.1, seed=5)
+    _, other = datasets.split_classes(glyphs.y, 0.1, seed=1)
+    names = np.asarray(glyphs.class_names)
+    meta = (run / "meta.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    held_out = sorted({line.split("\t")[1] for line in meta})
+    assert held_out == sorted(set(names[glyphs.y[test]])) != sorted(set(names[glyphs.y[other]]))
+    assert len(held_out) == round(0.1 * len(names)) and config["num_train"] == len(glyphs.y) - len(
+        test
+    )
+    metrics = json.loads((run / "metrics.json").read_text())["after"]
+    assert 0 < metrics["map_at_r"] <= 1
+
+
 def test_console_script(run, tmp_path):
     script = Path(sys.executable).with_name("deepmetric")
     env = dict(os.environ, KERAS_BACKEND=keras.backend.backend())
