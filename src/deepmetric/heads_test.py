@@ -483,10 +483,13 @@ def test_margin_beta_equals_pytorch_metric_learning(num_classes):
 
 
 def test_margin_beta_trains_and_saves():
-    """A short fit moves the betas and lowers the loss; `.keras` keeps the layer and them."""
+    """A short fit moves the betas and lowers the loss; `.keras` keeps the layer and them.
+    Seeded: the margin loss of a shuffled batch of 12 is noisy, and from some unseeded starts
+    the last epoch's loss was above the first's."""
     import os
     import tempfile
 
+    keras.utils.set_random_seed(0)
     labels, x = data(36)
     images = keras.Input((5,))
     label_input = keras.Input((), dtype="int32")
