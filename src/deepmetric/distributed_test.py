@@ -304,15 +304,13 @@ def _split_batch():
     return x, y, w, [(y[:7], x[:7], w[:7]), (y[7:], x[7:], w[7:])]
 
 
-@pytest.mark.parametrize("name", _reference_losses())
-def test_own_rows_against_the_global_batch_sum_to_the_global_loss(name):
-    """Each replica scores its rows against the gathered batch, with the counts summed over
-    the replicas: the replicas' shares add up to the loss of the global batch (and each
-    replica's values are not its local loss). Replicas of unequal sizes (7 and 9 rows). A
-    loss whose rows are not separable (`separable_rows=False`) takes the whole-batch path, as
-    `MetricLoss.__call__` does."""
+def assert_global_batch_on_two_replicas(loss):
+    """Each replica (threads, 7 and 9 rows) scores its rows against the gathered batch, with the
+    counts summed over the replicas: the replicas' shares add up to the loss of the global batch
+    (and each replica's values are not its local loss). A loss whose rows are not separable
+    (`separable_rows=False`), or that takes no reference set, takes the whole-batch path, as
+    `MetricLoss.__call__` does. Shared with the loss tests (ap, pnp, dynamic soft margin)."""
     x, y, _, parts = _split_batch()
-    loss = getattr(losses, name)()
     hook = loss.call_with_reference if loss.separable_rows else None
 
     def share(replicas, part):
@@ -324,6 +322,16 @@ def test_own_rows_against_the_global_batch_sum_to_the_global_loss(name):
     np.testing.assert_allclose(sum(_on_two_replicas(share, parts)), expected, rtol=1e-5, atol=1e-6)
     local = sum(float(ops.convert_to_numpy(loss(p[0], p[1]))) * len(p[0]) / 16 for p in parts)
     assert abs(local - expected) > 1e-4
+
+
+@pytest.mark.parametrize("name", _reference_losses())
+def test_own_rows_against_the_global_batch_sum_to_the_global_loss(name):
+    """Each replica scores its rows against the gathered batch, with the counts summed over
+    the replicas: the replicas' shares add up to the loss of the global batch (and each
+    replica's values are not its local loss). Replicas of unequal sizes (7 and 9 rows). A
+    loss whose rows are not separable (`separable_rows=False`) takes the whole-batch path, as
+    `MetricLoss.__call__` does."""
+    assert_global_batch_on_two_replicas(getattr(losses, name)())
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean_with_sample_weight", "sum_over_batch_size"])

@@ -62,6 +62,20 @@ class Mined(NamedTuple):
     negative_counts: Any = None
     triplets: bool = False
 
+    @classmethod
+    def of_rule(cls, rule, positives, negatives, order=None):
+        """The triplets that `rule` keeps among positives x negatives of each anchor, with the
+        number of kept triplets of each pair."""
+        per_positive, per_negative = mining.rule_pair_counts(rule, positives, negatives, order)
+        return cls(
+            ops.greater(per_positive, 0.0),
+            ops.greater(per_negative, 0.0),
+            rule,
+            per_positive,
+            per_negative,
+            triplets=True,
+        )
+
     def pair_counts(self):
         """float32 (B, R) multiplicities of the positive and negative pairs."""
         if self.positive_counts is not None:
@@ -302,15 +316,7 @@ class TripletMarginMiner(Miner):
 
     def _select(self, gaps, positives, negatives, order):
         rule = mining.TripletRule(gaps, *self.bounds())
-        per_positive, per_negative = mining.rule_pair_counts(rule, positives, negatives, order)
-        return Mined(
-            ops.greater(per_positive, 0.0),
-            ops.greater(per_negative, 0.0),
-            rule,
-            per_positive,
-            per_negative,
-            triplets=True,
-        )
+        return Mined.of_rule(rule, positives, negatives, order)
 
     def get_config(self):
         return {
@@ -551,15 +557,7 @@ class AngularMiner(Miner):
 
     def mine_rows(self, query, reference, self_index, positives, negatives, order=None):
         rule = mining.AngleRule(query, reference, math.radians(self.angle))
-        per_positive, per_negative = mining.rule_pair_counts(rule, positives, negatives, order)
-        return Mined(
-            ops.greater(per_positive, 0.0),
-            ops.greater(per_negative, 0.0),
-            rule,
-            per_positive,
-            per_negative,
-            triplets=True,
-        )
+        return Mined.of_rule(rule, positives, negatives, order)
 
     def get_config(self):
         return {"angle": self.angle, **super().get_config()}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from deepmetric import _backend, _blocks, distributed, losses
-from deepmetric.distributed_test import _on_two_replicas, _split_batch
+from deepmetric import _backend, _blocks, losses
+from deepmetric.distributed_test import assert_global_batch_on_two_replicas
 from deepmetric.losses import ap
 from deepmetric.losses.pair_test import (
     _assert_close,
@@ -313,21 +313,11 @@ def test_replicas_shares_sum_to_the_global_loss():
     and keeping its rows (its rows are not separable; FastAP and Smooth-AP take the same path,
     having no reference set): their shares add up to the loss of the global batch, which
     differs from the local losses."""
-    x, y, _, parts = _split_batch()
     loss = losses.HistogramLoss()
     assert not loss.separable_rows and losses.FastAPLoss().separable_rows
-    hook = None  # `MetricLoss.__call__` passes no hook: no loss here takes a reference set
+    # `MetricLoss.__call__` passes no reference set: no loss here takes one.
     assert all(cls().call_with_reference is None for _, cls, _, _ in LOSSES.values())
-
-    def share(replicas, part):
-        labels, embeddings = ops.convert_to_tensor(part[0]), ops.convert_to_tensor(part[1])
-        values, total = distributed.global_values(replicas, loss.call, labels, embeddings, hook)
-        return distributed.global_share(replicas, values, total)
-
-    expected = float(ops.convert_to_numpy(loss(y, x)))
-    np.testing.assert_allclose(sum(_on_two_replicas(share, parts)), expected, rtol=1e-5, atol=1e-6)
-    local = sum(float(ops.convert_to_numpy(loss(p[0], p[1]))) * len(p[0]) / 16 for p in parts)
-    assert abs(local - expected) > 1e-4
+    assert_global_batch_on_two_replicas(loss)
 
 
 # --- Classes and options. ---

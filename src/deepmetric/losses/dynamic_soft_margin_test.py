@@ -297,6 +297,6 @@ def test_integral_float_bins():
 def test_global_batch_on_two_replicas():
     """`momentum=1.0`: every call weighs by its own batch's histogram (the replicas' calls and
     the reference call do not depend on the order in which they advance the state)."""
-    from deepmetric.losses.pnp_test import check_global_batch_on_two_replicas
+    from deepmetric.distributed_test import assert_global_batch_on_two_replicas
 
-    check_global_batch_on_two_replicas(losses.DynamicSoftMarginLoss(momentum=1.0))
+    assert_global_batch_on_two_replicas(losses.DynamicSoftMarginLoss(momentum=1.0))

@@ -167,26 +167,9 @@ def test_pnp_bad_options(options, error, message):
         pnp.pnp_loss(np.array([0, 0]), np.eye(2, dtype="float32"), **options)
 
 
-def check_global_batch_on_two_replicas(loss):
-    """Across two replicas (threads, 7 and 9 rows), the replicas' shares add up to the loss of
-    the global batch (the whole-batch path: no reference set), which is not the mean of the
-    local losses. Shared with `dynamic_soft_margin_test.py`."""
-    from deepmetric import distributed
-    from deepmetric.distributed_test import _on_two_replicas, _split_batch
-
-    x, y, _, parts = _split_batch()
-    assert loss.call_with_reference is None or not loss.separable_rows
-
-    def share(replicas, part):
-        labels, embeddings = ops.convert_to_tensor(part[0]), ops.convert_to_tensor(part[1])
-        values, total = distributed.global_values(replicas, loss.call, labels, embeddings, None)
-        return distributed.global_share(replicas, values, total)
-
-    expected = float(ops.convert_to_numpy(loss(y, x)))
-    np.testing.assert_allclose(sum(_on_two_replicas(share, parts)), expected, rtol=1e-5, atol=1e-6)
-    local = sum(float(ops.convert_to_numpy(loss(p[0], p[1]))) * len(p[0]) / 16 for p in parts)
-    assert abs(local - expected) > 1e-4
-
-
 def test_pnp_global_batch_on_two_replicas():
-    check_global_batch_on_two_replicas(losses.PNPLoss(anneal=0.1))
+    from deepmetric.distributed_test import assert_global_batch_on_two_replicas
+
+    loss = losses.PNPLoss(anneal=0.1)
+    assert loss.call_with_reference is None
+    assert_global_batch_on_two_replicas(loss)
