@@ -53,9 +53,11 @@ def test_hand_computed_line():
 
 @pytest.mark.parametrize("margin", [1.3, 0.2])
 @pytest.mark.parametrize("exclude", [False, True])
-def test_large_reference_set_uses_sampled_threshold(monkeypatch, margin, exclude):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_large_reference_set_uses_sampled_threshold(monkeypatch, margin, exclude, threads):
     """40,000 references take the sampled-threshold path of the numpy search, by
-    blocks of columns (3,000 a block here, so that the last block is partial).
+    blocks of columns (3,000 a block here, so that the last block is partial), on
+    one thread or on `threads` slices of the queries (two queries a thread at least).
 
     Integer coordinates make float32 distances exact, with many exact ties, so
     the neighbours must equal the float64 brute force exactly, ties broken by
@@ -65,12 +67,20 @@ def test_large_reference_set_uses_sampled_threshold(monkeypatch, margin, exclude
     """
     monkeypatch.setattr(index, "_MARGIN", margin)
     monkeypatch.setattr(index, "_BLOCK", 3000)
+    monkeypatch.setattr(index, "_MIN_ROWS", 2)
+    monkeypatch.setattr(index, "_threads", lambda: threads)
     reference = grid_points(40_000, seed=7)
     rows = np.array([0, 5, 2999, 3000, 20_000, 39_999])
     queries = reference[rows] if exclude else grid_points(12, seed=8)
     search = ExactSearch(reference)
     assert search._blocked(25)
+    slices = []
+    blocked = search._search_blocked
+    monkeypatch.setattr(
+        search, "_search_blocked", lambda q, *a: slices.append(len(q)) or blocked(q, *a)
+    )
     found = search.search(queries, 25, exclude=rows if exclude else None)
+    assert len(slices) == threads and sum(slices) == len(queries)
     want_d, want_i = brute_force(queries, reference, 25)
     if exclude:
         d = np.sqrt(((queries[:, None, :] - reference[None]) ** 2).sum(-1, dtype=np.float64))
