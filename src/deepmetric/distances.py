@@ -282,6 +282,65 @@ class LpDistance(Distance):
         )
 
 
+# Signal-to-noise ratios below this count as 0: float32 rounding of the matrix-product form
+# leaves about 1e-7 of the query's variance where two rows are equal.
+_SNR_FLOOR = 1e-6
+# Centred squared norms below this are taken as this in the ratio's denominator, so an
+# all-zero or constant row gives finite values.
+_SNR_VARIANCE_FLOOR = 1e-12
+
+
+def _centred(x):
+    return x - ops.mean(x, axis=-1, keepdims=True)
+
+
+@export
+class SNRDistance(Distance):
+    r"""pytorch-metric-learning's `SNRDistance`: the signal-to-noise ratio of two rows.
+
+    $$d(x_i, x_j) = \operatorname{var}(x_j - x_i) / \operatorname{var}(x_i)$$
+
+    (the variances over the D components; not symmetric: the query's variance is the signal).
+    With `normalize_embeddings` (the default, as in PML) the rows are L2-normalised first. With
+    $c = x - \bar x$ (each row minus its mean), $(D - 1)\operatorname{var}(x_i - x_j) =
+    |c_i - c_j|^2$ and $(D - 1)\operatorname{var}(x_i) = |c_i|^2$, so the matrix is one matrix
+    product of the centred rows: O(B^2) memory where PML builds the (B, R, D) differences.
+    Ratios below 1e-6 (float32 rounding where two rows are equal) count as 0, the pair of a row
+    with itself is exactly 0, and a row of zero variance gives finite values (PML divides by 0).
+    Paper: Yuan et al., "Signal-To-Noise Ratio: A Robust Distance Metric for Deep Metric
+    Learning", CVPR 2019, arXiv:1904.02616.
+
+    >>> SNRDistance()
+    SNRDistance(normalize_embeddings=True)
+    """
+
+    def __init__(self, normalize_embeddings=True):
+        self.normalize_embeddings = bool(normalize_embeddings)
+
+    def _prepare(self, x):
+        return _centred(_l2_normalize(x) if self.normalize_embeddings else x)
+
+    def _matrix(self, query, reference, self_index):
+        q, r = self._prepare(query), self._prepare(reference)
+        variance = ops.maximum(ops.expand_dims(_squared_norms(q), 1), _SNR_VARIANCE_FLOOR)
+        ratio = _squared_euclidean(q, r) / variance
+        ratio = ops.where(ops.greater(ratio, _SNR_FLOOR), ratio, 0.0)
+        if self_index is not None:
+            ratio = ops.where(is_self(self_index, ops.shape(r)[0]), 0.0, ratio)
+        return ratio
+
+    def _paired(self, x, y):
+        cx, cy = self._prepare(x), self._prepare(y)
+        variance = ops.maximum(ops.sum(ops.square(cx), axis=-1), _SNR_VARIANCE_FLOOR)
+        return ops.sum(ops.square(cx - cy), axis=-1) / variance
+
+    def get_config(self):
+        return {"normalize_embeddings": self.normalize_embeddings}
+
+    def __repr__(self):
+        return f"SNRDistance(normalize_embeddings={self.normalize_embeddings})"
+
+
 class _CallableDistance(Distance):
     """Wraps a user callable `f(embeddings) -> (B, B)` distances (TFA's `distance_metric`).
 
@@ -330,6 +389,8 @@ _NAMES = {
     "dot_product_similarity": lambda: DotProductSimilarity(),
     "lp": lambda: LpDistance(),
     "lp_distance": lambda: LpDistance(),
+    "snr": lambda: SNRDistance(),
+    "snr_distance": lambda: SNRDistance(),
 }
 
 
@@ -341,6 +402,7 @@ _CLASS_NAMES = {
         CosineSimilarity,
         DotProductSimilarity,
         LpDistance,
+        SNRDistance,
     )
 }
 
@@ -352,8 +414,9 @@ def get(identifier, name: str = "distance") -> Distance:
     "squared_euclidean", "angular", "cosine" / "cosine_similarity",
     "dot" / "dot_product" / "dot_product_similarity" (the plain inner product), "lp" /
     "lp_distance" (pytorch-metric-learning's default `LpDistance()`: Euclidean distance of the
-    L2-normalised rows). Class names ("LpDistance", "CosineSimilarity", ...) work too. A plain
-    callable is taken as TFA's `distance_metric`:
+    L2-normalised rows), "snr" / "snr_distance" (pytorch-metric-learning's `SNRDistance()`, the
+    signal-to-noise ratio of the L2-normalised rows). Class names ("LpDistance",
+    "CosineSimilarity", ...) work too. A plain callable is taken as TFA's `distance_metric`:
     it receives the (B, D) embeddings and returns the (B, B) distance matrix.
 
     >>> get("L2")

@@ -43,6 +43,21 @@ def test_zero_distance_has_finite_zero_gradient():
     assert np.all(grad_e == 0.0)
 
 
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _snr_loop(q, r):
+    """PML's SNRDistance from its definition, a pair at a time: var(r_j - q_i) / var(q_i)
+    (unbiased variances over the components, as torch.var)."""
+    q, r = np.asarray(q, np.float64), np.asarray(r, np.float64)
+    out = np.empty((len(q), len(r)))
+    for i in range(len(q)):
+        for j in range(len(r)):
+            out[i, j] = np.var(r[j] - q[i], ddof=1) / np.var(q[i], ddof=1)
+    return out
+
+
 def test_half_precision_inputs_compute_in_float32():
     x = _x(3).astype("float16")
     d = distances.pairwise_distance(x)
@@ -62,6 +77,7 @@ def test_half_precision_inputs_compute_in_float32():
             ),
         ),
         ("dot", lambda q, r: q @ r.T),
+        ("snr", lambda q, r: _snr_loop(_unit(q), _unit(r))),
         (
             "lp",
             lambda q, r: np.sqrt(
@@ -102,6 +118,7 @@ def test_distance_serialization_round_trip():
         distances.CosineSimilarity(),
         distances.LpDistance(normalize_embeddings=False, power=2),
         distances.DotProductSimilarity(normalize_embeddings=True),
+        distances.SNRDistance(normalize_embeddings=False),
     ):
         config = keras.saving.serialize_keras_object(distance)
         assert keras.saving.deserialize_keras_object(config) == distance
@@ -120,7 +137,7 @@ def test_embeddings_must_be_rank_two():
         distances.pairwise_distance(np.zeros((2, 3, 4), "float32"))
 
 
-@pytest.mark.parametrize("name", ["L2", "squared-L2", "angular", "cosine", "dot", "lp"])
+@pytest.mark.parametrize("name", ["L2", "squared-L2", "angular", "cosine", "dot", "lp", "snr"])
 def test_matrix_rows_of_a_self_comparison_equal_the_whole_matrix(name):
     """`matrix(x[index], x, self_index=index)` is those rows of `matrix(x)` (self-pairs
     included, exactly 0 for the Euclidean distances); `rows` is the same entry point."""
@@ -133,7 +150,7 @@ def test_matrix_rows_of_a_self_comparison_equal_the_whole_matrix(name):
     rows = distance.rows(ops.take(x, index, axis=0), x, index)
     np.testing.assert_array_equal(ops.convert_to_numpy(rows), ops.convert_to_numpy(block))
     np.testing.assert_allclose(ops.convert_to_numpy(distance(x)), whole, rtol=1e-6, atol=1e-6)
-    if name in ("L2", "squared-L2", "lp"):
+    if name in ("L2", "squared-L2", "lp", "snr"):
         assert np.all(np.diag(whole) == 0.0)
 
 
@@ -159,6 +176,63 @@ def test_pml_distances_by_name_and_options():
     assert distances.get("CosineSimilarity") == distances.CosineSimilarity()
     with pytest.raises(ValueError, match="`p` must be 2"):
         distances.LpDistance(p=1)
+
+
+def test_snr_distance_without_normalisation_duplicates_and_constant_rows():
+    """Unnormalised rows against the loop (scale matters: the query's variance is the signal);
+    a duplicate row is exactly 0 (the matrix-product form's rounding is floored), a constant
+    row gives finite values, `paired` is the diagonal."""
+    x = _x(8, b=6, d=5) * np.array([[1.0], [3.0], [0.2], [1.0], [2.0], [1.0]], "float32")
+    x[3] = x[0]
+    distance = distances.get("SNRDistance")
+    assert distance == distances.SNRDistance() and not distance.larger_is_closer
+    raw = distances.SNRDistance(normalize_embeddings=False)
+    got = ops.convert_to_numpy(raw(x))
+    np.testing.assert_allclose(got, _snr_loop(x, x), rtol=1e-4, atol=1e-5)
+    assert got[0, 3] == 0.0 and got[3, 0] == 0.0
+    assert not np.allclose(got, got.T)  # not symmetric
+    paired = ops.convert_to_numpy(raw.paired(x[:3], x[3:]))
+    np.testing.assert_allclose(paired, np.diag(_snr_loop(x[:3], x[3:])), rtol=1e-4, atol=1e-6)
+    constant = np.concatenate([np.full((1, 5), 2.0, "float32"), x[:2]])
+    assert np.all(np.isfinite(ops.convert_to_numpy(raw(constant))))
+
+
+def test_snr_distance_gradient_equals_central_differences():
+    x = _x(9, b=5, d=4)
+    distance = distances.SNRDistance()
+    weights = np.random.default_rng(1).uniform(0.5, 1.5, size=(5, 5))
+
+    def objective(v):
+        return ops.sum(distance(v) * ops.convert_to_tensor(weights, "float32"))
+
+    value, grad = _backend.value_and_grad(objective, x)
+    assert float(value) == pytest.approx(
+        float((_snr_loop(_unit(x), _unit(x)) * weights).sum()), rel=1e-4
+    )
+    numeric = ref.numeric_grad(lambda v: (_snr_loop(_unit(v), _unit(v)) * weights).sum(), x)
+    np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="compares with PML (torch)")
+def test_snr_distance_equals_pml():
+    pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
+    x = _x(10, b=7, d=6)
+    weights = np.random.default_rng(2).uniform(0.5, 1.5, size=(7, 7)).astype("float32")
+    for ours, theirs in (
+        (distances.SNRDistance(), pml_distances.SNRDistance()),
+        (
+            distances.SNRDistance(normalize_embeddings=False),
+            pml_distances.SNRDistance(normalize_embeddings=False),
+        ),
+    ):
+        got = _backend.value_and_grad(
+            lambda v, d=ours: ops.sum(d(v) * ops.convert_to_tensor(weights)), x
+        )
+        expected = _backend.value_and_grad(
+            lambda v, d=theirs: ops.sum(d(v) * ops.convert_to_tensor(weights)), x
+        )
+        assert float(got[0]) == pytest.approx(float(expected[0]), rel=1e-5)
+        np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-5)
 
 
 def test_a_callable_distance_builds_only_the_whole_batch():

@@ -443,6 +443,8 @@ def test_multi_similarity_loss_with_a_distance_matches_loop():
         ("MultiSimilarityLoss", "DotProductSimilarity"),
         ("ContrastiveLoss", "CosineSimilarity"),
         ("ContrastiveLoss", "LpDistance_power2"),
+        ("ContrastiveLoss", "SNRDistance"),
+        ("MultiSimilarityLoss", "SNRDistance"),
     ],
 )
 def test_pair_loss_distance_equals_pml(loss_name, distance):
@@ -458,6 +460,7 @@ def test_pair_loss_distance_equals_pml(loss_name, distance):
         ),
         "CosineSimilarity": (distances.CosineSimilarity(), pml_distances.CosineSimilarity()),
         "LpDistance_power2": (distances.LpDistance(power=2), pml_distances.LpDistance(power=2)),
+        "SNRDistance": (distances.SNRDistance(), pml_distances.SNRDistance()),
     }[distance]
     ours_loss = {
         "MultiSimilarityLoss": losses.MultiSimilarityLoss,

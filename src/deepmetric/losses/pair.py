@@ -35,14 +35,12 @@ from deepmetric.losses.base import (
     number_option,
     per_anchor_share,
 )
-from deepmetric.losses.contrastive import _SQUARED_DISTANCE_FLOOR, _UnitEuclidean
+from deepmetric.losses.contrastive import _UnitEuclidean
 from deepmetric.losses.softmax import normalized_rows
 from deepmetric.mining import any_pairs, rows_with_pairs
 
-# Centred squared norms below this (relative to the unit vectors' 1) are taken as 0 in the
-# signal-to-noise ratio's denominator; an all-zero or constant embedding then gives finite
-# values.
-_VARIANCE_FLOOR = 1e-12
+# PML's `SNRDistance()` on rows that `normalized_rows` has already normalised.
+_SNR = distances_lib.SNRDistance(normalize_embeddings=False)
 
 # The option tables, shared by each function and its class (the function checks its options
 # through them): margins on distances and weights >= 0, scales > 0, tolerances (fractions of
@@ -152,26 +150,6 @@ def nca_loss(
 # ------------------------------------------------------------- signal-to-noise contrastive
 
 
-class _SignalToNoiseRatio(distances_lib.Distance):
-    """PML's `SNRDistance` of rows: var(x_i - x_j) / var(x_i), from the centred rows.
-
-    With $c = x - \\bar x$ (each row minus its mean), $(D - 1)\\,var(x_i - x_j) = |c_i -
-    c_j|^2$ and $(D - 1)\\,var(x_i) = |c_i|^2$, so the ratio is a (B, R) matrix of inner
-    products. Squared differences below the float32 noise floor are 0 (PML subtracts the
-    vectors, which gives an exact 0 for duplicates).
-    """
-
-    def _matrix(self, query, reference, self_index):
-        q = query - ops.mean(query, axis=1, keepdims=True)
-        r = reference - ops.mean(reference, axis=1, keepdims=True)
-        squared = distances_lib._squared_euclidean(q, r)
-        squared = ops.where(ops.greater(squared, _SQUARED_DISTANCE_FLOOR), squared, 0.0)
-        if self_index is not None:
-            squared = ops.where(distances_lib.is_self(self_index, ops.shape(r)[0]), 0.0, squared)
-        variance = ops.sum(ops.square(q), axis=1, keepdims=True)
-        return squared / ops.maximum(variance, _VARIANCE_FLOOR)
-
-
 def _contrastive_rows(pos_margin, neg_margin):
     def rows(d, positives, negatives):
         pos_loss = ops.where(positives, ops.relu(d - pos_margin), 0.0)
@@ -209,7 +187,7 @@ def signal_to_noise_ratio_contrastive_loss(
     each mean over the pairs whose loss is non-zero (0 if none). A batch without positive pairs
     keeps the negative-pair mean, a single-class batch the positive-pair mean. Same value and
     gradient as `pytorch_metric_learning.losses.SignalToNoiseRatioContrastiveLoss()`, except
-    that squared differences below 1e-6 (float32 rounding noise) count as 0, and an embedding
+    that distances below 1e-6 (float32 rounding noise) count as 0, and an embedding
     with zero variance gives finite values where PML divides by 0. Paper: "Signal-To-Noise
     Ratio: A Robust Distance Metric for Deep Metric Learning", CVPR 2019, arXiv:1904.02616.
 
@@ -241,7 +219,7 @@ def signal_to_noise_ratio_contrastive_loss(
         reference_embeddings,
         reference_labels,
         reference_mask,
-        distance=_SignalToNoiseRatio(),
+        distance=_SNR,
     )
     loss = per_anchor_share(pos_sum, ops.sum(pos_count)) + per_anchor_share(
         neg_sum, ops.sum(neg_count)
