@@ -22,6 +22,7 @@ LOSSES = {
     "histogram": "HistogramLoss",
     "intra_pair_variance": "IntraPairVarianceLoss",
     "lifted_struct": "LiftedStructLoss",
+    "lifted_structure": "LiftedStructureLoss",
     "margin": "MarginLoss",
     "multi_similarity": "MultiSimilarityLoss",
     "nca": "NCALoss",

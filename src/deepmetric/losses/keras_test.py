@@ -214,6 +214,7 @@ def test_metric_loss_is_every_labels_and_embeddings_loss():
         "DynamicSoftMarginLoss",
         "GeneralizedLiftedStructureLoss",
         "IntraPairVarianceLoss",
+        "LiftedStructureLoss",
         "MarginLoss",
         "NCALoss",
         "PNPLoss",

@@ -1,8 +1,9 @@
 """Pair and triplet losses of pytorch-metric-learning on the batch's B x B matrix.
 
-NCA, signal-to-noise-ratio contrastive, generalized lifted structure, intra-pair variance,
-tuplet margin, angular and margin losses. Each is a function `name_loss(labels, embeddings, *,
-..., reference_embeddings=None, reference_labels=None, reference_mask=None)` that returns one
+NCA, signal-to-noise-ratio contrastive, lifted structure, generalized lifted structure,
+intra-pair variance, tuplet margin, angular and margin losses. Each is a function
+`name_loss(labels, embeddings, *, ..., reference_embeddings=None, reference_labels=None,
+reference_mask=None)` (lifted structure: without a reference set, as in PML) that returns one
 value per anchor whose mean (Keras' default reduction) is the batch loss of
 pytorch-metric-learning (PML) 2.9 with its default distance and reducer, and a thin
 `MetricLoss` class with PML's class name, keywords and defaults. Embeddings are L2-normalised
@@ -292,6 +293,61 @@ def generalized_lifted_structure_loss(
         distance=_UnitEuclidean(),
     )
     return nonfinite_to_nan(loss, embeddings, reference_embeddings)
+
+
+@export
+def lifted_structure_loss(labels, embeddings, *, neg_margin=1.0, pos_margin=0.0):
+    r"""Lifted structured loss over the positive pairs, per anchor (Song et al., 2016).
+
+    On Euclidean distances $d_{ij}$ of the L2-normalised embeddings, each positive pair (i, j)
+    meets the negatives of both its examples:
+
+    $$J_{ij} = \log\Big(\sum_{k \in N_i} e^{m_- - d_{ik}} + \sum_{l \in N_j} e^{m_- - d_{jl}}\Big)
+        + d_{ij} - m_+, \qquad L = \frac{1}{\lvert P\rvert}\sum_{(i, j) \in P}
+        \tfrac{1}{2}\,[J_{ij}]_+^2$$
+
+    over the ordered positive pairs P (each unordered pair twice, hence the 1/2: the paper's
+    $\frac{1}{2\lvert \hat P\rvert}\sum_{\hat P} [J]_+^2$ over unordered pairs). A batch
+    without a positive pair, or without a negative pair, gives 0. Same value and gradient as
+    `pytorch_metric_learning.losses.LiftedStructureLoss()`, which normalises the embeddings (the
+    paper does not). Paper: "Deep Metric Learning via Lifted Structured Feature Embedding",
+    CVPR 2016, arXiv:1511.06452. (`lifted_struct_loss` is TensorFlow Addons' form: a mean over
+    the unordered pairs, raw embeddings.)
+
+    Each pair's term needs the sums of both rows, so the whole (B, B) matrix is built at once
+    (no row blocks, no reference set: PML compares it with the batch only).
+
+    Args:
+      labels: integer class labels, shape (B,) or (B, 1).
+      embeddings: float embeddings, shape (B, D); normalised inside.
+      neg_margin: the negative margin $m_-$ (>= 0, on distances).
+      pos_margin: the positive margin $m_+$ (>= 0, on distances).
+
+    Returns:
+      (B,) per-anchor shares; their mean is the batch loss.
+
+    >>> import numpy as np
+    >>> x = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
+    >>> loss = lifted_structure_loss(np.array([0, 0, 1, 1]), x)
+    >>> round(float(ops.mean(loss)), 4)
+    1.9703
+    """
+    neg_margin = _LIFTED_NEG_MARGIN.checked(neg_margin)
+    pos_margin = _LIFTED_POS_MARGIN.checked(pos_margin)
+    labels, embeddings, _, _ = loss_inputs(labels, embeddings)
+    d = _UnitEuclidean().matrix(distances_lib._l2_normalize(embeddings))
+    same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0))
+    itself = distances_lib.is_self(ops.arange(ops.shape(d)[0], dtype="int32"), ops.shape(d)[0])
+    positives = ops.logical_and(same, ops.logical_not(itself))
+    negatives = ops.logical_not(same)
+    # log sum over row i's negatives; the union of rows i and j is one log-add-exp.
+    row_terms = masked_logsumexp(neg_margin - d, negatives)
+    pair_terms = ops.logaddexp(ops.expand_dims(row_terms, 1), ops.expand_dims(row_terms, 0))
+    hinge = 0.5 * ops.square(ops.relu(pair_terms + d - pos_margin))
+    rows = ops.sum(ops.where(positives, hinge, 0.0), axis=1)
+    rows = ops.where(ops.any(negatives), rows, 0.0)
+    loss = per_anchor_share(rows, ops.sum(ops.cast(positives, rows.dtype)))
+    return nonfinite_to_nan(loss, embeddings)
 
 
 # ------------------------------------------------------------------- intra-pair variance
@@ -741,6 +797,21 @@ class GeneralizedLiftedStructureLoss(MetricLoss):
     """
 
     function = staticmethod(generalized_lifted_structure_loss)
+    options = (_LIFTED_NEG_MARGIN, _LIFTED_POS_MARGIN)
+
+
+@export
+class LiftedStructureLoss(MetricLoss):
+    """pytorch-metric-learning's lifted structure loss; see `lifted_structure_loss`.
+
+    ```python
+    model.compile(optimizer="adam", loss=deepmetric.losses.LiftedStructureLoss(neg_margin=1.0))
+    ```
+    """
+
+    function = staticmethod(lifted_structure_loss)
+    # A pair's term has the negatives' sum of its second example's row too.
+    separable_rows = False
     options = (_LIFTED_NEG_MARGIN, _LIFTED_POS_MARGIN)
 
 

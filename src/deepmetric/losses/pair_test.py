@@ -34,6 +34,12 @@ LOSSES = {
         "GeneralizedLiftedStructureLoss",
         {"neg_margin": 0.7, "pos_margin": 0.1},
     ),
+    "lifted_structure": (
+        losses.lifted_structure_loss,
+        losses.LiftedStructureLoss,
+        "LiftedStructureLoss",
+        {"neg_margin": 0.7, "pos_margin": 0.1},
+    ),
     "intra_pair_variance": (
         losses.intra_pair_variance_loss,
         losses.IntraPairVarianceLoss,
@@ -62,7 +68,7 @@ LOSSES = {
 }
 NAMES = list(LOSSES)
 # PML compares these with the batch only (no reference set).
-NO_REFERENCE = {"threshold_consistent_margin", "ranked_list"}
+NO_REFERENCE = {"threshold_consistent_margin", "ranked_list", "lifted_structure"}
 
 
 def batch(seed, b=12, d=5, classes=3):
@@ -209,9 +215,28 @@ def _numeric_grad(reference, labels, x, h=1e-6, **options):
     return reference(labels, x, **options), grad
 
 
+def ref_lifted_structure(labels, x, neg_margin=1.0, pos_margin=0.0):
+    """Song et al. (2016), eq. 4, on the normalised embeddings (PML's distance): for each
+    unordered positive pair, J = log(sum of exp(m - d) over the negatives of both examples) +
+    d - m_pos; the loss is the sum of [J]_+^2 over those pairs over twice their number."""
+    u = _unit(np.asarray(x, np.float64))
+    d = np.linalg.norm(u[:, None] - u[None], axis=-1)
+    n = len(labels)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if labels[i] == labels[j]]
+    total = 0.0
+    for i, j in pairs:
+        negatives = [np.exp(neg_margin - d[a, k]) for a in (i, j) for k in range(n)
+                     if labels[k] != labels[a]]  # fmt: skip
+        if negatives:
+            total += max(np.log(np.sum(negatives)) + d[i, j] - pos_margin, 0.0) ** 2
+    return total / (2 * len(pairs)) if pairs else 0.0
+
+
 @pytest.mark.parametrize(
     "name, reference, options",
     [
+        ("lifted_structure", ref_lifted_structure, {}),
+        ("lifted_structure", ref_lifted_structure, {"neg_margin": 0.4, "pos_margin": 0.2}),
         ("angular", ref_angular, {}),
         ("angular", ref_angular, {"alpha": 30.0}),
         ("margin", ref_margin, {}),
@@ -233,6 +258,16 @@ def test_angular_loss_equals_the_paper_on_unit_embeddings():
     assert value == pytest.approx(ref_angular(labels, x, normalize_negatives=True), rel=1e-5)
     raw = float(ops.mean(losses.angular_loss(labels, 2.0 * x)))
     assert raw != pytest.approx(value, rel=1e-3)  # PML's form: the negatives' norm counts
+
+
+def test_lifted_structure_global_batch_on_two_replicas():
+    """A pair's term reads its second example's row: every replica computes the global loss
+    (`separable_rows=False`), and the replicas' shares add up to it."""
+    from deepmetric.distributed_test import assert_global_batch_on_two_replicas
+
+    loss = losses.LiftedStructureLoss()
+    assert not loss.separable_rows and loss.call_with_reference is None
+    assert_global_batch_on_two_replicas(loss)
 
 
 def test_margin_loss_per_class_beta_equals_scalar_when_equal():
@@ -269,6 +304,7 @@ def test_signature_follows_pytorch_metric_learning(name):
         "nca": {"softmax_scale": 1.0},
         "snr": {"pos_margin": 0.0, "neg_margin": 1.0},
         "generalized_lifted": {"neg_margin": 1.0, "pos_margin": 0.0},
+        "lifted_structure": {"neg_margin": 1.0, "pos_margin": 0.0},
         "intra_pair_variance": {"pos_eps": 0.01, "neg_eps": 0.01},
         "tuplet_margin": {"margin": 5.73, "scale": 64.0},
         "angular": {"alpha": 40.0},

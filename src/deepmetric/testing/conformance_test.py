@@ -62,6 +62,7 @@ VARIANTS: dict[str, list[dict[str, object]]] = {
     "NCALoss": [{"softmax_scale": 4.0}],
     "SignalToNoiseRatioContrastiveLoss": [{"pos_margin": 0.2, "neg_margin": 0.8}],
     "GeneralizedLiftedStructureLoss": [{"neg_margin": 0.5, "pos_margin": 0.1}],
+    "LiftedStructureLoss": [{"neg_margin": 0.5, "pos_margin": 0.1}],
     "IntraPairVarianceLoss": [{"pos_eps": 0.05, "neg_eps": 0.1}],
     "TupletMarginLoss": [{"margin": 10.0, "scale": 16.0}],
     "AngularLoss": [{"alpha": 30.0}],
