@@ -810,6 +810,7 @@ class LiftedStructureLoss(MetricLoss):
     """
 
     function = staticmethod(lifted_structure_loss)
+    takes_reference = False
     # A pair's term has the negatives' sum of its second example's row too.
     separable_rows = False
     options = (_LIFTED_NEG_MARGIN, _LIFTED_POS_MARGIN)
