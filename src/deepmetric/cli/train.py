@@ -12,6 +12,10 @@ See docs/cli.md.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+
 import keras
 import numpy as np
 
@@ -79,18 +83,23 @@ def train(run: RunDirectory, *, verbose: bool = True, devices: Devices | None = 
             f"{config['samples_per_class']}, backend {keras.backend.backend()}"
         )
     embedder = model if objective.is_head else None
+    guard = InterruptGuard()
     try:
-        with devices.fit(trainer, config["classes_per_batch"] * config["samples_per_class"]):
+        with (
+            guard.installed(),
+            devices.fit(trainer, config["classes_per_batch"] * config["samples_per_class"]),
+        ):
             trainer.fit(
                 objective.batches(sampler, classes),
                 epochs=config["epochs"],
                 initial_epoch=run.state["epoch"],
                 shuffle=False,  # the sampler orders the batches from (seed, epoch)
                 callbacks=devices.callbacks(
-                    callbacks(run, x_test, y_test, before_embeddings, embedder)
+                    [guard, *callbacks(run, x_test, y_test, before_embeddings, embedder)]
                 ),
                 verbose=1 if verbose else 0,
             )
+            guard.check()  # a Ctrl-C swallowed in the last batches
     except KeyboardInterrupt:
         _note_interrupted(run)
         return EXIT_INTERRUPTED
@@ -181,6 +190,49 @@ def _load_checkpoint(run: RunDirectory, sampler: PKSampler, verbose: bool):
 def _feature_stats(x):
     flat = x.reshape(len(x), -1).astype("float64")
     return flat.mean(axis=0).tolist(), np.maximum(flat.var(axis=0), 1e-12).tolist()
+
+
+class InterruptGuard(keras.callbacks.Callback):
+    """Ctrl-C that reaches the run, even where native code swallows the KeyboardInterrupt.
+
+    Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives; on JAX
+    that can be a Python function called from native code that drops the exception, and the
+    run went on to its end (exit 0). While installed, SIGINT also sets a flag, which this
+    callback turns into a KeyboardInterrupt at the next batch or epoch boundary, and
+    `check()` after `fit`. Not installed outside the main thread, or where SIGINT is ignored.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or previous in (
+            signal.SIG_IGN,
+            None,
+        ):
+            yield self
+            return
+
+        def handler(signum, frame):
+            self.interrupted = True
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def check(self, *args, **kwargs) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+    on_train_batch_begin = on_train_batch_end = on_epoch_end = check
 
 
 def _note_interrupted(run: RunDirectory) -> None:

@@ -331,3 +331,27 @@ def test_head_resume_keeps_the_proxies(tmp_path, monkeypatch):
     assert cli.main(["train", "--resume", "--name", "r", "--out", str(tmp_path), "--quiet"]) == 0
     np.testing.assert_array_equal(seen[0], proxies)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs_trained"] == 2
+
+
+def test_interrupt_guard_keeps_a_ctrl_c_that_was_swallowed():
+    """SIGINT raises KeyboardInterrupt and sets the flag; were the exception dropped (as native
+    code under JAX did), `check()` at the next batch raises it again; the handler is restored."""
+    import os
+    import signal
+
+    from deepmetric.cli.train import InterruptGuard
+
+    before = signal.getsignal(signal.SIGINT)
+    guard = InterruptGuard()
+    with guard.installed():
+        guard.on_train_batch_end(0)  # nothing yet
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at the next bytecodes
+                pass
+        except KeyboardInterrupt:
+            pass  # swallowed, as by the native code
+        assert guard.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            guard.on_train_batch_begin(1)
+    assert signal.getsignal(signal.SIGINT) is before
