@@ -336,13 +336,24 @@ def test_head_resume_keeps_the_proxies(tmp_path, monkeypatch):
 def test_interrupt_guard_keeps_a_ctrl_c_that_was_swallowed():
     """SIGINT raises KeyboardInterrupt and sets the flag; were the exception dropped (as native
     code under JAX did), `check()` at the next batch raises it again; the handler is restored."""
-    import os
     import signal
 
     from deepmetric.cli.train import InterruptGuard
 
+    # pytest-xdist's workers ignore SIGINT (where the guard rightly installs nothing): the
+    # default handler of a command-line process, for this test.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _check_interrupt_guard(InterruptGuard())
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _check_interrupt_guard(guard):
+    import os
+    import signal
+
     before = signal.getsignal(signal.SIGINT)
-    guard = InterruptGuard()
     with guard.installed():
         guard.on_train_batch_end(0)  # nothing yet
         try:
