@@ -153,15 +153,21 @@ def training_classes_npz(folder: Path) -> tuple[Path, int, int]:
     return path, len(np.unique(glyphs.y[train])), len(np.unique(glyphs.y[test]))
 
 
+def _only(table: dict, only: str | None, fail) -> dict:
+    """The entries of `table` named in the comma-separated `--only` (all without it); an
+    unknown name goes to `fail` with the valid ones."""
+    if not only:
+        return table
+    wanted = [name.strip() for name in only.split(",")]
+    unknown = [name for name in wanted if name not in table]
+    if unknown:
+        fail(f"--only: unknown {unknown}; valid: {', '.join(table)}")
+    return {name: table[name] for name in wanted}
+
+
 def reality_check(args) -> None:
     os.environ.setdefault("KERAS_BACKEND", "jax")  # the runs' backend, named in the table
-    grid = REALITY_CHECK_GRID
-    if args.only:
-        wanted = [name.strip() for name in args.only.split(",")]
-        unknown = [name for name in wanted if name not in grid]
-        if unknown:
-            sys.exit(f"--only: unknown {unknown}; valid: {', '.join(grid)}")
-        grid = {name: grid[name] for name in wanted}
+    grid = _only(REALITY_CHECK_GRID, args.only, sys.exit)
     budget = ["--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps)]
     budget += ["--embedding-dim", str(args.embedding_dim), "--split", "classes"]
     seeds = list(range(args.seeds))
@@ -234,12 +240,7 @@ def main() -> None:
         return
     args.epochs = args.epochs or 40
     settings = LOSS_SETTINGS if args.what == "losses" else OPTIMIZER_SETTINGS
-    if args.only:
-        wanted = [name.strip() for name in args.only.split(",")]
-        unknown = [name for name in wanted if name not in settings]
-        if unknown:
-            parser.error(f"--only: unknown {unknown}; valid: {', '.join(settings)}")
-        settings = {name: settings[name] for name in wanted}
+    settings = _only(settings, args.only, parser.error)
     common = ["--epochs", str(args.epochs)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,7 @@ from deepmetric.losses.pair_test import (
     _unit,
     _value_and_grad,
     batch,
+    check_class_equals_function_and_sample_weight,
     check_equals_pytorch_metric_learning,
     torch_only,
 )
@@ -325,17 +326,8 @@ def test_replicas_shares_sum_to_the_global_loss():
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_class_equals_function_and_sample_weight(name):
-    fn, cls, _, options = LOSSES[name]
-    labels, x = batch(10)
-    loss = cls(**options)
-    per_anchor = ops.convert_to_numpy(fn(labels, x, **options))
-    assert float(ops.convert_to_numpy(loss(labels, x))) == pytest.approx(
-        float(np.mean(per_anchor)), rel=1e-5
-    )
-    weights = np.linspace(0.0, 2.0, len(labels))
-    weighted = float(ops.convert_to_numpy(loss(labels, x, sample_weight=weights)))
-    assert weighted == pytest.approx(float(np.mean(per_anchor * weights)), rel=1e-5, abs=1e-6)
-    assert loss.call_with_reference is None
+    check_class_equals_function_and_sample_weight(LOSSES[name])
+    assert LOSSES[name][1]().call_with_reference is None
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

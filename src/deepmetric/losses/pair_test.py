@@ -282,7 +282,13 @@ def test_margin_loss_per_class_beta_equals_scalar_when_equal():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_class_equals_function_and_sample_weight(name):
-    fn, cls, _, options = LOSSES[name]
+    check_class_equals_function_and_sample_weight(LOSSES[name])
+
+
+def check_class_equals_function_and_sample_weight(entry):
+    """The class's value is the mean of the function's, and a sample weight scales each
+    anchor's share. Shared with `ap_test.py`."""
+    fn, cls, _, options = entry
     labels, x = batch(10)
     loss = cls(**options)
     per_anchor = ops.convert_to_numpy(fn(labels, x, **options))
