@@ -10,7 +10,8 @@ Self-retrieval (leave-one-out) of N embeddings of dimension D in C classes
 - `floor`: what any exact evaluation must do, and nothing else: the distances of every
   query to all N references by matrix products (chunks of 2048 queries) and each row's
   k = R_max + 1 smallest by `np.argpartition`, then sorted (k = the largest class's size,
-  the neighbours MAP@R needs), on one thread per core as deepmetric's search; no metric.
+  the neighbours MAP@R needs), on one thread per core as deepmetric's search (BLAS on one
+  thread in each); no metric.
   The issue's "own floor" of `retrieval_metrics`.
 - `PML`: `AccuracyCalculator(include=("precision_at_1", "r_precision",
   "mean_average_precision_at_r"), k="max_bin_count")` on CPU; it searches
@@ -64,6 +65,7 @@ def _floor(x, labels) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
+    from threadpoolctl import threadpool_limits
 
     k = int(np.bincount(labels).max())  # R_max + 1 neighbours, the query itself among them
     norms = np.einsum("ij,ij->i", x, x)
@@ -79,7 +81,8 @@ def _floor(x, labels) -> None:
 
     threads = len(os.sched_getaffinity(0))
     bounds = np.linspace(0, len(x), threads + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:
+    # One BLAS thread a product, as in deepmetric's search: the threads already fill the cores.
+    with threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
         list(pool.map(part, [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
 
 

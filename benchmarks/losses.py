@@ -33,6 +33,11 @@ not run: "oom-skip", with the peak of the last measured B scaled by B^3 for NT-X
 SupCon, where there is one. `--check` on torch also asserts, at B = 48, that PML's
 value (rtol 1e-5) and gradient (rtol 1e-4) equal the library's, so both rows time one loss.
 
+A name `Loss+Miner` in `--losses` measures the loss with `miner=Miner()` (both from
+deepmetric, with their defaults): the step then includes the mining. `--losses miners`
+stands for one such pair per miner of `deepmetric.miners` (`MINER_PAIRS`: each miner
+with the loss PML's examples pair it with).
+
 A configuration whose first step takes longer than `--step-limit` seconds is
 reported as "slow-skip"; one whose subprocess runs past `--timeout` as "timeout".
 
@@ -41,6 +46,7 @@ reported as "slow-skip"; one whose subprocess runs past `--timeout` as "timeout"
     python benchmarks/losses.py --render jax.json,tensorflow.json,torch.json
     python benchmarks/losses.py --backend torch --sizes 256,1024 --losses TripletSemiHardLoss
     python benchmarks/losses.py --backend torch --losses NTXentLoss,SupConLoss --pml --no-naive
+    python benchmarks/losses.py --backend jax --sizes 4096,16384 --no-naive --losses miners
     python benchmarks/losses.py --check    # naive forms == library, small B; on torch also
                                            # PML's NTXentLoss and SupConLoss == library
 """
@@ -63,6 +69,19 @@ PML = "pml"  # kind of a pytorch-metric-learning loss; its rows read "pml: <name
 # memory grows as in PML (for the "oom-skip" estimate): NT-Xent's (positive pairs x negative
 # pairs) matrix, SupCon's B x B matrices.
 PML_LOSSES = {"NTXentLoss": 3, "SupConLoss": 2}
+# One loss per miner for `--losses miners`: multi-similarity with its miner, the contrastive
+# loss with the pair miners, the triplet loss with the triplet miners.
+MINER_PAIRS = (
+    "MultiSimilarityLoss+MultiSimilarityMiner",
+    "OnlineContrastiveLoss+PairMarginMiner",
+    "OnlineContrastiveLoss+HDCMiner",
+    "OnlineContrastiveLoss+UniformHistogramMiner",
+    "TripletLoss+TripletMarginMiner",
+    "TripletLoss+BatchHardMiner",
+    "TripletLoss+BatchEasyHardMiner",
+    "TripletLoss+AngularMiner",
+    "TripletLoss+DistanceWeightedMiner",
+)
 DIM, GROUP = 128, 4
 BACKENDS = ("jax", "tensorflow", "torch")
 
@@ -149,7 +168,13 @@ def _loss_fn(kind, name):
         return _naive.NAIVE[name][1]
     if kind == PML:
         return _pml_loss(name)
-    loss = getattr(losses_module, name)()
+    loss_name, _, miner_name = name.partition("+")
+    options = {}
+    if miner_name:  # "Loss+Miner": the loss with `miner=Miner()`, both with their defaults
+        from deepmetric import miners
+
+        options["miner"] = getattr(miners, miner_name)()
+    loss = getattr(losses_module, loss_name)(**options)
     return lambda labels, x: loss(labels, x)
 
 
@@ -563,6 +588,9 @@ def main(argv=None):
         check()
         return
     names = args.losses.split(",") if args.losses else discover_losses()
+    if "miners" in names:
+        at = names.index("miners")
+        names[at : at + 1] = MINER_PAIRS
     pml_names = [name for name in names if name in PML_LOSSES] if args.pml else []
     backends = args.backends.split(",") if args.backends else [backend]
     unknown = sorted(set(backends) - set(BACKENDS))

@@ -31,6 +31,7 @@ Everything here is numpy; inputs are float32 arrays of shape (n, dim).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,17 @@ def _threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _one_blas_thread():
+    """A context in which BLAS (and OpenMP) run one thread, where threadpoolctl is
+    installed (a dependency of deepmetric; scikit-learn's too). The limit is the
+    process's, so for its duration other threads' matrix products run on one thread."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - installed with deepmetric
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
 
 
 def faiss_installed() -> bool:
@@ -138,7 +150,7 @@ def _topk_numpy(d: np.ndarray, k: int) -> np.ndarray:
     slot = np.arange(len(rows)) - starts[rows]
     padded = np.full((rows_n, int(counts.max())), np.inf, dtype=d.dtype)
     padded[rows, slot] = d[rows, cols]
-    order = np.argsort(padded, axis=1, kind="stable")[:, :k]
+    order = _stable_argsort_rows(padded, k)
     return cols[starts[:, None] + order]
 
 
@@ -155,8 +167,25 @@ def _sorted_candidates(rows, cols, values, rows_n: int, k: int) -> tuple[np.ndar
     slot = np.arange(len(rows)) - starts[rows]
     padded = np.full((rows_n, int(counts.max())), np.inf, dtype=np.float32)
     padded[rows, slot] = values
-    order = np.argsort(padded, axis=1, kind="stable")[:, :k]
+    order = _stable_argsort_rows(padded, k)
     return np.take_along_axis(padded, order, axis=1), cols[starts[:, None] + order]
+
+
+def _stable_argsort_rows(values: np.ndarray, k: int) -> np.ndarray:
+    """The first k positions of each row's stable argsort.
+
+    numpy's default argsort (vectorised quicksort) is several times faster than its
+    stable sort but orders equal values arbitrarily; rows where equal values meet
+    among the first k + 1 sorted places (where their order decides what is kept and
+    how it is ranked) are sorted again, stably.
+    """
+    order = np.argsort(values, axis=1)[:, : k + 1]
+    ranked = np.take_along_axis(values, order, axis=1)
+    tied = np.flatnonzero((ranked[:, 1:] == ranked[:, :-1]).any(axis=1))
+    order = order[:, :k]
+    if len(tied):
+        order[tied] = np.argsort(values[tied], axis=1, kind="stable")[:, :k]
+    return order
 
 
 def _topk_faiss(index, q: np.ndarray, k: int, exclude: np.ndarray | None, similarity: bool):
@@ -324,6 +353,9 @@ class ExactSearch:
 
         numpy's matrix products, comparisons, `flatnonzero` and sorts release the GIL,
         so the selection after each product, one-threaded in numpy, runs on every core.
+        Meanwhile BLAS runs one thread per product (`_one_blas_thread`): a thread per
+        core already, BLAS's own threads would only contend with them (8,192 queries
+        in 100,000 x 128 references: 2.5 s instead of 3.0 to 4.0 s on 2 cores).
         The slices are searched independently, so the result is the same.
         """
         parts = min(_threads(), len(queries) // _MIN_ROWS)
@@ -332,7 +364,7 @@ class ExactSearch:
         self._prepare_sample()  # once, before the threads share it
         bounds = np.linspace(0, len(queries), parts + 1).astype(np.int64)
         slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        with ThreadPoolExecutor(parts) as pool:
+        with _one_blas_thread(), ThreadPoolExecutor(parts) as pool:
             found = list(pool.map(
                 lambda part: self._search_blocked(
                     queries[part], k, None if exclude is None else exclude[part]

@@ -165,3 +165,16 @@ def test_search_checks_k():
 def test_first_match_needs_labels():
     with pytest.raises(ValueError, match="labels"):
         ExactSearch(np.zeros((3, 1))).search(np.zeros((1, 1)), 1, query_labels=[0])
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_stable_argsort_rows_equals_numpy_stable_sort(k):
+    """The quicksort-then-resort-tied-rows argsort keeps equal values in column order,
+    in rows with ties among the first k + 1 places, ties just past them, and none."""
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal((60, 40)).astype(np.float32)
+    values[:20] = rng.integers(0, 6, size=(20, 40))  # many ties
+    values[20:40, 1::2] = values[20:40, ::2]  # every value twice
+    values[50, :] = np.inf  # a row of padding only
+    want = np.argsort(values, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(index._stable_argsort_rows(values, k), want)
