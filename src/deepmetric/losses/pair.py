@@ -18,8 +18,8 @@ import math
 
 from keras import ops
 
+from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
-from deepmetric import mining
 from deepmetric._api import export
 from deepmetric.losses.base import (
     LARGE,
@@ -314,8 +314,13 @@ def lifted_structure_loss(labels, embeddings, *, neg_margin=1.0, pos_margin=0.0)
     CVPR 2016, arXiv:1511.06452. (`lifted_struct_loss` is TensorFlow Addons' form: a mean over
     the unordered pairs, raw embeddings.)
 
-    Each pair's term needs the sums of both rows, so the whole (B, B) matrix is built at once
-    (no row blocks, no reference set: PML compares it with the batch only).
+    Each pair's term reads the negatives' sum of another row, so the loss makes two passes over
+    blocks of rows (`deepmetric._blocks.map_rows`, above 2^24 entries): the first gives every
+    row's $\log\sum_{k \in N_i} e^{m_- - d_{ik}}$ (a (B,) vector), the second each row's sum
+    of $\tfrac{1}{2}[J_{ij}]_+^2$ over its positives and their count, reading that vector whole
+    (gradients flow through it into the first pass). A batch of at most 2^24 pairs is one
+    block, with the (B, B) matrix built once for both. No reference set: PML compares the
+    batch with itself only.
 
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
@@ -335,18 +340,44 @@ def lifted_structure_loss(labels, embeddings, *, neg_margin=1.0, pos_margin=0.0)
     neg_margin = _LIFTED_NEG_MARGIN.checked(neg_margin)
     pos_margin = _LIFTED_POS_MARGIN.checked(pos_margin)
     labels, embeddings, _, _ = loss_inputs(labels, embeddings)
-    d = _UnitEuclidean().matrix(distances_lib._l2_normalize(embeddings))
-    same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0))
-    itself = distances_lib.is_self(ops.arange(ops.shape(d)[0], dtype="int32"), ops.shape(d)[0])
-    positives = ops.logical_and(same, ops.logical_not(itself))
-    negatives = ops.logical_not(same)
-    # log sum over row i's negatives; the union of rows i and j is one log-add-exp.
-    row_terms = masked_logsumexp(neg_margin - d, negatives)
-    pair_terms = ops.logaddexp(ops.expand_dims(row_terms, 1), ops.expand_dims(row_terms, 0))
-    hinge = 0.5 * ops.square(ops.relu(pair_terms + d - pos_margin))
-    rows = ops.sum(ops.where(positives, hinge, 0.0), axis=1)
-    rows = ops.where(ops.any(negatives), rows, 0.0)
-    loss = per_anchor_share(rows, ops.sum(ops.cast(positives, rows.dtype)))
+    unit = distances_lib._l2_normalize(embeddings)
+    distance = _UnitEuclidean()
+
+    def block(index, query, query_labels, ref, ref_labels):
+        positives, negatives = mining.label_masks(query_labels, ref_labels, anchor_index=index)
+        return distance.matrix(query, ref, self_index=index), positives, negatives
+
+    def negative_terms(d, negatives):
+        # log sum over row i's negatives; the union of rows i and j is one log-add-exp.
+        return masked_logsumexp(neg_margin - d, negatives), ops.any(negatives, axis=1)
+
+    def pair_terms(d, positives, row_terms, all_terms):
+        joint = ops.logaddexp(ops.expand_dims(row_terms, 1), ops.expand_dims(all_terms, 0))
+        hinge = 0.5 * ops.square(ops.relu(joint + d - pos_margin))
+        return ops.sum(ops.where(positives, hinge, 0.0), axis=1), _count(positives, d, axis=1)
+
+    rows = (unit, labels)
+    if _blocks.block_size(unit.shape[0], unit.shape[0]) is None:
+        # One block: the (B, B) matrix is built once for both passes.
+        d, positives, negatives = block(ops.arange(ops.shape(unit)[0], dtype="int32"), *rows, *rows)
+        row_terms, has_negative = negative_terms(d, negatives)
+        per_row, num_positives = pair_terms(d, positives, row_terms, row_terms)
+    else:
+
+        def first_pass(index, *inputs):
+            d, _, negatives = block(index, *inputs)
+            return negative_terms(d, negatives)
+
+        def second_pass(index, query, query_labels, query_terms, ref, ref_labels, all_terms):
+            d, positives, _ = block(index, query, query_labels, ref, ref_labels)
+            return pair_terms(d, positives, query_terms, all_terms)
+
+        row_terms, has_negative = _blocks.map_rows(first_pass, rows, rows)
+        per_row, num_positives = _blocks.map_rows(
+            second_pass, (*rows, row_terms), (*rows, row_terms)
+        )
+    per_row = ops.where(ops.any(has_negative), per_row, 0.0)
+    loss = per_anchor_share(per_row, ops.sum(num_positives))
     return nonfinite_to_nan(loss, embeddings)
 
 
