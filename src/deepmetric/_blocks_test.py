@@ -49,6 +49,7 @@ BATCH_LOSSES = [
     (losses.RankedListLoss, {}),
     (losses.LiftedStructureLoss, {}),
     (losses.LiftedStructureLoss, {"neg_margin": 0.4, "pos_margin": 0.2}),
+    (losses.AngularLoss, {}),
 ]
 
 
@@ -59,9 +60,12 @@ def _ids(params):
 
 # Every configuration eagerly; compiled, one per code path of the blocks (the row driver with
 # mining order, the lifted loss's two passes, the driver on normalised rows, a similarity, the
-# intra-pair variance loss's two passes, the lifted structure loss's two passes),
+# intra-pair variance loss's two passes, the lifted structure loss's two passes, the angular
+# loss's blocks of positive rows inside blocks of anchors),
 # except on torch, which runs eagerly when compiled.
-COMPILED = [BATCH_LOSSES[i] for i in (2, 7, 8, 14, 22, 27)] if _backend.name() != "torch" else []
+COMPILED = (
+    [BATCH_LOSSES[i] for i in (2, 7, 8, 14, 22, 27, 29)] if _backend.name() != "torch" else []
+)
 CASES = [(p, False) for p in BATCH_LOSSES] + [(p, True) for p in COMPILED]
 
 
@@ -96,6 +100,7 @@ REFERENCE_LOSSES = [
     losses.nt_xent_loss,
     losses.online_contrastive_loss,
     losses.triplet_loss,
+    losses.angular_loss,
 ]
 
 
@@ -187,7 +192,7 @@ def test_map_rows_covers_every_row_once():
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's memory plan")
 @pytest.mark.parametrize(
     "name",
-    ["TripletSemiHardLoss", "LiftedStructLoss", "CircleLoss", "LiftedStructureLoss"],
+    ["TripletSemiHardLoss", "LiftedStructLoss", "CircleLoss", "LiftedStructureLoss", "AngularLoss"],
 )
 def test_blocks_bound_the_planned_memory(name, monkeypatch):
     """At B = 2048, blocks of 128 rows: XLA plans a fraction of the one-block temporaries."""

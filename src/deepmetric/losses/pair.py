@@ -9,7 +9,8 @@ pytorch-metric-learning (PML) 2.9 with its default distance and reducer, and a t
 `MetricLoss` class with PML's class name, keywords and defaults. Embeddings are L2-normalised
 inside (PML's default distances normalise). Everything is built from (B, R) matrices: the
 losses that PML writes over triplets (margin, angular) are rewritten as sums over pairs
-weighted by counts, or as a product of two (B, R) matrices, so memory grows as B * R.
+weighted by counts, or as a product of a (B, R) and an (R, R) matrix made in blocks of rows
+(`deepmetric._blocks`), so memory grows at most as B * R.
 """
 
 from __future__ import annotations
@@ -569,8 +570,12 @@ def angular_loss(
     without a negative pair). As in PML's code, $y_n$ is the negative's embedding as given, not
     normalised (the paper normalises every feature; on L2-normalised inputs the two agree).
     PML enumerates (positive pair x batch) entries; here the sum over the negatives of each
-    pair is one product of two (B, R) matrices, $\sum_n [n \in N_a] e^{4t x_a^\top y_n}
-    e^{4t x_p^\top y_n}$, with row maxima shifted out, so memory stays O(B R). Same value and
+    pair is one product of two matrices, $\sum_n [n \in N_a] e^{4t x_a^\top y_n}
+    e^{4t x_p^\top y_n}$, (B, R) by (R, R), with row maxima shifted out. Above 2^24 entries it
+    runs in blocks (`deepmetric._blocks.map_rows`): blocks of b anchors, and inside each, blocks
+    of b' positive rows that build only their (b', R) slice of the second matrix and their
+    (b, b') part of the product; both levels are rematerialised, so the work stays B R^2 (the
+    product) and the memory O(b R) instead of several (R, R) matrices. Same value and
     gradient as `pytorch_metric_learning.losses.AngularLoss()`. Paper: "Deep Metric Learning
     with Angular Loss", ICCV 2017, arXiv:1708.01682.
 
@@ -602,28 +607,51 @@ def angular_loss(
     ref_labels = labels if same else ref_labels
     query = distances_lib._l2_normalize(embeddings)
     ref = query if same else distances_lib._l2_normalize(reference)
-    positives, negatives = mining.label_masks(labels, None if same else ref_labels)
-    if mask is not None:
-        pair_mask = mask if len(mask.shape) == 2 else ops.expand_dims(mask, 0)
-        positives = ops.logical_and(positives, pair_mask)
-        negatives = ops.logical_and(negatives, pair_mask)
-    # A[a, n] = 4t x_a.y_n (anchors), P[p, n] = 4t x_p.y_n (the reference rows as positives).
-    a = 4.0 * tan2 * ops.matmul(query, ops.transpose(raw))
-    p = 4.0 * tan2 * ops.matmul(ref, ops.transpose(raw))
-    a_top = ops.stop_gradient(ops.max(ops.where(negatives, a, -LARGE), axis=1, keepdims=True))
-    a_top = ops.where(ops.any(negatives, axis=1, keepdims=True), a_top, 0.0)
-    p_top = ops.stop_gradient(ops.max(p, axis=1, keepdims=True))
-    a_exp = ops.where(negatives, ops.exp(ops.where(negatives, a - a_top, -LARGE)), 0.0)
-    total = ops.matmul(a_exp, ops.transpose(ops.exp(p - p_top)))  # (B, R): anchor x positive
-    nonzero = ops.greater(total, 0.0)
-    log_total = ops.log(ops.where(nonzero, total, 1.0)) + a_top + ops.transpose(p_top)
-    s = ops.matmul(query, ops.transpose(ref))
-    active = ops.logical_and(positives, nonzero)
-    per_pair = ops.where(active, ops.softplus(log_total - 2.0 * (1.0 + tan2) * s), 0.0)
-    has_positive, has_negative = rows_with_pairs(positives, negatives)
-    contributions = ops.where(any_pairs(has_positive, has_negative), ops.sum(per_pair, 1), 0.0)
+    scale = 4.0 * tan2
+    per_pair_mask = mask is not None and len(mask.shape) == 2
+    rows = [query, labels] + ([mask] if per_pair_mask else [])
+    shared = [ref, raw, ref_labels] + ([mask] if mask is not None and not per_pair_mask else [])
+
+    def positive_rows(index, positive, negative, a_exp):
+        # A block of rows of P[p, n] = 4t x_p.y_n (the reference rows as positives), its row
+        # maxima shifted out; (b_p, b): the block's columns of the anchors' (b, R) product.
+        p = scale * ops.matmul(positive, ops.transpose(negative))
+        p_top = ops.stop_gradient(ops.max(p, axis=1, keepdims=True))
+        total = ops.matmul(a_exp, ops.transpose(ops.exp(p - p_top)))
+        return ops.transpose(total), ops.squeeze(p_top, axis=1)
+
+    def block(index, anchors, anchor_labels, *rest):
+        rest = list(rest)
+        pair_mask = rest.pop(0) if per_pair_mask else None
+        ref, raw, ref_labels = rest.pop(0), rest.pop(0), rest.pop(0)
+        if mask is not None and not per_pair_mask:
+            pair_mask = ops.expand_dims(rest.pop(0), 0)
+        positives, negatives = mining.label_masks(
+            anchor_labels, ref_labels, anchor_index=index if same else None
+        )
+        if pair_mask is not None:
+            positives = ops.logical_and(positives, pair_mask)
+            negatives = ops.logical_and(negatives, pair_mask)
+        # A[a, n] = 4t x_a.y_n over the block's anchors a.
+        a = scale * ops.matmul(anchors, ops.transpose(raw))
+        a_top = ops.stop_gradient(ops.max(ops.where(negatives, a, -LARGE), axis=1, keepdims=True))
+        a_top = ops.where(ops.any(negatives, axis=1, keepdims=True), a_top, 0.0)
+        a_exp = ops.where(negatives, ops.exp(ops.where(negatives, a - a_top, -LARGE)), 0.0)
+        # (b, R): anchor x positive, from blocks of the positive rows (no whole (R, R) matrix).
+        total_t, p_top = _blocks.map_rows(positive_rows, [ref], [raw, a_exp])
+        total = ops.transpose(total_t)
+        nonzero = ops.greater(total, 0.0)
+        log_total = ops.log(ops.where(nonzero, total, 1.0)) + a_top + ops.expand_dims(p_top, 0)
+        s = ops.matmul(anchors, ops.transpose(ref))
+        active = ops.logical_and(positives, nonzero)
+        per_pair = ops.where(active, ops.softplus(log_total - 2.0 * (1.0 + tan2) * s), 0.0)
+        has_positive, has_negative = rows_with_pairs(positives, negatives)
+        return ops.sum(per_pair, 1), has_positive, has_negative, _count(positives, s, 1)
+
+    per_row, has_positive, has_negative, num_positives = _blocks.map_rows(block, rows, shared)
+    contributions = ops.where(any_pairs(has_positive, has_negative), per_row, 0.0)
     return nonfinite_to_nan(
-        per_anchor_share(contributions, _count(positives, s)), embeddings, reference
+        per_anchor_share(contributions, ops.sum(num_positives)), embeddings, reference
     )
 
 
