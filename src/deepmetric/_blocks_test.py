@@ -47,6 +47,9 @@ BATCH_LOSSES = [
     (losses.MarginLoss, {}),
     (losses.ThresholdConsistentMarginLoss, {}),
     (losses.RankedListLoss, {}),
+    (losses.LiftedStructureLoss, {}),
+    (losses.LiftedStructureLoss, {"neg_margin": 0.4, "pos_margin": 0.2}),
+    (losses.AngularLoss, {}),
 ]
 
 
@@ -57,9 +60,12 @@ def _ids(params):
 
 # Every configuration eagerly; compiled, one per code path of the blocks (the row driver with
 # mining order, the lifted loss's two passes, the driver on normalised rows, a similarity, the
-# intra-pair variance loss's two passes),
+# intra-pair variance loss's two passes, the lifted structure loss's two passes, the angular
+# loss's blocks of positive rows inside blocks of anchors),
 # except on torch, which runs eagerly when compiled.
-COMPILED = [BATCH_LOSSES[i] for i in (2, 7, 8, 14, 22)] if _backend.name() != "torch" else []
+COMPILED = (
+    [BATCH_LOSSES[i] for i in (2, 7, 8, 14, 22, 27, 29)] if _backend.name() != "torch" else []
+)
 CASES = [(p, False) for p in BATCH_LOSSES] + [(p, True) for p in COMPILED]
 
 
@@ -94,6 +100,7 @@ REFERENCE_LOSSES = [
     losses.nt_xent_loss,
     losses.online_contrastive_loss,
     losses.triplet_loss,
+    losses.angular_loss,
 ]
 
 
@@ -125,6 +132,23 @@ def test_blocks_with_a_reference_set(fn, mask_rank, monkeypatch):
     assert float(got[0]) == pytest.approx(float(expected[0]), rel=1e-5, abs=1e-7)
     scale = np.max(np.abs(expected[1]))
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_lifted_structure_blocks_in_a_one_class_batch(monkeypatch):
+    """No negative pair: 0 and a zero gradient, blocked as in one block (no NaN from the
+    rows' empty log-sum-exps)."""
+    _, x = batch(7)
+    labels = np.zeros(26, "int32")
+
+    def fn(v, lab):
+        return ops.mean(losses.lifted_structure_loss(lab, v))
+
+    expected = _backend.value_and_grad(fn, x, labels)
+    monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 5 * 26)
+    got = _backend.value_and_grad(fn, x, labels)
+    assert float(expected[0]) == float(got[0]) == 0.0
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[1], np.zeros_like(x))
 
 
 def test_a_callable_distance_stays_one_block(monkeypatch):
@@ -166,7 +190,10 @@ def test_map_rows_covers_every_row_once():
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's memory plan")
-@pytest.mark.parametrize("name", ["TripletSemiHardLoss", "LiftedStructLoss", "CircleLoss"])
+@pytest.mark.parametrize(
+    "name",
+    ["TripletSemiHardLoss", "LiftedStructLoss", "CircleLoss", "LiftedStructureLoss", "AngularLoss"],
+)
 def test_blocks_bound_the_planned_memory(name, monkeypatch):
     """At B = 2048, blocks of 128 rows: XLA plans a fraction of the one-block temporaries."""
     import jax

@@ -9,7 +9,8 @@ pytorch-metric-learning (PML) 2.9 with its default distance and reducer, and a t
 `MetricLoss` class with PML's class name, keywords and defaults. Embeddings are L2-normalised
 inside (PML's default distances normalise). Everything is built from (B, R) matrices: the
 losses that PML writes over triplets (margin, angular) are rewritten as sums over pairs
-weighted by counts, or as a product of two (B, R) matrices, so memory grows as B * R.
+weighted by counts, or as a product of a (B, R) and an (R, R) matrix made in blocks of rows
+(`deepmetric._blocks`), so memory grows at most as B * R.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import math
 
 from keras import ops
 
+from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
-from deepmetric import mining
 from deepmetric._api import export
 from deepmetric.losses.base import (
     LARGE,
@@ -314,8 +315,13 @@ def lifted_structure_loss(labels, embeddings, *, neg_margin=1.0, pos_margin=0.0)
     CVPR 2016, arXiv:1511.06452. (`lifted_struct_loss` is TensorFlow Addons' form: a mean over
     the unordered pairs, raw embeddings.)
 
-    Each pair's term needs the sums of both rows, so the whole (B, B) matrix is built at once
-    (no row blocks, no reference set: PML compares it with the batch only).
+    Each pair's term reads the negatives' sum of another row, so the loss makes two passes over
+    blocks of rows (`deepmetric._blocks.map_rows`, above 2^24 entries): the first gives every
+    row's $\log\sum_{k \in N_i} e^{m_- - d_{ik}}$ (a (B,) vector), the second each row's sum
+    of $\tfrac{1}{2}[J_{ij}]_+^2$ over its positives and their count, reading that vector whole
+    (gradients flow through it into the first pass). A batch of at most 2^24 pairs is one
+    block, with the (B, B) matrix built once for both. No reference set: PML compares the
+    batch with itself only.
 
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
@@ -335,18 +341,44 @@ def lifted_structure_loss(labels, embeddings, *, neg_margin=1.0, pos_margin=0.0)
     neg_margin = _LIFTED_NEG_MARGIN.checked(neg_margin)
     pos_margin = _LIFTED_POS_MARGIN.checked(pos_margin)
     labels, embeddings, _, _ = loss_inputs(labels, embeddings)
-    d = _UnitEuclidean().matrix(distances_lib._l2_normalize(embeddings))
-    same = ops.equal(ops.expand_dims(labels, 1), ops.expand_dims(labels, 0))
-    itself = distances_lib.is_self(ops.arange(ops.shape(d)[0], dtype="int32"), ops.shape(d)[0])
-    positives = ops.logical_and(same, ops.logical_not(itself))
-    negatives = ops.logical_not(same)
-    # log sum over row i's negatives; the union of rows i and j is one log-add-exp.
-    row_terms = masked_logsumexp(neg_margin - d, negatives)
-    pair_terms = ops.logaddexp(ops.expand_dims(row_terms, 1), ops.expand_dims(row_terms, 0))
-    hinge = 0.5 * ops.square(ops.relu(pair_terms + d - pos_margin))
-    rows = ops.sum(ops.where(positives, hinge, 0.0), axis=1)
-    rows = ops.where(ops.any(negatives), rows, 0.0)
-    loss = per_anchor_share(rows, ops.sum(ops.cast(positives, rows.dtype)))
+    unit = distances_lib._l2_normalize(embeddings)
+    distance = _UnitEuclidean()
+
+    def block(index, query, query_labels, ref, ref_labels):
+        positives, negatives = mining.label_masks(query_labels, ref_labels, anchor_index=index)
+        return distance.matrix(query, ref, self_index=index), positives, negatives
+
+    def negative_terms(d, negatives):
+        # log sum over row i's negatives; the union of rows i and j is one log-add-exp.
+        return masked_logsumexp(neg_margin - d, negatives), ops.any(negatives, axis=1)
+
+    def pair_terms(d, positives, row_terms, all_terms):
+        joint = ops.logaddexp(ops.expand_dims(row_terms, 1), ops.expand_dims(all_terms, 0))
+        hinge = 0.5 * ops.square(ops.relu(joint + d - pos_margin))
+        return ops.sum(ops.where(positives, hinge, 0.0), axis=1), _count(positives, d, axis=1)
+
+    rows = (unit, labels)
+    if _blocks.block_size(unit.shape[0], unit.shape[0]) is None:
+        # One block: the (B, B) matrix is built once for both passes.
+        d, positives, negatives = block(ops.arange(ops.shape(unit)[0], dtype="int32"), *rows, *rows)
+        row_terms, has_negative = negative_terms(d, negatives)
+        per_row, num_positives = pair_terms(d, positives, row_terms, row_terms)
+    else:
+
+        def first_pass(index, *inputs):
+            d, _, negatives = block(index, *inputs)
+            return negative_terms(d, negatives)
+
+        def second_pass(index, query, query_labels, query_terms, ref, ref_labels, all_terms):
+            d, positives, _ = block(index, query, query_labels, ref, ref_labels)
+            return pair_terms(d, positives, query_terms, all_terms)
+
+        row_terms, has_negative = _blocks.map_rows(first_pass, rows, rows)
+        per_row, num_positives = _blocks.map_rows(
+            second_pass, (*rows, row_terms), (*rows, row_terms)
+        )
+    per_row = ops.where(ops.any(has_negative), per_row, 0.0)
+    loss = per_anchor_share(per_row, ops.sum(num_positives))
     return nonfinite_to_nan(loss, embeddings)
 
 
@@ -538,8 +570,12 @@ def angular_loss(
     without a negative pair). As in PML's code, $y_n$ is the negative's embedding as given, not
     normalised (the paper normalises every feature; on L2-normalised inputs the two agree).
     PML enumerates (positive pair x batch) entries; here the sum over the negatives of each
-    pair is one product of two (B, R) matrices, $\sum_n [n \in N_a] e^{4t x_a^\top y_n}
-    e^{4t x_p^\top y_n}$, with row maxima shifted out, so memory stays O(B R). Same value and
+    pair is one product of two matrices, $\sum_n [n \in N_a] e^{4t x_a^\top y_n}
+    e^{4t x_p^\top y_n}$, (B, R) by (R, R), with row maxima shifted out. Above 2^24 entries it
+    runs in blocks (`deepmetric._blocks.map_rows`): blocks of b anchors, and inside each, blocks
+    of b' positive rows that build only their (b', R) slice of the second matrix and their
+    (b, b') part of the product; both levels are rematerialised, so the work stays B R^2 (the
+    product) and the memory O(b R) instead of several (R, R) matrices. Same value and
     gradient as `pytorch_metric_learning.losses.AngularLoss()`. Paper: "Deep Metric Learning
     with Angular Loss", ICCV 2017, arXiv:1708.01682.
 
@@ -571,28 +607,51 @@ def angular_loss(
     ref_labels = labels if same else ref_labels
     query = distances_lib._l2_normalize(embeddings)
     ref = query if same else distances_lib._l2_normalize(reference)
-    positives, negatives = mining.label_masks(labels, None if same else ref_labels)
-    if mask is not None:
-        pair_mask = mask if len(mask.shape) == 2 else ops.expand_dims(mask, 0)
-        positives = ops.logical_and(positives, pair_mask)
-        negatives = ops.logical_and(negatives, pair_mask)
-    # A[a, n] = 4t x_a.y_n (anchors), P[p, n] = 4t x_p.y_n (the reference rows as positives).
-    a = 4.0 * tan2 * ops.matmul(query, ops.transpose(raw))
-    p = 4.0 * tan2 * ops.matmul(ref, ops.transpose(raw))
-    a_top = ops.stop_gradient(ops.max(ops.where(negatives, a, -LARGE), axis=1, keepdims=True))
-    a_top = ops.where(ops.any(negatives, axis=1, keepdims=True), a_top, 0.0)
-    p_top = ops.stop_gradient(ops.max(p, axis=1, keepdims=True))
-    a_exp = ops.where(negatives, ops.exp(ops.where(negatives, a - a_top, -LARGE)), 0.0)
-    total = ops.matmul(a_exp, ops.transpose(ops.exp(p - p_top)))  # (B, R): anchor x positive
-    nonzero = ops.greater(total, 0.0)
-    log_total = ops.log(ops.where(nonzero, total, 1.0)) + a_top + ops.transpose(p_top)
-    s = ops.matmul(query, ops.transpose(ref))
-    active = ops.logical_and(positives, nonzero)
-    per_pair = ops.where(active, ops.softplus(log_total - 2.0 * (1.0 + tan2) * s), 0.0)
-    has_positive, has_negative = rows_with_pairs(positives, negatives)
-    contributions = ops.where(any_pairs(has_positive, has_negative), ops.sum(per_pair, 1), 0.0)
+    scale = 4.0 * tan2
+    per_pair_mask = mask is not None and len(mask.shape) == 2
+    rows = [query, labels] + ([mask] if per_pair_mask else [])
+    shared = [ref, raw, ref_labels] + ([mask] if mask is not None and not per_pair_mask else [])
+
+    def positive_rows(index, positive, negative, a_exp):
+        # A block of rows of P[p, n] = 4t x_p.y_n (the reference rows as positives), its row
+        # maxima shifted out; (b_p, b): the block's columns of the anchors' (b, R) product.
+        p = scale * ops.matmul(positive, ops.transpose(negative))
+        p_top = ops.stop_gradient(ops.max(p, axis=1, keepdims=True))
+        total = ops.matmul(a_exp, ops.transpose(ops.exp(p - p_top)))
+        return ops.transpose(total), ops.squeeze(p_top, axis=1)
+
+    def block(index, anchors, anchor_labels, *rest):
+        rest = list(rest)
+        pair_mask = rest.pop(0) if per_pair_mask else None
+        ref, raw, ref_labels = rest.pop(0), rest.pop(0), rest.pop(0)
+        if mask is not None and not per_pair_mask:
+            pair_mask = ops.expand_dims(rest.pop(0), 0)
+        positives, negatives = mining.label_masks(
+            anchor_labels, ref_labels, anchor_index=index if same else None
+        )
+        if pair_mask is not None:
+            positives = ops.logical_and(positives, pair_mask)
+            negatives = ops.logical_and(negatives, pair_mask)
+        # A[a, n] = 4t x_a.y_n over the block's anchors a.
+        a = scale * ops.matmul(anchors, ops.transpose(raw))
+        a_top = ops.stop_gradient(ops.max(ops.where(negatives, a, -LARGE), axis=1, keepdims=True))
+        a_top = ops.where(ops.any(negatives, axis=1, keepdims=True), a_top, 0.0)
+        a_exp = ops.where(negatives, ops.exp(ops.where(negatives, a - a_top, -LARGE)), 0.0)
+        # (b, R): anchor x positive, from blocks of the positive rows (no whole (R, R) matrix).
+        total_t, p_top = _blocks.map_rows(positive_rows, [ref], [raw, a_exp])
+        total = ops.transpose(total_t)
+        nonzero = ops.greater(total, 0.0)
+        log_total = ops.log(ops.where(nonzero, total, 1.0)) + a_top + ops.expand_dims(p_top, 0)
+        s = ops.matmul(anchors, ops.transpose(ref))
+        active = ops.logical_and(positives, nonzero)
+        per_pair = ops.where(active, ops.softplus(log_total - 2.0 * (1.0 + tan2) * s), 0.0)
+        has_positive, has_negative = rows_with_pairs(positives, negatives)
+        return ops.sum(per_pair, 1), has_positive, has_negative, _count(positives, s, 1)
+
+    per_row, has_positive, has_negative, num_positives = _blocks.map_rows(block, rows, shared)
+    contributions = ops.where(any_pairs(has_positive, has_negative), per_row, 0.0)
     return nonfinite_to_nan(
-        per_anchor_share(contributions, _count(positives, s)), embeddings, reference
+        per_anchor_share(contributions, ops.sum(num_positives)), embeddings, reference
     )
 
 
