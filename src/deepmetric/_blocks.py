@@ -135,6 +135,20 @@ def anchor_rows(
     use_order = with_order or miner is not None
     if use_order:
         shared.append(mining.column_ranks(shared[1]))
+    state = None
+    if miner is not None and not miner.row_local:
+        raw, raw_reference = miner_inputs if miner_inputs is not None else (embeddings, reference)
+        state = miner.batch_state(
+            mining_rows(
+                miner,
+                labels,
+                raw,
+                labels if same else reference_labels,
+                raw if same else raw_reference,
+                mask,
+                same,
+            )
+        )
 
     def block(index, query, query_labels, *rest):
         rest = list(rest)
@@ -157,7 +171,9 @@ def anchor_rows(
             negatives = ops.logical_and(negatives, pair_mask)
         extra = {}
         if miner is not None:
-            mined = miner.mine_rows(raw_query, raw_ref, self_index, positives, negatives, order)
+            mined = miner.mine_rows(
+                raw_query, raw_ref, self_index, positives, negatives, order, state, index
+            )
             positives, negatives = mined.positives, mined.negatives
             extra["mined"] = mined
         m = distance.matrix(query, ref, self_index=self_index)
@@ -168,5 +184,42 @@ def anchor_rows(
         return tuple(row_terms(m, positives, negatives, **extra))
 
     one_block = whole or not distance.blockable
-    one_block = one_block or (miner is not None and not miner.row_local)
     return map_rows(block, rows, shared, max_entries=_UNLIMITED if one_block else None)
+
+
+def mining_rows(miner, labels, query, reference_labels, reference, mask=None, same=True):
+    """The `deepmetric.miners.BatchRows` of a batch: the miner's gaps and the label masks
+    (`mask` applied, (R,) or (B, R) booleans) over blocks of the given rows (`map_rows`), for
+    a miner that needs figures of the whole batch (`Miner.batch_state`)."""
+    from deepmetric.miners import BatchRows
+
+    per_pair = mask is not None and len(mask.shape) == 2
+
+    def map_positions(fn, positions, per_row):
+        count = len(per_row)
+
+        def block(index, where, *rest):
+            extras, (ref, ref_labels, all_query, all_labels) = rest[:count], rest[count : count + 4]
+            query_rows = ops.take(all_query, where, axis=0)
+            query_labels = ops.take(all_labels, where, axis=0)
+            self_index = where if same else None
+            positives, negatives = mining.label_masks(
+                query_labels, ref_labels, anchor_index=self_index
+            )
+            if mask is not None:
+                pair_mask = (
+                    ops.take(rest[count + 4], where, axis=0)
+                    if per_pair
+                    else ops.expand_dims(rest[count + 4], 0)
+                )
+                positives = ops.logical_and(positives, pair_mask)
+                negatives = ops.logical_and(negatives, pair_mask)
+            gaps = miner.gaps(query_rows, ref, self_index)
+            return tuple(fn(gaps, positives, negatives, *extras))
+
+        shared = [reference, reference_labels, query, labels]
+        if mask is not None:
+            shared.append(mask)
+        return map_rows(block, [positions, *per_row], shared)
+
+    return BatchRows(map_positions, ops.shape(query)[0])
