@@ -26,6 +26,10 @@ from deepmetric import _backend, mining
 
 # Entries of the (b, R) block of one step: 2^24 floats are 64 MB.
 BLOCK_ENTRIES = 1 << 24
+# Entries of a block of the passes of a miner that needs the whole batch (`mining_rows`):
+# they have no gradient, so smaller blocks cost no recomputation, and they hold a few more
+# arrays per pair (keys, bytes, segment ids).
+MINING_ENTRIES = 1 << 22
 _UNLIMITED = 1 << 62
 
 
@@ -43,6 +47,7 @@ def map_rows(
     shared: Sequence = (),
     *,
     max_entries: int | None = None,
+    num_references: int | None = None,
 ):
     """`fn(index, *rows, *shared)` over blocks of rows, its per-row outputs concatenated.
 
@@ -53,12 +58,15 @@ def map_rows(
       rows: tensors whose first axis is the B anchors.
       shared: tensors used whole by every block (the reference set: R rows).
       max_entries: the largest b * R of one block (default `BLOCK_ENTRIES`).
+      num_references: R, where it is not the length of `shared[0]` (default: that length,
+        or B without `shared`).
 
     Returns:
       The tuple of `fn`'s outputs for all B rows.
     """
     num_rows = rows[0].shape[0]
-    num_references = shared[0].shape[0] if shared else num_rows
+    if num_references is None:
+        num_references = shared[0].shape[0] if shared else num_rows
     block = block_size(num_rows, num_references, max_entries)
     if block is None:
         return tuple(fn(ops.arange(ops.shape(rows[0])[0], dtype="int32"), *rows, *shared))
@@ -220,6 +228,8 @@ def mining_rows(miner, labels, query, reference_labels, reference, mask=None, sa
         shared = [reference, reference_labels, query, labels]
         if mask is not None:
             shared.append(mask)
-        return map_rows(block, [positions, *per_row], shared)
+        return map_rows(
+            block, [positions, *per_row], shared, max_entries=min(MINING_ENTRIES, BLOCK_ENTRIES)
+        )
 
     return BatchRows(map_positions, ops.shape(query)[0])

@@ -35,8 +35,8 @@ from typing import Any, NamedTuple
 import keras
 from keras import ops
 
+from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
-from deepmetric import mining
 from deepmetric._api import export
 from deepmetric._checks import NON_NEGATIVE, POSITIVE, Bounds, check_choice, check_number
 from deepmetric._labels import check_embeddings, check_labels
@@ -740,6 +740,28 @@ def _check_seed(seed):
     return seed
 
 
+def _bisect_rows(weights, uniform, num_columns):
+    """int32 (b, R): per row, the number of cumulative weights below each `uniform` times
+    the row's total, by bisection (a loop, so one set of (b, R) buffers is reused)."""
+    cdf = ops.cumsum(weights, axis=1)
+    u = uniform * cdf[:, -1:]
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = (low + high) // 2
+        below = ops.less(ops.take_along_axis(cdf, ops.minimum(middle, num_columns - 1), axis=1), u)
+        below = ops.logical_and(below, ops.less(middle, high))
+        return ops.where(below, middle + 1, low), ops.where(below, high, middle)
+
+    low, _ = ops.fori_loop(
+        0,
+        num_columns.bit_length(),
+        halve,
+        (ops.zeros(ops.shape(u), "int32"), ops.full(ops.shape(u), num_columns, "int32")),
+    )
+    return ops.minimum(low, num_columns - 1)
+
+
 def _sample_rows(weights, seed):
     """int32 (b, R): R independent draws per row from the categorical of its `weights`.
 
@@ -751,24 +773,21 @@ def _sample_rows(weights, seed):
     a row whose weights are all zero gives arbitrary columns (the caller drops it).
     """
     num_columns = ops.shape(weights)[1]
-    cdf = ops.cumsum(weights, axis=1)
-    u = keras.random.uniform(ops.shape(weights), seed=seed) * cdf[:, -1:]
     if isinstance(num_columns, int):
         # Bisection on each row's cumulative weights, all draws at once: the number of
-        # cumulative weights below u in ceil(log2(R + 1)) gathers of (b, R), several times
-        # faster on CPU than the argsorts below.
-        low = ops.zeros(ops.shape(weights), "int32")
-        high = ops.full(ops.shape(weights), num_columns, "int32")
-        for _ in range(num_columns.bit_length()):
-            middle = (low + high) // 2
-            below = ops.less(
-                ops.take_along_axis(cdf, ops.minimum(middle, num_columns - 1), axis=1),
-                ops.cast(u, cdf.dtype),
-            )
-            below = ops.logical_and(below, ops.less(middle, high))
-            low = ops.where(below, middle + 1, low)
-            high = ops.where(below, high, middle)
-        return ops.minimum(low, num_columns - 1)
+        # cumulative weights below u in ceil(log2(R + 1)) gathers, several times faster on
+        # CPU than the argsorts below; in row blocks of at most `_blocks.MINING_ENTRIES`
+        # entries (no gradient: nothing is recomputed), with the uniforms drawn whole.
+        uniform = keras.random.uniform(ops.shape(weights), seed=seed)
+        (drawn,) = _blocks.map_rows(
+            lambda index, w, v: (_bisect_rows(w, v, num_columns),),
+            [weights, ops.cast(uniform, weights.dtype)],
+            max_entries=_blocks.MINING_ENTRIES,
+            num_references=num_columns,
+        )
+        return drawn
+    cdf = ops.cumsum(weights, axis=1)
+    u = keras.random.uniform(ops.shape(weights), seed=seed) * cdf[:, -1:]
     perm = ops.argsort(ops.concatenate([cdf, ops.cast(u, cdf.dtype)], axis=1), axis=1)
     below = ops.cumsum(ops.cast(ops.less(perm, num_columns), "int32"), axis=1)
     position = ops.argsort(perm, axis=1)[:, num_columns:]

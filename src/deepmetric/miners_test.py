@@ -913,3 +913,23 @@ def test_losses_take_the_random_miners(loss_name):
         value = float(getattr(losses, loss_name)(miner=build())(labels, x))
         again = float(getattr(losses, loss_name)(miner=build())(labels, x))
         assert np.isfinite(value) and value == again
+
+
+def test_distance_weighted_draws_by_bisection_in_row_blocks(monkeypatch):
+    """Each draw is the number of the row's cumulative weights below u times the row's total
+    (numpy's searchsorted), zero-weight columns included; row blocks draw the same."""
+    rng = np.random.default_rng(2)
+    weights = rng.random((7, 9)).astype("float32")
+    weights[weights < 0.3] = 0.0
+    uniform = rng.random((7, 9)).astype("float32")
+    tensor = ops.convert_to_tensor(weights)
+    drawn = _np(miners._bisect_rows(tensor, ops.convert_to_tensor(uniform), 9))
+    cdf = np.cumsum(weights, axis=1, dtype=np.float32)
+    want = [np.searchsorted(c, u * c[-1], side="left") for c, u in zip(cdf, uniform, strict=True)]
+    np.testing.assert_array_equal(drawn, np.minimum(want, 8))
+    assert not (weights[np.arange(7)[:, None], drawn] == 0).any()
+
+    whole = _np(miners._sample_rows(tensor, keras.random.SeedGenerator(3)))
+    monkeypatch.setattr(_blocks, "MINING_ENTRIES", 2 * 9)  # blocks of two rows
+    blocks = _np(miners._sample_rows(tensor, keras.random.SeedGenerator(3)))
+    np.testing.assert_array_equal(blocks, whole)
