@@ -26,6 +26,10 @@ from deepmetric import _backend, mining
 
 # Entries of the (b, R) block of one step: 2^24 floats are 64 MB.
 BLOCK_ENTRIES = 1 << 24
+# Entries of a block of the passes of a miner that needs the whole batch (`mining_rows`):
+# they have no gradient, so smaller blocks cost no recomputation, and they hold a few more
+# arrays per pair (keys, bytes, segment ids).
+MINING_ENTRIES = 1 << 22
 _UNLIMITED = 1 << 62
 
 
@@ -43,6 +47,7 @@ def map_rows(
     shared: Sequence = (),
     *,
     max_entries: int | None = None,
+    num_references: int | None = None,
 ):
     """`fn(index, *rows, *shared)` over blocks of rows, its per-row outputs concatenated.
 
@@ -53,12 +58,15 @@ def map_rows(
       rows: tensors whose first axis is the B anchors.
       shared: tensors used whole by every block (the reference set: R rows).
       max_entries: the largest b * R of one block (default `BLOCK_ENTRIES`).
+      num_references: R, where it is not the length of `shared[0]` (default: that length,
+        or B without `shared`).
 
     Returns:
       The tuple of `fn`'s outputs for all B rows.
     """
     num_rows = rows[0].shape[0]
-    num_references = shared[0].shape[0] if shared else num_rows
+    if num_references is None:
+        num_references = shared[0].shape[0] if shared else num_rows
     block = block_size(num_rows, num_references, max_entries)
     if block is None:
         return tuple(fn(ops.arange(ops.shape(rows[0])[0], dtype="int32"), *rows, *shared))
@@ -135,6 +143,20 @@ def anchor_rows(
     use_order = with_order or miner is not None
     if use_order:
         shared.append(mining.column_ranks(shared[1]))
+    state = None
+    if miner is not None and not miner.row_local:
+        raw, raw_reference = miner_inputs if miner_inputs is not None else (embeddings, reference)
+        state = miner.batch_state(
+            mining_rows(
+                miner,
+                labels,
+                raw,
+                labels if same else reference_labels,
+                raw if same else raw_reference,
+                mask,
+                same,
+            )
+        )
 
     def block(index, query, query_labels, *rest):
         rest = list(rest)
@@ -157,7 +179,9 @@ def anchor_rows(
             negatives = ops.logical_and(negatives, pair_mask)
         extra = {}
         if miner is not None:
-            mined = miner.mine_rows(raw_query, raw_ref, self_index, positives, negatives, order)
+            mined = miner.mine_rows(
+                raw_query, raw_ref, self_index, positives, negatives, order, state, index
+            )
             positives, negatives = mined.positives, mined.negatives
             extra["mined"] = mined
         m = distance.matrix(query, ref, self_index=self_index)
@@ -168,5 +192,44 @@ def anchor_rows(
         return tuple(row_terms(m, positives, negatives, **extra))
 
     one_block = whole or not distance.blockable
-    one_block = one_block or (miner is not None and not miner.row_local)
     return map_rows(block, rows, shared, max_entries=_UNLIMITED if one_block else None)
+
+
+def mining_rows(miner, labels, query, reference_labels, reference, mask=None, same=True):
+    """The `deepmetric.miners.BatchRows` of a batch: the miner's gaps and the label masks
+    (`mask` applied, (R,) or (B, R) booleans) over blocks of the given rows (`map_rows`), for
+    a miner that needs figures of the whole batch (`Miner.batch_state`)."""
+    from deepmetric.miners import BatchRows
+
+    per_pair = mask is not None and len(mask.shape) == 2
+
+    def map_positions(fn, positions, per_row):
+        count = len(per_row)
+
+        def block(index, where, *rest):
+            extras, (ref, ref_labels, all_query, all_labels) = rest[:count], rest[count : count + 4]
+            query_rows = ops.take(all_query, where, axis=0)
+            query_labels = ops.take(all_labels, where, axis=0)
+            self_index = where if same else None
+            positives, negatives = mining.label_masks(
+                query_labels, ref_labels, anchor_index=self_index
+            )
+            if mask is not None:
+                pair_mask = (
+                    ops.take(rest[count + 4], where, axis=0)
+                    if per_pair
+                    else ops.expand_dims(rest[count + 4], 0)
+                )
+                positives = ops.logical_and(positives, pair_mask)
+                negatives = ops.logical_and(negatives, pair_mask)
+            gaps = miner.gaps(query_rows, ref, self_index)
+            return tuple(fn(gaps, positives, negatives, *extras))
+
+        shared = [reference, reference_labels, query, labels]
+        if mask is not None:
+            shared.append(mask)
+        return map_rows(
+            block, [positions, *per_row], shared, max_entries=min(MINING_ENTRIES, BLOCK_ENTRIES)
+        )
+
+    return BatchRows(map_positions, ops.shape(query)[0])

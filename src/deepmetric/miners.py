@@ -17,9 +17,13 @@ A loss built with `miner=M` equals PML's `loss(embeddings, labels, M(embeddings,
   negative (a pair miner, and the miners that keep one triplet per anchor), or the triplets
   of the rule.
 
-Every miner works on rows: the selection of anchor a needs only row a of the miner's own
-distance matrix, so a loss that computes its rows in blocks (`deepmetric._blocks`) mines each
-block on its own. A miner is called as `miner(labels, embeddings)` (deepmetric's order; PML's
+Every miner works on rows. For most, the selection of anchor a needs only row a of the miner's
+own distance matrix, so a loss that computes its rows in blocks (`deepmetric._blocks`) mines
+each block on its own. Two need figures of the whole batch (`HDCMiner`: the k-th hardest pair
+of the batch; `UniformHistogramMiner`: the bins of all pairs and draws among them): they
+compute them first, in passes over the same blocks of rows (`Miner.batch_state`, given a
+`BatchRows`), then mine each block with them, so they too stay O(block * R) in memory. A
+miner is called as `miner(labels, embeddings)` (deepmetric's order; PML's
 is `miner(embeddings, labels)`) and has no gradient.
 """
 
@@ -31,8 +35,8 @@ from typing import Any, NamedTuple
 import keras
 from keras import ops
 
+from deepmetric import _blocks, mining
 from deepmetric import distances as distances_lib
-from deepmetric import mining
 from deepmetric._api import export
 from deepmetric._checks import NON_NEGATIVE, POSITIVE, Bounds, check_choice, check_number
 from deepmetric._labels import check_embeddings, check_labels
@@ -97,6 +101,29 @@ def _range(name, value):
     return (low, high)
 
 
+class BatchRows:
+    """The rows of a batch's mining, block by block: what `Miner.batch_state` reads.
+
+    `map(fn, positions=None, per_row=())` calls `fn(gaps, positives, negatives, *per_row)` on
+    blocks of rows: `gaps` is the block's (b, R) rows of the miner's distance matrix (larger
+    farther, no gradient), `positives` / `negatives` its label masks (as the loss sees them:
+    an example with itself in neither, a `reference_mask` applied), and `per_row` the block's
+    slices of the (P,) tensors given, one entry per position. It returns `fn`'s per-row
+    outputs for all the rows of `positions` (int32 row positions; default every row, in
+    order). Built by the loss's row driver (`deepmetric._blocks.anchor_rows`) or, for a
+    miner called on its own, over the whole batch (`_whole_rows`).
+    """
+
+    def __init__(self, map_positions, num_rows):
+        self._map = map_positions
+        self.num_rows = num_rows
+
+    def map(self, fn, positions=None, per_row=()):
+        if positions is None:
+            positions = ops.arange(self.num_rows, dtype="int32")
+        return self._map(fn, positions, tuple(per_row))
+
+
 class Miner:
     """Base class of the miners: the distance, the call, the configuration.
 
@@ -108,7 +135,9 @@ class Miner:
     """
 
     default_distance: Any = staticmethod(lambda: distances_lib.LpDistance())
-    # Whether the selection of an anchor needs only its own row (else a loss runs as one block).
+    # Whether the selection of an anchor needs only its own row. A miner that also needs
+    # figures of the whole batch sets False and implements `batch_state` (computed first, in
+    # blocks) and `_select_with(gaps, positives, negatives, order, state, index)`.
     row_local = True
 
     def __init__(self, distance=None):
@@ -138,18 +167,46 @@ class Miner:
             raise ValueError(
                 "`reference_embeddings` and `reference_labels` must be given together."
             )
+        index = ops.arange(ops.shape(embeddings)[0], dtype="int32")
         if reference_embeddings is None:
-            index = ops.arange(ops.shape(embeddings)[0], dtype="int32")
             positives, negatives = mining.label_masks(labels)
             order = mining.PositiveOrder(mining.column_ranks(labels), mining.column_ranks(labels))
-            return self.mine_rows(embeddings, embeddings, index, positives, negatives, order)
+            state = self.batch_state(_whole_rows(self, labels, embeddings, labels, embeddings))
+            return self.mine_rows(
+                embeddings, embeddings, index, positives, negatives, order, state, index
+            )
         reference = check_embeddings(reference_embeddings, "reference_embeddings")
         reference_labels = check_labels(reference_labels, reference.shape[0], "reference_labels")
         positives, negatives = mining.label_masks(labels, reference_labels)
         order = mining.PositiveOrder(mining.column_ranks(reference_labels))
-        return self.mine_rows(embeddings, reference, None, positives, negatives, order)
+        state = self.batch_state(
+            _whole_rows(self, labels, embeddings, reference_labels, reference, same=False)
+        )
+        return self.mine_rows(
+            embeddings, reference, None, positives, negatives, order, state, index
+        )
 
-    def mine_rows(self, query, reference, self_index, positives, negatives, order=None):
+    def gaps(self, query, reference, self_index=None):
+        """(b, R) rows of the miner's distance matrix, larger farther, without gradient."""
+        gaps = self._distance.matrix(query, reference, self_index=self_index)
+        return ops.stop_gradient(gaps * self._sign)
+
+    def batch_state(self, rows: BatchRows):
+        """Figures of the whole batch that the selection needs, computed from `rows` (a
+        `BatchRows`) before any block is mined; None for a row-local miner."""
+        return None
+
+    def mine_rows(
+        self,
+        query,
+        reference,
+        self_index,
+        positives,
+        negatives,
+        order=None,
+        state=None,
+        index=None,
+    ):
         """The `Mined` of a block of anchor rows (the hook of the losses' row driver).
 
         Args:
@@ -159,12 +216,19 @@ class Miner:
           self_index: int32 (b,) positions of the anchors in `reference`, or None.
           positives, negatives: bool (b, R) label masks (an example with itself in neither).
           order: optional `deepmetric.mining.PositiveOrder` of the positives.
+          state: for a miner that is not `row_local`, its `batch_state` of the batch.
+          index: int32 (b,) positions of the block's rows in the batch, consecutive (for a
+            miner that is not `row_local`).
         """
-        gaps = self._distance.matrix(query, reference, self_index=self_index)
-        gaps = ops.stop_gradient(gaps * self._sign)
-        return self._select(gaps, positives, negatives, order)
+        gaps = self.gaps(query, reference, self_index)
+        if self.row_local:
+            return self._select(gaps, positives, negatives, order)
+        return self._select_with(gaps, positives, negatives, order, state, index)
 
     def _select(self, gaps, positives, negatives, order):
+        raise NotImplementedError
+
+    def _select_with(self, gaps, positives, negatives, order, state, index):
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
@@ -190,6 +254,87 @@ class Miner:
 
     def __hash__(self):
         return hash(repr(self))
+
+
+def _whole_rows(miner, labels, embeddings, reference_labels, reference, same=True):
+    """The `BatchRows` of a miner called on its own: one block of the given rows."""
+
+    def map_positions(fn, positions, per_row):
+        query = ops.take(embeddings, positions, axis=0)
+        query_labels = ops.take(labels, positions, axis=0)
+        self_index = positions if same else None
+        positives, negatives = mining.label_masks(
+            query_labels, reference_labels, anchor_index=self_index
+        )
+        gaps = miner.gaps(query, reference, self_index)
+        return tuple(fn(gaps, positives, negatives, *per_row))
+
+    return BatchRows(map_positions, ops.shape(embeddings)[0])
+
+
+def _order_keys(values):
+    """int32 keys in the order of the float32 `values` (-0.0 taken as 0.0): the bits, with
+    those of negative numbers flipped so that more negative is smaller."""
+    values = ops.where(ops.equal(values, 0.0), 0.0, ops.cast(values, "float32"))
+    bits = ops.view(values, "int32")
+    return ops.where(ops.less(bits, 0), ops.bitwise_xor(bits, 0x7FFFFFFF), bits)
+
+
+def _from_order_key(key):
+    """The float32 value of an `_order_keys` key."""
+    bits = ops.where(ops.less(key, 0), ops.bitwise_xor(key, 0x7FFFFFFF), key)
+    return ops.view(bits, "float32")
+
+
+def _kth_largest(rows, ks):
+    """The ks[0]-th largest gap of the positive pairs and the ks[1]-th largest minus-gap of
+    the negative pairs of `rows` (a `BatchRows`), exactly, by a radix selection.
+
+    Four passes, most significant byte first: each counts, per row, the byte of the keys
+    (`_order_keys`) whose higher bytes equal those chosen so far, in a (rows, 256)
+    histogram; the byte of the k-th largest is the largest whose count from the top reaches
+    k, and k becomes its rank among the keys of that byte. A k below 1 (no pair of the kind)
+    is taken as 1; the caller keeps nothing then.
+    """
+    ks = [ops.maximum(k, 1) for k in ks]
+    chosen = [ops.zeros((), "int32"), ops.zeros((), "int32")]  # key, bytes below unset
+    for shift in (24, 16, 8, 0):
+
+        def histograms(gaps, positives, negatives, shift=shift, prefix=tuple(chosen)):
+            rows_n = ops.shape(gaps)[0]
+            out = []
+            for values, mask, key_prefix in zip(
+                (gaps, -gaps), (positives, negatives), prefix, strict=True
+            ):
+                key = _order_keys(values)
+                byte = ops.bitwise_and(ops.right_shift(key, shift), 255)
+                if shift == 24:  # the sign byte: flip its top bit to order it from 0 to 255
+                    byte = ops.bitwise_xor(byte, 128)
+                else:
+                    same = ops.equal(
+                        ops.right_shift(key, shift + 8), ops.right_shift(key_prefix, shift + 8)
+                    )
+                    mask = ops.logical_and(mask, same)
+                row = ops.expand_dims(ops.arange(rows_n, dtype="int32"), 1)
+                segment = ops.reshape(row * 256 + byte, (-1,))
+                weight = ops.reshape(ops.cast(mask, "float32"), (-1,))
+                counts = ops.segment_sum(weight, segment, num_segments=rows_n * 256)
+                out.append(ops.reshape(counts, (rows_n, 256)))  # <= R per row: exact
+            return tuple(out)
+
+        per_row = rows.map(histograms)
+        for kind in (0, 1):
+            hist = ops.sum(ops.cast(per_row[kind], "int32"), axis=0)  # (256,)
+            from_top = ops.flip(ops.cumsum(ops.flip(hist, 0)), 0)  # keys with byte >= d
+            reach = ops.greater_equal(from_top, ks[kind])
+            byte = ops.max(ops.where(reach, ops.arange(256, dtype="int32"), 0))
+            above = ops.take(from_top, byte) - ops.take(hist, byte)
+            ks[kind] = ks[kind] - above
+            if shift == 24:
+                chosen[kind] = (byte - 128) * (1 << 24)
+            else:
+                chosen[kind] = chosen[kind] + byte * (1 << shift)
+    return [_from_order_key(key) for key in chosen]
 
 
 def _row_min(gaps, mask):
@@ -490,7 +635,11 @@ class HDCMiner(Miner):
     (the closest).
 
     `k = ceil(filter_percentage * number of pairs)` of each kind are kept, over the whole batch
-    (not per anchor), so a loss with this miner computes its whole (B, R) matrix at once.
+    (not per anchor). The k-th value is found without sorting the batch's pairs: a radix
+    selection on the float32 bits, four passes over the blocks of rows, each counting one
+    byte of the values that share the bytes chosen so far in a (rows, 256) histogram; the
+    blocks are then mined with the two thresholds. Memory stays O(block * R), where a sort of
+    all pairs needs several (B, R) arrays.
     Equals `pytorch_metric_learning.miners.HDCMiner(filter_percentage)` except at ties: pairs
     tied with the k-th are all kept, where PML's `topk` keeps exactly k. In a batch compared
     with itself every pair ties with its mirror ((a, p) and (p, a)), so for an odd k this keeps
@@ -511,19 +660,31 @@ class HDCMiner(Miner):
             "filter_percentage", filter_percentage, Bounds(0.0, 1.0, exclusive_minimum=True)
         )
 
-    def _top(self, values, mask):
-        """`mask` restricted to its k largest `values`, k = ceil(fraction * count)."""
-        flat = ops.reshape(ops.where(mask, values, -_BIG), (-1,))
-        count = ops.sum(ops.cast(mask, "float32"))
-        k = ops.cast(ops.ceil(self.filter_percentage * count), "int32")
-        descending = -ops.sort(-flat)
-        threshold = ops.take(descending, ops.maximum(k - 1, 0))
-        return ops.logical_and(
-            ops.logical_and(mask, ops.greater_equal(values, threshold)), ops.greater(count, 0.0)
+    def batch_state(self, rows):
+        """(threshold, kept anything) of the positive pairs (the farthest) and of the
+        negative pairs (the closest, as minus their gaps): the k-th largest value of each."""
+
+        def counts(gaps, positives, negatives):
+            return ops.sum(ops.cast(positives, "int32"), 1), ops.sum(
+                ops.cast(negatives, "int32"), 1
+            )
+
+        totals = [ops.sum(c) for c in rows.map(counts)]
+        ks = [
+            ops.cast(ops.ceil(self.filter_percentage * ops.cast(t, "float32")), "int32")
+            for t in totals
+        ]
+        thresholds = _kth_largest(rows, ks)
+        return tuple(
+            (threshold, ops.greater(total, 0))
+            for threshold, total in zip(thresholds, totals, strict=True)
         )
 
-    def _select(self, gaps, positives, negatives, order):
-        return Mined(self._top(gaps, positives), self._top(-gaps, negatives))
+    def _select_with(self, gaps, positives, negatives, order, state, index):
+        (pos_threshold, pos_any), (neg_threshold, neg_any) = state
+        keep_pos = ops.logical_and(positives, ops.greater_equal(gaps, pos_threshold))
+        keep_neg = ops.logical_and(negatives, ops.greater_equal(-gaps, neg_threshold))
+        return Mined(ops.logical_and(keep_pos, pos_any), ops.logical_and(keep_neg, neg_any))
 
     def get_config(self):
         return {"filter_percentage": self.filter_percentage, **super().get_config()}
@@ -555,7 +716,9 @@ class AngularMiner(Miner):
             )
         self.angle = check_number("angle", angle, Bounds(0.0, 180.0))
 
-    def mine_rows(self, query, reference, self_index, positives, negatives, order=None):
+    def mine_rows(
+        self, query, reference, self_index, positives, negatives, order=None, state=None, index=None
+    ):
         rule = mining.AngleRule(query, reference, math.radians(self.angle))
         return Mined.of_rule(rule, positives, negatives, order)
 
@@ -577,16 +740,52 @@ def _check_seed(seed):
     return seed
 
 
+def _bisect_rows(weights, uniform, num_columns):
+    """int32 (b, R): per row, the number of cumulative weights below each `uniform` times
+    the row's total, by bisection (a loop, so one set of (b, R) buffers is reused)."""
+    cdf = ops.cumsum(weights, axis=1)
+    u = uniform * cdf[:, -1:]
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = (low + high) // 2
+        below = ops.less(ops.take_along_axis(cdf, ops.minimum(middle, num_columns - 1), axis=1), u)
+        below = ops.logical_and(below, ops.less(middle, high))
+        return ops.where(below, middle + 1, low), ops.where(below, high, middle)
+
+    low, _ = ops.fori_loop(
+        0,
+        num_columns.bit_length(),
+        halve,
+        (ops.zeros(ops.shape(u), "int32"), ops.full(ops.shape(u), num_columns, "int32")),
+    )
+    return ops.minimum(low, num_columns - 1)
+
+
 def _sample_rows(weights, seed):
     """int32 (b, R): R independent draws per row from the categorical of its `weights`.
 
-    Inverse-CDF sampling without a (b, R, R) comparison: the R uniforms of a row are sorted
-    together with the row's cumulative weights, and the draw of a uniform u is the number of
-    cumulative weights below it (one joint argsort and its inverse per row, O(b * R) memory).
+    Inverse-CDF sampling without a (b, R, R) comparison: the draw of a uniform u is the
+    number of the row's cumulative weights below it, found by bisection (or, where R is
+    unknown while tracing, by sorting the R uniforms of a row together with its cumulative
+    weights: one joint argsort and its inverse per row), in O(b * R) memory.
     A zero-weight column is never drawn (up to a uniform tied exactly with a cumulative sum);
     a row whose weights are all zero gives arbitrary columns (the caller drops it).
     """
     num_columns = ops.shape(weights)[1]
+    if isinstance(num_columns, int):
+        # Bisection on each row's cumulative weights, all draws at once: the number of
+        # cumulative weights below u in ceil(log2(R + 1)) gathers, several times faster on
+        # CPU than the argsorts below; in row blocks of at most `_blocks.MINING_ENTRIES`
+        # entries (no gradient: nothing is recomputed), with the uniforms drawn whole.
+        uniform = keras.random.uniform(ops.shape(weights), seed=seed)
+        (drawn,) = _blocks.map_rows(
+            lambda index, w, v: (_bisect_rows(w, v, num_columns),),
+            [weights, ops.cast(uniform, weights.dtype)],
+            max_entries=_blocks.MINING_ENTRIES,
+            num_references=num_columns,
+        )
+        return drawn
     cdf = ops.cumsum(weights, axis=1)
     u = keras.random.uniform(ops.shape(weights), seed=seed) * cdf[:, -1:]
     perm = ops.argsort(ops.concatenate([cdf, ops.cast(u, cdf.dtype)], axis=1), axis=1)
@@ -659,7 +858,9 @@ class DistanceWeightedMiner(Miner):
         top = ops.max(ops.where(valid, log_w, -_BIG), axis=1, keepdims=True)
         return ops.where(valid, ops.exp(ops.where(valid, log_w - top, 0.0)), 0.0)
 
-    def mine_rows(self, query, reference, self_index, positives, negatives, order=None):
+    def mine_rows(
+        self, query, reference, self_index, positives, negatives, order=None, state=None, index=None
+    ):
         gaps = ops.stop_gradient(self._distance.matrix(query, reference, self_index=self_index))
         weights = self.weights(gaps, negatives, float(query.shape[1]))
         choice = _sample_rows(weights, self._seed_generator)
@@ -701,7 +902,10 @@ class UniformHistogramMiner(Miner):
     negative pairs with `neg_per_bin`.
 
     A pair drawn k times counts k times (`Mined.positive_counts` / `negative_counts`). The
-    bins span the whole batch, so a loss with this miner computes its (B, R) matrix at once.
+    bins span the whole batch, so the draws are made first, in passes over the blocks of rows
+    (the smallest and largest distance; each row's count per bin; a draw's rank in its bin,
+    the pairs taken in row-major order, gives its row, and a pass over the drawn rows its
+    column); then each block keeps its rows' draws. Memory stays O(block * R).
     Equals `pytorch_metric_learning.miners.UniformHistogramMiner` in distribution (the bin
     edges are computed as `floor((d - min) / (max - min) * num_bins)`, PML's as a
     `linspace`, which can differ at an edge by rounding). Default distance `LpDistance()`;
@@ -723,42 +927,106 @@ class UniformHistogramMiner(Miner):
         self.seed = _check_seed(seed)
         self._seed_generator = keras.random.SeedGenerator(seed)
 
-    def _draw(self, values, mask, per_bin):
-        """float32 (b, R): how often each pair of `mask` is drawn."""
-        shape = ops.shape(values)
-        flat = ops.reshape(ops.cast(values, "float32"), (-1,))
-        flat_mask = ops.reshape(mask, (-1,))
-        low = ops.min(ops.where(flat_mask, flat, _BIG))
-        high = ops.max(ops.where(flat_mask, flat, -_BIG))
-        width = high - low
-        nb = self.num_bins
-        scaled = ops.where(
-            ops.greater(width, 0.0), (flat - low) / ops.where(width > 0, width, 1.0) * nb, nb - 1.0
-        )
-        bins = ops.clip(ops.floor(scaled), 0.0, nb - 1.0)
-        keys = ops.where(flat_mask, bins, float(nb))
-        order = ops.argsort(keys)
-        sorted_keys = ops.take(keys, order)
-        edges = ops.arange(nb, dtype="float32")
-        starts = ops.cast(ops.searchsorted(sorted_keys, edges, side="left"), "int32")
-        ends = ops.cast(ops.searchsorted(sorted_keys, edges, side="right"), "int32")
-        counts = ends - starts
-        u = keras.random.uniform((nb, per_bin), seed=self._seed_generator)
-        offset = ops.cast(ops.floor(u * ops.cast(counts[:, None], "float32")), "int32")
-        index = starts[:, None] + ops.minimum(offset, ops.maximum(counts[:, None] - 1, 0))
-        index = ops.minimum(index, ops.size(flat) - 1)
-        pairs = ops.take(order, ops.reshape(index, (-1,)))
-        valid = ops.reshape(
-            ops.broadcast_to(ops.cast(counts[:, None] > 0, "float32"), (nb, per_bin)), (-1,)
-        )
-        drawn = ops.scatter(
-            ops.reshape(ops.cast(pairs, "int32"), (-1, 1)), valid, (ops.size(flat),)
-        )
-        return ops.reshape(drawn, shape)
+    def batch_state(self, rows):
+        """The draws of the batch: for the positive and the negative pairs, (rows, columns,
+        valid) of the `num_bins * per_bin` drawn pairs, in three passes over the blocks of
+        rows (the range of the distances; each row's count per bin; the drawn rows again, to
+        find each draw's column)."""
 
-    def _select(self, gaps, positives, negatives, order):
-        per_positive = self._draw(gaps, positives, self.pos_per_bin)
-        per_negative = self._draw(gaps, negatives, self.neg_per_bin)
+        def ranges(gaps, positives, negatives):
+            return (
+                ops.min(ops.where(positives, gaps, _BIG), 1),
+                ops.max(ops.where(positives, gaps, -_BIG), 1),
+                ops.min(ops.where(negatives, gaps, _BIG), 1),
+                ops.max(ops.where(negatives, gaps, -_BIG), 1),
+            )
+
+        mins_maxes = rows.map(ranges)
+        edges = [
+            (ops.min(mins_maxes[0]), ops.max(mins_maxes[1])),
+            (ops.min(mins_maxes[2]), ops.max(mins_maxes[3])),
+        ]
+        nb = self.num_bins
+
+        def bin_counts(gaps, positives, negatives):
+            rows_n = ops.shape(gaps)[0]
+            row = ops.expand_dims(ops.arange(rows_n, dtype="int32"), 1)
+            out = []
+            for mask, (low, high) in zip((positives, negatives), edges, strict=True):
+                segment = ops.reshape(row * nb + self._bins(gaps, low, high), (-1,))
+                weight = ops.reshape(ops.cast(mask, "float32"), (-1,))
+                counts = ops.segment_sum(weight, segment, num_segments=rows_n * nb)
+                out.append(ops.reshape(counts, (rows_n, nb)))  # <= R per row: exact
+            return tuple(out)
+
+        per_row = rows.map(bin_counts)
+        state = []
+        for kind, per_bin in ((0, self.pos_per_bin), (1, self.neg_per_bin)):
+            row_counts = ops.cast(per_row[kind], "int32")  # (B, nb)
+            state.append(self._draws(rows, kind, row_counts, per_bin, edges[kind]))
+        return tuple(state)
+
+    def _bins(self, gaps, low, high):
+        """int32 bin of each gap: `num_bins` equal-width bins between low and high."""
+        nb = self.num_bins
+        width = high - low
+        gaps = ops.cast(gaps, "float32")
+        scaled = ops.where(
+            ops.greater(width, 0.0), (gaps - low) / ops.where(width > 0, width, 1.0) * nb, nb - 1.0
+        )
+        return ops.cast(ops.clip(ops.floor(scaled), 0.0, nb - 1.0), "int32")
+
+    def _draws(self, rows, kind, row_counts, per_bin, edges):
+        """(rows, columns, valid) of `per_bin` draws with replacement from each bin.
+
+        A draw is a rank in its bin's pairs in row-major order: its row comes from the
+        running counts of the bin over the rows, its column from a pass over the drawn rows
+        (the first column where the row's count of the bin passes the rank within the row).
+        """
+        nb = self.num_bins
+        num_rows = ops.shape(row_counts)[0]
+        counts = ops.sum(row_counts, axis=0)  # (nb,)
+        u = keras.random.uniform((nb, per_bin), seed=self._seed_generator)
+        rank = ops.cast(ops.floor(u * ops.cast(counts[:, None], "float32")), "int32")
+        rank = ops.minimum(rank, ops.maximum(counts[:, None] - 1, 0))
+        valid = ops.reshape(ops.broadcast_to(counts[:, None] > 0, (nb, per_bin)), (-1,))
+        bins = ops.reshape(
+            ops.broadcast_to(ops.arange(nb, dtype="int32")[:, None], (nb, per_bin)), (-1,)
+        )
+        rank = ops.reshape(rank, (-1,))
+        # The rows' running counts of every bin side by side, bin after bin: one non-decreasing
+        # sequence (at most B * R, an int32), searched for each draw's rank in its bin.
+        running = ops.cumsum(row_counts, axis=0)  # (B, nb), inclusive
+        before = ops.cumsum(counts) - counts  # pairs in the bins below
+        sequence = ops.reshape(ops.transpose(running + before[None, :]), (-1,))
+        target = ops.take(before, bins) + rank
+        found = ops.cast(ops.searchsorted(sequence, target, side="right"), "int32")
+        row = ops.clip(found - bins * num_rows, 0, num_rows - 1)
+        earlier = ops.take(ops.reshape(running - row_counts, (-1,)), row * nb + bins)
+        within = rank - earlier  # rank of the draw among its row's pairs of the bin
+        low, high = edges
+
+        def columns(gaps, positives, negatives, draw_bin, draw_within):
+            mask = (positives, negatives)[kind]
+            member = ops.logical_and(
+                mask, ops.equal(self._bins(gaps, low, high), draw_bin[:, None])
+            )
+            running_row = ops.cumsum(ops.cast(member, "int32"), axis=1)
+            passed = ops.greater(running_row, draw_within[:, None])
+            return (ops.cast(ops.argmax(ops.cast(passed, "int32"), axis=1), "int32"),)
+
+        (column,) = rows.map(columns, positions=row, per_row=(bins, within))
+        return row, column, valid
+
+    def _select_with(self, gaps, positives, negatives, order, state, index):
+        block_rows, num_columns = ops.shape(gaps)[0], ops.shape(gaps)[1]
+        counts = []
+        for row, column, valid in state:
+            local = row - index[0]  # the block's rows are consecutive
+            inside = ops.logical_and(valid, ops.logical_and(local >= 0, local < block_rows))
+            at = ops.stack([ops.clip(local, 0, block_rows - 1), column], axis=1)
+            counts.append(ops.scatter(at, ops.cast(inside, "float32"), (block_rows, num_columns)))
+        per_positive, per_negative = counts
         return Mined(
             ops.greater(per_positive, 0.0),
             ops.greater(per_negative, 0.0),

@@ -363,20 +363,97 @@ def test_one_pair_of_each_kind_gives_zero_as_in_pml():
         assert float(_np(loss(miner=two)(labels, x))) > 0.0
 
 
-@pytest.mark.parametrize("name", ["triplet", "multi_similarity", "contrastive"])
+BLOCKED_LOSSES = {
+    "triplet": lambda: losses.TripletLoss(distance="lp", miner=miners.TripletMarginMiner()),
+    "multi_similarity": lambda: losses.MultiSimilarityLoss(miner=miners.MultiSimilarityMiner()),
+    "contrastive": lambda: losses.OnlineContrastiveLoss(miner=miners.TripletMarginMiner()),
+    # The miners that need the whole batch: passes over the blocks first.
+    "hdc": lambda: losses.OnlineContrastiveLoss(miner=miners.HDCMiner(0.3)),
+    "hdc_triplet": lambda: losses.TripletLoss(distance="lp", miner=miners.HDCMiner(0.5)),
+    "uniform_histogram": lambda: losses.OnlineContrastiveLoss(
+        miner=miners.UniformHistogramMiner(5, 2, 3, seed=4)
+    ),
+    "uniform_histogram_triplet": lambda: losses.TripletLoss(
+        distance="lp", miner=miners.UniformHistogramMiner(4, 3, 2, seed=7)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKED_LOSSES))
 def test_blocks_equal_one_block(name, monkeypatch):
-    """Mining is per row: a loss computed in blocks of rows mines each block alone."""
+    """A loss computed in blocks of rows mines as over the whole batch: row-local miners
+    each block alone, the others with figures of the batch computed over the blocks first
+    (a fresh miner each time, so that the random one draws from the same seed state)."""
     labels, x = batch(9, b=12)
-    loss = {
-        "triplet": losses.TripletLoss(distance="lp", miner=miners.TripletMarginMiner()),
-        "multi_similarity": losses.MultiSimilarityLoss(miner=miners.MultiSimilarityMiner()),
-        "contrastive": losses.OnlineContrastiveLoss(miner=miners.TripletMarginMiner()),
-    }[name]
-    whole = _value_and_grad(loss, labels, x)
-    monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 5 * 12)
-    blocks = _value_and_grad(loss, labels, x)
+    whole = _value_and_grad(BLOCKED_LOSSES[name](), labels, x)
+    monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 5 * 12)  # blocks of 5, 5 and 2 rows
+    blocks = _value_and_grad(BLOCKED_LOSSES[name](), labels, x)
+    assert float(whole[0]) > 0.0
     assert float(blocks[0]) == pytest.approx(float(whole[0]), rel=1e-5)
     np.testing.assert_allclose(blocks[1], whole[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_rank", [1, 2])
+@pytest.mark.parametrize(
+    "build",
+    [lambda: miners.HDCMiner(0.4), lambda: miners.UniformHistogramMiner(4, 2, 3, seed=2)],
+    ids=["hdc", "uniform_histogram"],
+)
+def test_whole_batch_miners_in_blocks_with_a_reference_set(build, mask_rank, monkeypatch):
+    """Against a reference set with a mask, the blocked passes give the one-block loss."""
+    labels, x = batch(4, b=10)
+    ref_labels, ref = batch(5, b=13)
+    rng = np.random.default_rng(0)
+    mask = rng.random(13 if mask_rank == 1 else (10, 13)) > 0.2
+
+    def run():
+        miner = build()
+
+        def fn(v, lab):
+            return ops.mean(
+                losses.online_contrastive_loss(
+                    lab,
+                    v,
+                    miner=miner,
+                    reference_embeddings=ref,
+                    reference_labels=ref_labels,
+                    reference_mask=mask,
+                )
+            )
+
+        return _backend.value_and_grad(fn, x, labels)
+
+    whole = run()
+    assert float(whole[0]) > 0.0
+    monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 4 * 13)
+    blocks = run()
+    assert float(blocks[0]) == pytest.approx(float(whole[0]), rel=1e-5)
+    np.testing.assert_allclose(blocks[1], whole[1], rtol=1e-4, atol=1e-6)
+
+
+def test_kth_largest_is_exact_on_ties_and_signs():
+    """The radix selection of HDC's thresholds equals a sort: negative values, zeros of
+    both signs, repeated values, k from 1 to all, the rows taken in blocks."""
+    rng = np.random.default_rng(1)
+    gaps = rng.choice(np.float32([-3.5, -1e-20, -0.0, 0.0, 1e-30, 0.25, 7.0, 3e38]), (9, 11))
+    gaps[2:4] = rng.standard_normal((2, 11)).astype("float32")
+    positives = rng.random((9, 11)) > 0.4
+    negatives = ~positives & (rng.random((9, 11)) > 0.3)
+
+    def map_positions(fn, positions, per_row):
+        outs = [
+            fn(*(ops.convert_to_tensor(a[start : start + 4]) for a in (gaps, positives, negatives)))
+            for start in range(0, 9, 4)
+        ]
+        return tuple(ops.concatenate(parts, axis=0) for parts in zip(*outs, strict=True))
+
+    rows = miners.BatchRows(map_positions, 9)
+    pos_values = np.sort(gaps[positives])[::-1]
+    neg_values = np.sort(-gaps[negatives])[::-1]
+    for kp, kn in [(1, 1), (3, 7), (len(pos_values), len(neg_values)), (17, 2)]:
+        found = miners._kth_largest(rows, [ops.convert_to_tensor(kp), ops.convert_to_tensor(kn)])
+        assert float(_np(found[0])) == pos_values[kp - 1]
+        assert float(_np(found[1])) == neg_values[kn - 1]
 
 
 @pytest.mark.skipif(keras.backend.backend() == "torch", reason="torch runs eagerly")
@@ -836,3 +913,23 @@ def test_losses_take_the_random_miners(loss_name):
         value = float(getattr(losses, loss_name)(miner=build())(labels, x))
         again = float(getattr(losses, loss_name)(miner=build())(labels, x))
         assert np.isfinite(value) and value == again
+
+
+def test_distance_weighted_draws_by_bisection_in_row_blocks(monkeypatch):
+    """Each draw is the number of the row's cumulative weights below u times the row's total
+    (numpy's searchsorted), zero-weight columns included; row blocks draw the same."""
+    rng = np.random.default_rng(2)
+    weights = rng.random((7, 9)).astype("float32")
+    weights[weights < 0.3] = 0.0
+    uniform = rng.random((7, 9)).astype("float32")
+    tensor = ops.convert_to_tensor(weights)
+    drawn = _np(miners._bisect_rows(tensor, ops.convert_to_tensor(uniform), 9))
+    cdf = np.cumsum(weights, axis=1, dtype=np.float32)
+    want = [np.searchsorted(c, u * c[-1], side="left") for c, u in zip(cdf, uniform, strict=True)]
+    np.testing.assert_array_equal(drawn, np.minimum(want, 8))
+    assert not (weights[np.arange(7)[:, None], drawn] == 0).any()
+
+    whole = _np(miners._sample_rows(tensor, keras.random.SeedGenerator(3)))
+    monkeypatch.setattr(_blocks, "MINING_ENTRIES", 2 * 9)  # blocks of two rows
+    blocks = _np(miners._sample_rows(tensor, keras.random.SeedGenerator(3)))
+    np.testing.assert_array_equal(blocks, whole)
