@@ -762,32 +762,23 @@ def _bisect_rows(weights, uniform, num_columns):
     return ops.minimum(low, num_columns - 1)
 
 
-def _sample_rows(weights, seed):
-    """int32 (b, R): R independent draws per row from the categorical of its `weights`.
+def _sample_rows(weights, uniform):
+    """int32 (b, R): R independent draws per row from the categorical of its `weights`, from
+    the (b, R) `uniform` numbers in [0, 1).
 
     Inverse-CDF sampling without a (b, R, R) comparison: the draw of a uniform u is the
-    number of the row's cumulative weights below it, found by bisection (or, where R is
-    unknown while tracing, by sorting the R uniforms of a row together with its cumulative
-    weights: one joint argsort and its inverse per row), in O(b * R) memory.
+    number of the row's cumulative weights below u times the row's total, found by bisection
+    (`_bisect_rows`; or, where R is unknown while tracing, by sorting the row's scaled
+    uniforms together with its cumulative weights: one joint argsort and its inverse per
+    row), in O(b * R) memory.
     A zero-weight column is never drawn (up to a uniform tied exactly with a cumulative sum);
     a row whose weights are all zero gives arbitrary columns (the caller drops it).
     """
     num_columns = ops.shape(weights)[1]
     if isinstance(num_columns, int):
-        # Bisection on each row's cumulative weights, all draws at once: the number of
-        # cumulative weights below u in ceil(log2(R + 1)) gathers, several times faster on
-        # CPU than the argsorts below; in row blocks of at most `_blocks.MINING_ENTRIES`
-        # entries (no gradient: nothing is recomputed), with the uniforms drawn whole.
-        uniform = keras.random.uniform(ops.shape(weights), seed=seed)
-        (drawn,) = _blocks.map_rows(
-            lambda index, w, v: (_bisect_rows(w, v, num_columns),),
-            [weights, ops.cast(uniform, weights.dtype)],
-            max_entries=_blocks.MINING_ENTRIES,
-            num_references=num_columns,
-        )
-        return drawn
+        return _bisect_rows(weights, uniform, num_columns)
     cdf = ops.cumsum(weights, axis=1)
-    u = keras.random.uniform(ops.shape(weights), seed=seed) * cdf[:, -1:]
+    u = uniform * cdf[:, -1:]
     perm = ops.argsort(ops.concatenate([cdf, ops.cast(u, cdf.dtype)], axis=1), axis=1)
     below = ops.cumsum(ops.cast(ops.less(perm, num_columns), "int32"), axis=1)
     position = ops.argsort(perm, axis=1)[:, num_columns:]
@@ -862,20 +853,31 @@ class DistanceWeightedMiner(Miner):
         self, query, reference, self_index, positives, negatives, order=None, state=None, index=None
     ):
         gaps = ops.stop_gradient(self._distance.matrix(query, reference, self_index=self_index))
-        weights = self.weights(gaps, negatives, float(query.shape[1]))
-        choice = _sample_rows(weights, self._seed_generator)
-        has = ops.any(ops.greater(weights, 0.0), axis=1, keepdims=True)
-        kept = ops.logical_and(positives, has)
+        dim = float(query.shape[1])
         num_columns = ops.shape(gaps)[1]
-        # per_negative[a, n]: how many kept positives of a drew n; (b, R, R) avoided by a scatter.
-        rows = ops.broadcast_to(
-            ops.arange(ops.shape(gaps)[0], dtype="int32")[:, None], ops.shape(choice)
-        )
-        flat = ops.reshape(rows * num_columns + ops.cast(choice, "int32"), (-1, 1))
-        per_negative = ops.reshape(
-            ops.scatter(flat, ops.reshape(ops.cast(kept, "float32"), (-1,)), (ops.size(gaps),)),
-            ops.shape(gaps),
-        )
+        uniform = keras.random.uniform(ops.shape(gaps), seed=self._seed_generator)
+
+        def draw(index, gaps, negatives, positives, uniform):
+            weights = self.weights(gaps, negatives, dim)
+            choice = _sample_rows(weights, ops.cast(uniform, weights.dtype))
+            kept = ops.logical_and(positives, ops.any(ops.greater(weights, 0.0), 1, keepdims=True))
+            # per_negative[a, n]: how many kept positives of a drew n; a scatter, not (b, R, R).
+            rows = ops.broadcast_to(
+                ops.arange(ops.shape(gaps)[0], dtype="int32")[:, None], ops.shape(choice)
+            )
+            flat = ops.reshape(rows * num_columns + ops.cast(choice, "int32"), (-1, 1))
+            per_negative = ops.scatter(
+                flat, ops.reshape(ops.cast(kept, "float32"), (-1,)), (ops.size(gaps),)
+            )
+            return choice, kept, ops.reshape(per_negative, ops.shape(gaps))
+
+        inputs = (gaps, negatives, positives, uniform)
+        if isinstance(num_columns, int):  # in row blocks (no gradient: nothing recomputed)
+            choice, kept, per_negative = _blocks.map_rows(
+                draw, inputs, max_entries=_blocks.MINING_ENTRIES, num_references=num_columns
+            )
+        else:
+            choice, kept, per_negative = draw(None, *inputs)
         return Mined(
             kept,
             ops.greater(per_negative, 0.0),

@@ -929,7 +929,12 @@ def test_distance_weighted_draws_by_bisection_in_row_blocks(monkeypatch):
     np.testing.assert_array_equal(drawn, np.minimum(want, 8))
     assert not (weights[np.arange(7)[:, None], drawn] == 0).any()
 
-    whole = _np(miners._sample_rows(tensor, keras.random.SeedGenerator(3)))
-    monkeypatch.setattr(_blocks, "MINING_ENTRIES", 2 * 9)  # blocks of two rows
-    blocks = _np(miners._sample_rows(tensor, keras.random.SeedGenerator(3)))
+    labels, x = batch(6, b=12, d=5, classes=3)
+    whole = miners.DistanceWeightedMiner(seed=3)(labels, x)
+    monkeypatch.setattr(_blocks, "MINING_ENTRIES", 2 * 12)  # blocks of two rows
+    blocks = miners.DistanceWeightedMiner(seed=3)(labels, x)
+    for got, want in zip(blocks.pair_counts(), whole.pair_counts(), strict=True):
+        assert _np(want).sum() > 0
+        np.testing.assert_array_equal(_np(got), _np(want))
+    blocks, whole = _np(blocks.rule.choice), _np(whole.rule.choice)
     np.testing.assert_array_equal(blocks, whole)
