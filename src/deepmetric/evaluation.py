@@ -160,9 +160,10 @@ def retrieval_metrics(
     The search takes chunks of queries so that working memory stays near
     256 MB whatever the size; each query keeps only its max(R_max, max
     recall_at) nearest neighbours. With faiss installed (`use_faiss="auto"` or
-    True) the search is faiss's exact `IndexFlatL2`, which is faster on CPU;
-    faiss and numpy give the same neighbours up to float rounding of near-equal
-    distances.
+    True) the search is faiss's exact `IndexFlatL2`, which is faster on CPU for few
+    neighbours per query (with about a thousand, as MAP@R over classes of a thousand
+    needs, the numpy search is the faster: docs/evaluation.md); faiss and numpy give
+    the same neighbours up to float rounding of near-equal distances.
 
     Args:
         query_embeddings: array of shape (num_queries, dim).
