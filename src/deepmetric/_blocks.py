@@ -144,7 +144,7 @@ def anchor_rows(
     if use_order:
         shared.append(mining.column_ranks(shared[1]))
     state = None
-    if miner is not None and not miner.row_local:
+    if miner is not None:  # batch-wide figures, or a random miner's seed: once, before the blocks
         raw, raw_reference = miner_inputs if miner_inputs is not None else (embeddings, reference)
         state = miner.batch_state(
             mining_rows(

@@ -193,7 +193,8 @@ class Miner:
 
     def batch_state(self, rows: BatchRows):
         """Figures of the whole batch that the selection needs, computed from `rows` (a
-        `BatchRows`) before any block is mined; None for a row-local miner."""
+        `BatchRows`) before any block is mined (or a random miner's seed of the call: the
+        same in every block); None for most row-local miners."""
         return None
 
     def mine_rows(
@@ -740,6 +741,30 @@ def _check_seed(seed):
     return seed
 
 
+# murmur3's 32-bit finalizer and the golden ratio, as int32 (two's complement).
+_GOLDEN = 0x9E3779B9 - (1 << 32)
+_MIX1 = 0x85EBCA6B - (1 << 32)
+_MIX2 = 0xC2B2AE35 - (1 << 32)
+
+
+def _shift_right(x, bits):
+    """Logical right shift of int32 `x` (`ops.right_shift` is arithmetic on signed ints)."""
+    return ops.bitwise_and(ops.right_shift(x, bits), (1 << (32 - bits)) - 1)
+
+
+def _hashed_uniform(rows, num_columns, seed):
+    """float32 (b, R) numbers in [0, 1), 24 random bits each, from (row, column, seed) alone:
+    murmur3's finalizer of row * R + column + seed * golden ratio (int32, wrapping). The
+    same row, column and seed give the same number in whatever block they are computed."""
+    columns = ops.arange(num_columns, dtype="int32")
+    h = ops.expand_dims(ops.cast(rows, "int32") * num_columns, 1) + ops.expand_dims(columns, 0)
+    h = h + seed * _GOLDEN
+    h = ops.bitwise_xor(h, _shift_right(h, 16)) * _MIX1
+    h = ops.bitwise_xor(h, _shift_right(h, 13)) * _MIX2
+    h = ops.bitwise_xor(h, _shift_right(h, 16))
+    return ops.cast(_shift_right(h, 8), "float32") * (1.0 / (1 << 24))
+
+
 def _bisect_rows(weights, uniform, num_columns):
     """int32 (b, R): per row, the number of cumulative weights below each `uniform` times
     the row's total, by bisection (a loop, so one set of (b, R) buffers is reused)."""
@@ -838,6 +863,10 @@ class DistanceWeightedMiner(Miner):
         self.seed = _check_seed(seed)
         self._seed_generator = keras.random.SeedGenerator(seed)
 
+    def batch_state(self, rows):
+        """The seed of this call's draws (int32), drawn once before the blocks."""
+        return keras.random.randint((), 0, 2**31 - 1, seed=self._seed_generator, dtype="int32")
+
     def weights(self, gaps, negatives, dim):
         """float32 (b, R) unnormalised sampling weights of the negatives (row maximum 1)."""
         d = ops.maximum(ops.cast(gaps, "float32"), self.cutoff)
@@ -855,10 +884,18 @@ class DistanceWeightedMiner(Miner):
         gaps = ops.stop_gradient(self._distance.matrix(query, reference, self_index=self_index))
         dim = float(query.shape[1])
         num_columns = ops.shape(gaps)[1]
-        uniform = keras.random.uniform(ops.shape(gaps), seed=self._seed_generator)
+        # The uniforms come from (batch row, column, seed) through a hash, not from the
+        # generator: a loss's blocks of rows run as one traced step of a scan on JAX, where
+        # the generator would give every block the same numbers, and as a loop elsewhere,
+        # where it would draw afresh for each block. The seed is drawn once a call, before
+        # the blocks (`batch_state`), so the draws do not depend on the blocks.
+        seed = self.batch_state(None) if state is None else state
+        if index is None:
+            index = ops.arange(ops.shape(gaps)[0], dtype="int32")
 
-        def draw(index, gaps, negatives, positives, uniform):
+        def draw(_, gaps, negatives, positives, rows):
             weights = self.weights(gaps, negatives, dim)
+            uniform = _hashed_uniform(rows, ops.shape(gaps)[1], seed)
             choice = _sample_rows(weights, ops.cast(uniform, weights.dtype))
             kept = ops.logical_and(positives, ops.any(ops.greater(weights, 0.0), 1, keepdims=True))
             # per_negative[a, n]: how many kept positives of a drew n; a scatter, not (b, R, R).
@@ -871,7 +908,7 @@ class DistanceWeightedMiner(Miner):
             )
             return choice, kept, ops.reshape(per_negative, ops.shape(gaps))
 
-        inputs = (gaps, negatives, positives, uniform)
+        inputs = (gaps, negatives, positives, index)
         if isinstance(num_columns, int):  # in row blocks (no gradient: nothing recomputed)
             choice, kept, per_negative = _blocks.map_rows(
                 draw, inputs, max_entries=_blocks.MINING_ENTRIES, num_references=num_columns

@@ -376,6 +376,13 @@ BLOCKED_LOSSES = {
     "uniform_histogram_triplet": lambda: losses.TripletLoss(
         distance="lp", miner=miners.UniformHistogramMiner(4, 3, 2, seed=7)
     ),
+    # Random draws per row: each block draws its rows' numbers, none shared between blocks.
+    "distance_weighted": lambda: losses.TripletLoss(
+        distance="lp", miner=miners.DistanceWeightedMiner(seed=5)
+    ),
+    "distance_weighted_contrastive": lambda: losses.OnlineContrastiveLoss(
+        miner=miners.DistanceWeightedMiner(seed=6)
+    ),
 }
 
 
@@ -938,3 +945,28 @@ def test_distance_weighted_draws_by_bisection_in_row_blocks(monkeypatch):
         np.testing.assert_array_equal(_np(got), _np(want))
     blocks, whole = _np(blocks.rule.choice), _np(whole.rule.choice)
     np.testing.assert_array_equal(blocks, whole)
+
+
+def test_hashed_uniforms_are_murmur3_of_row_and_column():
+    """The distance-weighted draws' numbers: murmur3's finalizer of row * R + column + seed *
+    golden ratio in uint32 arithmetic (numpy), top 24 bits; the same on every backend, and
+    uniform (a chi-square bound over 20 bins)."""
+    rows, columns, seed = np.array([0, 1, 7, 4095]), 37, 123456789
+    h = (rows[:, None].astype(np.uint64) * columns + np.arange(columns)).astype(np.uint64)
+    h = (h + seed * 0x9E3779B9) & 0xFFFFFFFF
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, 1)):
+        h = ((h ^ (h >> shift)) * factor) & 0xFFFFFFFF
+    want = (h >> 8).astype(np.float64) / 2**24
+    got = _np(
+        miners._hashed_uniform(
+            ops.convert_to_tensor(rows, "int32"), columns, ops.convert_to_tensor(seed, "int32")
+        )
+    )
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    many = _np(
+        miners._hashed_uniform(ops.arange(400, dtype="int32"), 250, ops.convert_to_tensor(9))
+    )
+    counts = np.histogram(many, bins=20, range=(0.0, 1.0))[0]
+    expected = np.full(20, many.size / 20)
+    stat, dof = _chi2([counts], [expected])
+    assert 0.0 <= many.min() and many.max() < 1.0 and stat < _chi2_bound(dof)
