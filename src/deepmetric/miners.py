@@ -110,8 +110,8 @@ class BatchRows:
     an example with itself in neither, a `reference_mask` applied), and `per_row` the block's
     slices of the (P,) tensors given, one entry per position. It returns `fn`'s per-row
     outputs for all the rows of `positions` (int32 row positions; default every row, in
-    order). Built by the loss's row driver (`deepmetric._blocks.anchor_rows`) or, for a
-    miner called on its own, over the whole batch (`_whole_rows`).
+    order). Built by `deepmetric._blocks.mining_rows`, for the loss's row driver
+    (`deepmetric._blocks.anchor_rows`) and for a miner called on its own.
     """
 
     def __init__(self, map_positions, num_rows):
@@ -171,7 +171,9 @@ class Miner:
         if reference_embeddings is None:
             positives, negatives = mining.label_masks(labels)
             order = mining.PositiveOrder(mining.column_ranks(labels), mining.column_ranks(labels))
-            state = self.batch_state(_whole_rows(self, labels, embeddings, labels, embeddings))
+            state = self.batch_state(
+                _blocks.mining_rows(self, labels, embeddings, labels, embeddings)
+            )
             return self.mine_rows(
                 embeddings, embeddings, index, positives, negatives, order, state, index
             )
@@ -180,7 +182,7 @@ class Miner:
         positives, negatives = mining.label_masks(labels, reference_labels)
         order = mining.PositiveOrder(mining.column_ranks(reference_labels))
         state = self.batch_state(
-            _whole_rows(self, labels, embeddings, reference_labels, reference, same=False)
+            _blocks.mining_rows(self, labels, embeddings, reference_labels, reference, same=False)
         )
         return self.mine_rows(
             embeddings, reference, None, positives, negatives, order, state, index
@@ -257,20 +259,15 @@ class Miner:
         return hash(repr(self))
 
 
-def _whole_rows(miner, labels, embeddings, reference_labels, reference, same=True):
-    """The `BatchRows` of a miner called on its own: one block of the given rows."""
-
-    def map_positions(fn, positions, per_row):
-        query = ops.take(embeddings, positions, axis=0)
-        query_labels = ops.take(labels, positions, axis=0)
-        self_index = positions if same else None
-        positives, negatives = mining.label_masks(
-            query_labels, reference_labels, anchor_index=self_index
-        )
-        gaps = miner.gaps(query, reference, self_index)
-        return tuple(fn(gaps, positives, negatives, *per_row))
-
-    return BatchRows(map_positions, ops.shape(embeddings)[0])
+def _row_counts(bins, mask, num_bins):
+    """float32 (b, num_bins): per row, how many entries of `mask` fall in each bin, `bins`
+    int32 (b, R) in [0, num_bins): one scatter-add (`ops.segment_sum`), exact (<= R a row)."""
+    rows_n = ops.shape(bins)[0]
+    row = ops.expand_dims(ops.arange(rows_n, dtype="int32"), 1)
+    segment = ops.reshape(row * num_bins + bins, (-1,))
+    weight = ops.reshape(ops.cast(mask, "float32"), (-1,))
+    counts = ops.segment_sum(weight, segment, num_segments=rows_n * num_bins)
+    return ops.reshape(counts, (rows_n, num_bins))
 
 
 def _order_keys(values):
@@ -302,7 +299,6 @@ def _kth_largest(rows, ks):
     for shift in (24, 16, 8, 0):
 
         def histograms(gaps, positives, negatives, shift=shift, prefix=tuple(chosen)):
-            rows_n = ops.shape(gaps)[0]
             out = []
             for values, mask, key_prefix in zip(
                 (gaps, -gaps), (positives, negatives), prefix, strict=True
@@ -316,11 +312,7 @@ def _kth_largest(rows, ks):
                         ops.right_shift(key, shift + 8), ops.right_shift(key_prefix, shift + 8)
                     )
                     mask = ops.logical_and(mask, same)
-                row = ops.expand_dims(ops.arange(rows_n, dtype="int32"), 1)
-                segment = ops.reshape(row * 256 + byte, (-1,))
-                weight = ops.reshape(ops.cast(mask, "float32"), (-1,))
-                counts = ops.segment_sum(weight, segment, num_segments=rows_n * 256)
-                out.append(ops.reshape(counts, (rows_n, 256)))  # <= R per row: exact
+                out.append(_row_counts(byte, mask, 256))
             return tuple(out)
 
         per_row = rows.map(histograms)
@@ -881,7 +873,7 @@ class DistanceWeightedMiner(Miner):
     def mine_rows(
         self, query, reference, self_index, positives, negatives, order=None, state=None, index=None
     ):
-        gaps = ops.stop_gradient(self._distance.matrix(query, reference, self_index=self_index))
+        gaps = self.gaps(query, reference, self_index)  # LpDistance: larger is farther
         dim = float(query.shape[1])
         num_columns = ops.shape(gaps)[1]
         # The uniforms come from (batch row, column, seed) through a hash, not from the
@@ -988,15 +980,10 @@ class UniformHistogramMiner(Miner):
         nb = self.num_bins
 
         def bin_counts(gaps, positives, negatives):
-            rows_n = ops.shape(gaps)[0]
-            row = ops.expand_dims(ops.arange(rows_n, dtype="int32"), 1)
-            out = []
-            for mask, (low, high) in zip((positives, negatives), edges, strict=True):
-                segment = ops.reshape(row * nb + self._bins(gaps, low, high), (-1,))
-                weight = ops.reshape(ops.cast(mask, "float32"), (-1,))
-                counts = ops.segment_sum(weight, segment, num_segments=rows_n * nb)
-                out.append(ops.reshape(counts, (rows_n, nb)))  # <= R per row: exact
-            return tuple(out)
+            return tuple(
+                _row_counts(self._bins(gaps, low, high), mask, nb)
+                for mask, (low, high) in zip((positives, negatives), edges, strict=True)
+            )
 
         per_row = rows.map(bin_counts)
         state = []
