@@ -390,8 +390,16 @@ BLOCKED_LOSSES = {
 def test_blocks_equal_one_block(name, monkeypatch):
     """A loss computed in blocks of rows mines as over the whole batch: row-local miners
     each block alone, the others with figures of the batch computed over the blocks first
-    (a fresh miner each time, so that the random one draws from the same seed state)."""
-    labels, x = batch(9, b=12)
+    (a fresh miner each time, so that the random one draws from the same seed state).
+
+    The rows have four entries of +-1/2 and a zero: unit norm and dot products in quarters,
+    exact in float32, so every distance has the same bits in a block as in the whole matrix
+    (TensorFlow's matrix product rounds differently for a block's shape, which moves a pair
+    at HDC's threshold across it)."""
+    labels, _ = batch(9, b=12)
+    rng = np.random.default_rng(9)
+    x = rng.choice([-0.5, 0.5], size=(12, 5)).astype("float32")
+    x[np.arange(12), rng.integers(0, 5, 12)] = 0.0
     whole = _value_and_grad(BLOCKED_LOSSES[name](), labels, x)
     monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 5 * 12)  # blocks of 5, 5 and 2 rows
     blocks = _value_and_grad(BLOCKED_LOSSES[name](), labels, x)
@@ -970,3 +978,20 @@ def test_hashed_uniforms_are_murmur3_of_row_and_column():
     expected = np.full(20, many.size / 20)
     stat, dof = _chi2([counts], [expected])
     assert 0.0 <= many.min() and many.max() < 1.0 and stat < _chi2_bound(dof)
+
+
+def test_whole_batch_miners_refuse_more_pairs_than_int32_counts():
+    """HDC and the uniform histogram count the batch's pairs in int32: past 2^31 - 1 pairs
+    (46,341 rows compared with themselves) a clear error, not a wrapped count. Symbolic
+    inputs: only the shapes are read."""
+    for rows, fails in ((46340, False), (46341, True)):
+        labels = keras.KerasTensor((rows,), dtype="int32")
+        x = keras.KerasTensor((rows, 4))
+        for miner in (miners.HDCMiner(), miners.UniformHistogramMiner()):
+            if fails:
+                with pytest.raises(ValueError, match=r"2\^31 - 1 pairs .*B=46341, R=46341"):
+                    _blocks.mining_rows(miner, labels, x, labels, x)
+            else:
+                assert _blocks.mining_rows(miner, labels, x, labels, x).num_rows == rows
+        # A row-local miner needs no batch-wide count.
+        assert _blocks.mining_rows(miners.BatchHardMiner(), labels, x, labels, x) is not None
