@@ -873,9 +873,8 @@ class DistanceWeightedMiner(Miner):
     def mine_rows(
         self, query, reference, self_index, positives, negatives, order=None, state=None, index=None
     ):
-        gaps = self.gaps(query, reference, self_index)  # LpDistance: larger is farther
         dim = float(query.shape[1])
-        num_columns = ops.shape(gaps)[1]
+        num_columns = ops.shape(reference)[0]
         # The uniforms come from (batch row, column, seed) through a hash, not from the
         # generator: a loss's blocks of rows run as one traced step of a scan on JAX, where
         # the generator would give every block the same numbers, and as a loop elsewhere,
@@ -883,33 +882,54 @@ class DistanceWeightedMiner(Miner):
         # the blocks (`batch_state`), so the draws do not depend on the blocks.
         seed = self.batch_state(None) if state is None else state
         if index is None:
-            index = ops.arange(ops.shape(gaps)[0], dtype="int32")
+            index = ops.arange(ops.shape(query)[0], dtype="int32")
 
-        def draw(_, gaps, negatives, positives, rows):
+        def draw(_, query, negatives, positives, rows, *rest):
+            # Each block computes its own rows of the distances (LpDistance: larger is
+            # farther): the (B, R) matrix is never whole here.
+            own, reference = rest if len(rest) == 2 else (None, rest[0])
+            gaps = self.gaps(query, reference, own)
             weights = self.weights(gaps, negatives, dim)
-            uniform = _hashed_uniform(rows, ops.shape(gaps)[1], seed)
+            uniform = _hashed_uniform(rows, num_columns, seed)
             choice = _sample_rows(weights, ops.cast(uniform, weights.dtype))
             kept = ops.logical_and(positives, ops.any(ops.greater(weights, 0.0), 1, keepdims=True))
             # per_negative[a, n]: how many kept positives of a drew n; a scatter, not (b, R, R).
-            rows = ops.broadcast_to(
-                ops.arange(ops.shape(gaps)[0], dtype="int32")[:, None], ops.shape(choice)
+            # The mask of the drawn negatives is its own scatter, of booleans (a quarter of
+            # the counts' memory; a triplet loss reads only the mask, and the compiler drops
+            # the counts): the pairs not kept write to one extra entry, dropped.
+            shape = ops.shape(gaps)
+            size = shape[0] * shape[1]
+            flat = ops.expand_dims(ops.arange(shape[0], dtype="int32") * num_columns, 1)
+            flat = ops.reshape(flat + ops.cast(choice, "int32"), (-1, 1))
+            drawn = ops.scatter_update(
+                ops.zeros((size + 1,), "bool"),
+                ops.where(ops.reshape(kept, (-1, 1)), flat, size),
+                ops.ones((size,), "bool"),
             )
-            flat = ops.reshape(rows * num_columns + ops.cast(choice, "int32"), (-1, 1))
-            per_negative = ops.scatter(
-                flat, ops.reshape(ops.cast(kept, "float32"), (-1,)), (ops.size(gaps),)
+            per_negative = ops.scatter(flat, ops.reshape(ops.cast(kept, "float32"), (-1,)), (size,))
+            return (
+                choice,
+                kept,
+                ops.reshape(drawn[:size], shape),
+                ops.reshape(per_negative, shape),
             )
-            return choice, kept, ops.reshape(per_negative, ops.shape(gaps))
 
-        inputs = (gaps, negatives, positives, index)
+        inputs = [query, negatives, positives, index]
+        if self_index is not None:
+            inputs.append(self_index)
         if isinstance(num_columns, int):  # in row blocks (no gradient: nothing recomputed)
-            choice, kept, per_negative = _blocks.map_rows(
-                draw, inputs, max_entries=_blocks.MINING_ENTRIES, num_references=num_columns
+            choice, kept, drawn, per_negative = _blocks.map_rows(
+                draw,
+                inputs,
+                (reference,),
+                max_entries=_blocks.MINING_ENTRIES,
+                num_references=num_columns,
             )
         else:
-            choice, kept, per_negative = draw(None, *inputs)
+            choice, kept, drawn, per_negative = draw(None, *inputs, reference)
         return Mined(
             kept,
-            ops.greater(per_negative, 0.0),
+            drawn,
             SampledNegativeRule(choice),
             ops.cast(kept, "float32"),
             per_negative,

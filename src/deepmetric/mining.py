@@ -144,12 +144,18 @@ def _kth_positive_loop(positive_mask, body, state, order=None):
 
         def select(k):
             # Recomputed in each step from two vectors: XLA fuses it into the step's passes
-            # instead of reading a (B, R) int32 matrix.
-            layer = column_rank
-            if order.anchor_rank is not None:
-                anchor = ops.expand_dims(ops.cast(order.anchor_rank, "int32"), 1)
-                layer = layer - ops.cast(ops.less(anchor, column_rank), "int32")
-            return ops.logical_and(positive_mask, ops.equal(layer, k))
+            # instead of reading a (B, R) int32 matrix. Every comparison involves k, so no
+            # (B, R) part of it is loop-invariant (XLA hoists such a part out of the loop as
+            # a whole matrix): the layer c - [a < c] of column rank c and anchor rank a is k
+            # where c == k and a >= k, or c == k + 1 and a <= k.
+            if order.anchor_rank is None:
+                return ops.logical_and(positive_mask, ops.equal(column_rank, k))
+            anchor = ops.expand_dims(ops.cast(order.anchor_rank, "int32"), 1)
+            layer_is_k = ops.logical_or(
+                ops.logical_and(ops.equal(column_rank, k), ops.greater_equal(anchor, k)),
+                ops.logical_and(ops.equal(column_rank, k + 1), ops.less_equal(anchor, k)),
+            )
+            return ops.logical_and(positive_mask, layer_is_k)
 
     def cond(k, *state):
         return ops.less(k, steps)
