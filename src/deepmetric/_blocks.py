@@ -201,6 +201,18 @@ def mining_rows(miner, labels, query, reference_labels, reference, mask=None, sa
     a miner that needs figures of the whole batch (`Miner.batch_state`)."""
     from deepmetric.miners import BatchRows
 
+    num_rows, num_references = query.shape[0], reference.shape[0]
+    if (
+        not miner.row_local
+        and num_rows is not None
+        and num_references is not None
+        and num_rows * num_references >= 2**31
+    ):
+        raise ValueError(
+            f"{type(miner).__name__} counts the pairs of the whole batch in int32: at most "
+            f"2^31 - 1 pairs (B x R, R = B without a reference set). Received: "
+            f"B={num_rows}, R={num_references}"
+        )
     per_pair = mask is not None and len(mask.shape) == 2
 
     def map_positions(fn, positions, per_row):

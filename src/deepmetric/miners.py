@@ -637,8 +637,9 @@ class HDCMiner(Miner):
     tied with the k-th are all kept, where PML's `topk` keeps exactly k. In a batch compared
     with itself every pair ties with its mirror ((a, p) and (p, a)), so for an odd k this keeps
     one pair more than PML, whose choice between the two depends on `topk`'s order. `k` is
-    computed in float32. Default distance `LpDistance()`. Paper: "Hard-Aware Deeply Cascaded
-    Embedding", ICCV 2017, arXiv:1611.05720.
+    computed in float32, the pairs counted in int32: a batch of more than 2^31 - 1 pairs
+    (B x R) is refused with a ValueError. Default distance `LpDistance()`. Paper: "Hard-Aware
+    Deeply Cascaded Embedding", ICCV 2017, arXiv:1611.05720.
 
     Args:
       filter_percentage: the fraction of the pairs of each kind kept, in (0, 1].
@@ -960,7 +961,8 @@ class UniformHistogramMiner(Miner):
     Equals `pytorch_metric_learning.miners.UniformHistogramMiner` in distribution (the bin
     edges are computed as `floor((d - min) / (max - min) * num_bins)`, PML's as a
     `linspace`, which can differ at an edge by rounding). Default distance `LpDistance()`;
-    draws come from a `keras.random.SeedGenerator(seed)`.
+    draws come from a `keras.random.SeedGenerator(seed)`. The pairs are counted in int32: a
+    batch of more than 2^31 - 1 pairs (B x R) is refused with a ValueError.
 
     Args:
       num_bins, pos_per_bin, neg_per_bin: ints >= 1.
