@@ -31,7 +31,6 @@ Everything here is numpy; inputs are float32 arrays of shape (n, dim).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -67,13 +66,11 @@ def _threads() -> int:
 
 
 def _one_blas_thread():
-    """A context in which BLAS (and OpenMP) run one thread, where threadpoolctl is
-    installed (a dependency of deepmetric; scikit-learn's too). The limit is the
-    process's, so for its duration other threads' matrix products run on one thread."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - installed with deepmetric
-        return contextlib.nullcontext()
+    """A context in which BLAS (and OpenMP) run one thread (threadpoolctl, a dependency
+    of deepmetric). The limit is the process's, so for its duration other threads'
+    matrix products run on one thread."""
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(1)
 
 
