@@ -167,6 +167,70 @@ def _kth_positive_loop(positive_mask, body, state, order=None):
     return out[1:]
 
 
+def each_positive(positive_mask, body, state, order=None):
+    """`body(selected, state)` once per positive rank k, over a loop (no gradient through
+    it): `selected` (B, R) is True at the k-th positive of every row that has one (see
+    `_kth_positive_loop`). Returns the final state (a tuple)."""
+    return _kth_positive_loop(positive_mask, body, tuple(state), order)
+
+
+def member_rank_terms(scores, members, masks, value, order, *, temperature, clip=None):
+    r"""Sums over each anchor's members j of `value` of its smoothed ranks, with their gradient.
+
+    For anchor a (a row of `scores`, the similarities s, larger closer) and each member j
+    (a True entry of `members`), the smoothed count of the entries k of each mask m ranked
+    above j is $r_m(j) = \sum_{k \in m} \sigma((s_{ak} - s_{aj}) / \tau)$ (k = j included:
+    it adds sigma(0) = 1/2, with no gradient). The members are visited one per step, the k-th
+    of every row at step k (`order`, a `PositiveOrder` whose ranks number them), so the work
+    is O(b * R) per step and the memory O(b * R): no (b, R, R) tensor of every pair of a row.
+
+    Args:
+      scores: float (b, R) similarities; no gradient is taken through this function.
+      members: bool (b, R), the j of each anchor.
+      masks: a sequence of bool (b, R) masks of the k counted, or None for every column.
+      value: `value(*r)` of the (b,) counts r_m of one member of every row, returns
+        ((b,) values, [(b,) derivatives d value / d r_m for each m]).
+      order: the `PositiveOrder` of the members (anchor_rank None: the anchor's own column,
+        when a member, is visited like the others).
+      temperature: tau > 0.
+      clip: None, or the bound c of sigma's argument: sigma(clip(x, -c, c)), its slope 0
+        beyond (pytorch-metric-learning's PNP).
+
+    Returns:
+      ((b,) sum over each anchor's members of `value`, (b, R) its gradient with respect to
+      `scores`), both without gradient.
+    """
+    s = ops.stop_gradient(ops.convert_to_tensor(scores))
+    masks = [None if m is None else ops.convert_to_tensor(m) for m in masks]
+
+    def body(selected, state):
+        total, weights = state
+        has = ops.any(selected, axis=1)
+        z = (s - _row_value(s, selected)) / temperature
+        if clip is None:
+            sig = ops.sigmoid(z)
+            slope = sig * (1.0 - sig) / temperature
+        else:
+            sig = 1.0 / (1.0 + ops.exp(-ops.clip(z, -clip, clip)))
+            inside = ops.less_equal(ops.abs(z), clip)
+            slope = ops.where(inside, sig * (1.0 - sig), 0.0) / temperature
+        counts = [ops.sum(sig if m is None else ops.where(m, sig, 0.0), axis=1) for m in masks]
+        values, slopes = value(*counts)
+        total = total + ops.where(has, values, 0.0)
+        # d value / d s_k for the counted k, and minus their sum at j (s_aj is in every term).
+        dk = 0.0
+        for m, dv in zip(masks, slopes, strict=True):
+            dk = dk + ops.expand_dims(dv, 1) * (slope if m is None else ops.where(m, slope, 0.0))
+        dk = ops.where(ops.expand_dims(has, 1), dk, 0.0)
+        weights = weights + dk - ops.where(selected, ops.sum(dk, axis=1, keepdims=True), 0.0)
+        return total, weights
+
+    shape = ops.shape(s)
+    return _kth_positive_loop(
+        members, body, (ops.zeros(shape[:1], s.dtype), ops.zeros(shape, s.dtype)), order
+    )
+
+
 def _row_value(d, selected):
     """(B, 1): the entry of each row of `d` where `selected` is True (0 if none)."""
     return ops.sum(ops.where(selected, d, 0.0), axis=1, keepdims=True)

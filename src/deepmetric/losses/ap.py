@@ -12,8 +12,9 @@ and defaults. None of them takes a reference set (PML's do not either).
 Everything is built from blocks of anchor rows (`deepmetric._blocks`): the histograms are
 linear-interpolation histograms of each row, accumulated with one scatter-add per row block
 (O(B^2) time and memory whatever the number of bins), and Smooth-AP's ranks, which compare
-every pair of an anchor's row, are computed for a few anchor rows at a time (O(B^3) time, the
-paper's cost, in O(B^2) memory).
+every pair of an anchor's class with its whole row, are computed one member of each row's
+class at a time (`mining.member_rank_terms`: O(B^2 K) time for classes of K examples, where
+the paper and PML take O(B^3), in O(B^2) memory).
 """
 
 from __future__ import annotations
@@ -38,17 +39,14 @@ from deepmetric.losses.base import (
     per_anchor_share,
 )
 
-# The entries of one block of FastAP and the histogram loss (b anchors x R pairs) and of one
-# Smooth-AP block (b anchors x R x R sigmoids): 2^23, so that one float temporary is 32 MB.
-# Half of `_blocks.BLOCK_ENTRIES` for FastAP and the histogram loss, since each pair keeps more
-# temporaries there (its node, its shares, the scatter's indices): they run in blocks from
+# The entries of one block of FastAP and the histogram loss (b anchors x R pairs): 2^23, so
+# that one float temporary is 32 MB. Half of `_blocks.BLOCK_ENTRIES`, since each pair keeps
+# more temporaries there (its node, its shares, the scatter's indices): they run in blocks from
 # B > 2896. Not smaller: on torch, glibc's malloc serves the freed tensors below 32 MB (its
 # largest mmap threshold) from its heap, which then grows with the number of blocks instead of
-# returning them (Smooth-AP with 2^21: 790 MB at B = 1024, 7.7 GB at B = 2048; with 2^23:
-# 119 MB at B = 1024; FastAP at B = 8192: 1.3 GB with 2^22, 0.8 GB with 2^23), for about twice
+# returning them (FastAP at B = 8192: 1.3 GB with 2^22, 0.8 GB with 2^23), for about twice
 # the time of smaller blocks on torch (the pages of every block are fresh).
 HISTOGRAM_BLOCK_ENTRIES = 1 << 23
-SMOOTH_AP_BLOCK_ENTRIES = 1 << 23
 
 
 def _count(name, value, none_allowed=False):
@@ -336,9 +334,11 @@ def smooth_ap_loss(labels, embeddings, *, temperature=0.01):
     read label values, which a compiled step cannot). On a batch sorted by class it equals the
     authors' code with their `num_id` = the number of classes, for any class size.
 
-    The ranks compare every pair of an anchor's row: O(B^3) time, as PML and the authors, but
-    computed a few anchor rows at a time (at most 2^23 sigmoids per step), so memory is O(B^2)
-    where PML builds several B x B x B tensors.
+    Only the ranks of an anchor's class members enter the loss, so they are computed one
+    member of each row at a time (the k-th at step k, with the gradient written out:
+    `mining.member_rank_terms`), over blocks of anchor rows: O(B^2 K) time for classes of K
+    examples and O(B^2) memory, where PML and the authors compare every pair of every row,
+    O(B^3) time, and PML builds several B x B x B tensors.
 
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
@@ -363,24 +363,32 @@ def smooth_ap_loss(labels, embeddings, *, temperature=0.01):
     temperature = _TEMPERATURE.checked(temperature)
     labels, embeddings, x = _prepare(labels, embeddings)
 
-    def block(index, query, query_labels, reference, reference_labels):
-        positives, _ = mining.label_masks(query_labels, reference_labels, index)
-        num_columns = ops.shape(reference)[0]
-        own = distances_lib.is_self(index, num_columns)
-        in_class = ops.logical_or(positives, own)  # P_a: the anchor's class, itself included
-        scaled = ops.matmul(query, ops.transpose(reference)) / temperature
-        # [a, j, k]: G(s_ak - s_aj). Two (b, R, R) temporaries only: the k = j term is
-        # G(0) = 1/2 exactly (with a zero gradient), so 1 + sum_{k != j} is 1/2 + sum_k.
-        steps = ops.sigmoid(ops.expand_dims(scaled, 1) - ops.expand_dims(scaled, 2))
-        members = ops.cast(in_class, scaled.dtype)
-        rank = 0.5 + ops.sum(steps, axis=2)
-        rank_in_class = 0.5 + ops.einsum("ajk,ak->aj", steps, members)
-        ratios = ops.where(in_class, rank_in_class / rank, 0.0)
-        return (1.0 - ops.sum(ratios, axis=1) / ops.sum(members, axis=1),)
+    def ratio(in_class, everything):
+        # R+ / R with R+ = 1/2 + r_in, R = 1/2 + r_all (the k = j term is sigma(0) = 1/2).
+        top, bottom = 0.5 + in_class, 0.5 + everything
+        return top / bottom, [1.0 / bottom, -top / (bottom * bottom)]
 
-    num_columns = x.shape[0]
-    entries = None if num_columns is None else max(1, SMOOTH_AP_BLOCK_ENTRIES // num_columns)
-    (loss,) = _blocks.map_rows(block, [x, labels], [x, labels], max_entries=entries)
+    def block(index, query, query_labels, reference, reference_labels, ranks):
+        positives, _ = mining.label_masks(query_labels, reference_labels, index)
+        own = distances_lib.is_self(index, ops.shape(reference)[0])
+        in_class = ops.logical_or(positives, own)  # P_a: the anchor's class, itself included
+        s = ops.matmul(query, ops.transpose(reference))
+        # One member j of every row per step (the k-th of its class), its counts over the
+        # row: O(b * R) a step, |P_a| steps.
+        total, weights = mining.member_rank_terms(
+            s,
+            in_class,
+            [in_class, None],
+            ratio,
+            mining.PositiveOrder(ranks),
+            temperature=temperature,
+        )
+        size = ops.sum(ops.cast(in_class, s.dtype), axis=1)
+        moving = ops.sum(weights * (s - ops.stop_gradient(s)), axis=1)
+        return (1.0 - (total + moving) / size,)
+
+    ranks = mining.column_ranks(labels)
+    (loss,) = _blocks.map_rows(block, [x, labels], [x, labels, ranks])
     return nonfinite_to_nan(loss, embeddings)
 
 

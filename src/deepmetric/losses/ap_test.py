@@ -301,7 +301,6 @@ def test_blocks_equal_one_block(name, monkeypatch):
 
     expected = _backend.value_and_grad(objective, x, labels, compiled=compiled)
     monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 5 * 26)
-    monkeypatch.setattr(ap, "SMOOTH_AP_BLOCK_ENTRIES", 5 * 26 * 26)
     monkeypatch.setattr(ap, "HISTOGRAM_BLOCK_ENTRIES", 5 * 26)
     assert _blocks.block_size(26, 26) == 5
     got = _backend.value_and_grad(objective, x, labels, compiled=compiled)

@@ -25,9 +25,12 @@ The state under each backend's `fit` and `jit`:
   loss and saved to `.keras` reloads with it, and `from_config` restores it.
 
 Memory. PML enumerates every triplet. Here blocks of anchors (`deepmetric._blocks.map_rows`)
-build their (b, B, B) slices of the triplet tensor (b * B * B at most `_TRIPLET_ENTRIES`) and
-return per-anchor, per-bin sums, recomputed in the backward pass: memory grows as
-B^2 + B * num_bins, the work as B^3 * num_bins.
+visit the triplets one positive of every row at a time (`deepmetric.mining.each_positive`):
+a first pass without gradient gives each anchor's per-bin shares and sums of x, the histogram
+and its CDF follow, and a second pass writes out the gradient of each distance (through the
+sums of x and through this batch's share of the histogram, as PML's autograd gives it),
+recomputed in the backward pass. Memory grows as B^2 + B * num_bins, the work as
+B^2 K * num_bins for classes of K examples (PML's: B^3 * num_bins).
 """
 
 from __future__ import annotations
@@ -50,9 +53,6 @@ from deepmetric.losses.base import (
     per_anchor_share,
 )
 from deepmetric.losses.contrastive import _UnitEuclidean
-
-# Entries of one block's (b, B, B) slice of the triplet tensor: 2^22 floats are 16 MB.
-_TRIPLET_ENTRIES = 1 << 22
 
 
 def _check_num_bins(key, value):
@@ -142,41 +142,110 @@ def dynamic_soft_margin_loss(
     unit = distances_lib._l2_normalize(embeddings)
     distance = _UnitEuclidean()
 
-    def block(index, query, query_labels, reference, reference_labels):
-        d = distance.matrix(query, reference, self_index=index)  # (b, B)
+    def triplets(index, query, query_labels, reference, reference_labels, ranks):
+        """The block's (b, B) distances, label masks and the order of its positives."""
+        d = distance.matrix(query, reference, self_index=index)
         positives, negatives = mining.label_masks(
             query_labels, reference_labels, anchor_index=index
         )
-        triplets = ops.logical_and(ops.expand_dims(positives, 2), ops.expand_dims(negatives, 1))
-        x = ops.expand_dims(d, 2) - ops.expand_dims(d, 1)  # (b, p, n): d_ap - d_an
-        position = ops.clip((x - min_val) / delta, 0.0, num_bins - 1.0)
-        low = ops.floor(ops.stop_gradient(position))
-        fraction = position - low
-        low = ops.cast(low, "int32")
-        below, above, sums = [], [], []
-        for k in range(num_bins):
-            in_bin = ops.logical_and(triplets, ops.equal(low, k))
-            below.append(ops.sum(ops.where(in_bin, 1.0 - fraction, 0.0), axis=(1, 2)))
-            above.append(ops.sum(ops.where(in_bin, fraction, 0.0), axis=(1, 2)))
-            sums.append(ops.sum(ops.where(in_bin, x, 0.0), axis=(1, 2)))
-        # Bin k gets 1 - frac from the triplets in k and frac from those in k - 1.
-        counts = [below[0]] + [below[k] + above[k - 1] for k in range(1, num_bins)]
-        count = ops.sum(ops.cast(triplets, d.dtype), axis=(1, 2))
-        return ops.stack(counts, axis=1), ops.stack(sums, axis=1), count
+        anchor_rank = ops.take(ranks, ops.mod(index, ops.shape(ranks)[0]))
+        return d, positives, negatives, mining.PositiveOrder(ranks, anchor_rank)
 
-    num_rows = embeddings.shape[0]
-    max_entries = None if num_rows is None else max(num_rows, _TRIPLET_ENTRIES // num_rows)
+    def positions(d, selected, negatives):
+        """The triplets (a, p, n) of the selected positives p: x, t's bin, its fractional
+        part, whether t is inside [0, K - 1] (else clipped), and which n count."""
+        has = ops.any(selected, axis=1, keepdims=True)
+        x = ops.sum(ops.where(selected, d, 0.0), axis=1, keepdims=True) - d  # d_ap - d_an
+        scaled = (x - min_val) / delta
+        position = ops.clip(scaled, 0.0, num_bins - 1.0)
+        low = ops.floor(position)
+        inside = ops.logical_and(
+            ops.greater_equal(scaled, 0.0), ops.less_equal(scaled, num_bins - 1.0)
+        )
+        return x, ops.cast(low, "int32"), position - low, inside, ops.logical_and(negatives, has)
+
+    def histogram_block(*args):
+        """Per anchor: the histogram of its triplets' x (by bin), the sums of x by bin, and
+        the number of its triplets; one positive of every row per step, without gradient."""
+        d, positives, negatives, order = triplets(*args)
+        d = ops.stop_gradient(d)
+        bins = ops.reshape(ops.arange(num_bins, dtype="int32"), (1, num_bins, 1))
+
+        def body(selected, state):
+            counts, sums, count = state
+            x, low, fraction, _, use = positions(d, selected, negatives)
+            # (b, K, 3): per bin, the sums of 1 - frac, frac and x over the bin's triplets, as
+            # a product with the (b, K, B) one-hot of the bins (XLA on CPU materialises the
+            # operand of a reduction: per-bin masked sums would each hold a whole (b, B)).
+            in_bin = ops.logical_and(
+                ops.expand_dims(use, 1), ops.equal(ops.expand_dims(low, 1), bins)
+            )
+            parts = ops.stack([1.0 - fraction, fraction, x], axis=1)  # (b, 3, B)
+            per_bin = ops.einsum("akn,acn->akc", ops.cast(in_bin, d.dtype), parts)
+            below, above, by_bin = per_bin[:, :, 0], per_bin[:, :, 1], per_bin[:, :, 2]
+            # Bin k gets 1 - frac from the triplets in k and frac from those in k - 1.
+            shares = below + ops.pad(above[:, :-1], ((0, 0), (1, 0)))
+            return (
+                counts + shares,
+                sums + by_bin,
+                count + ops.sum(ops.cast(use, d.dtype), axis=1),
+            )
+
+        rows = ops.shape(d)[0]
+        zeros = ops.zeros((rows, num_bins), d.dtype)
+        return mining.each_positive(
+            positives, body, (zeros, zeros, ops.zeros((rows,), d.dtype)), order
+        )
+
+    def gradient_block(*args):
+        """Per anchor: sum(w * (d - stop_gradient(d))) over its row, w the gradient of the
+        sum of all anchors' terms with respect to its distances (zero in value)."""
+        *args, of_counts, of_sums = args
+        d, positives, negatives, order = triplets(*args)
+        fixed = ops.stop_gradient(d)
+
+        def body(selected, state):
+            (weights,) = state
+            _, low, _, inside, use = positions(fixed, selected, negatives)
+            # d/dx of a triplet: through its bin's sum of x, and through its fraction's
+            # shares of bins low and low + 1 (0 where t is clipped).
+            per_triplet = ops.take(of_sums, low) + ops.where(
+                inside, (ops.take(of_counts, low + 1) - ops.take(of_counts, low)) / delta, 0.0
+            )
+            per_triplet = ops.where(use, per_triplet, 0.0)  # x = d_ap - d_an
+            weights = weights - per_triplet
+            weights = weights + ops.where(
+                selected, ops.sum(per_triplet, axis=1, keepdims=True), 0.0
+            )
+            return (weights,)
+
+        (weights,) = mining.each_positive(positives, body, (ops.zeros_like(fixed),), order)
+        return (ops.sum(weights * (d - fixed), axis=1),)
+
+    ranks = mining.column_ranks(labels)
+    rows, shared = [unit, labels], [unit, labels, ranks]
+    # The histogram pass holds a (b, K, B) one-hot: blocks K times smaller (no gradient, so
+    # nothing is recomputed).
     counts, sums, count = _blocks.map_rows(
-        block, [unit, labels], [unit, labels], max_entries=max_entries
+        histogram_block, rows, shared, max_entries=max(1, _blocks.BLOCK_ENTRIES // num_bins)
     )
     num_triplets = ops.sum(count)
     weight = ops.cast(
         ops.where(ops.not_equal(ops.sum(previous), 0.0), momentum, 1.0), previous.dtype
     )
     mixed = (1.0 - weight) * previous + weight * ops.sum(counts, axis=0)
-    new = mixed / ops.where(num_triplets > 0, ops.sum(mixed), 1.0)
+    total = ops.where(num_triplets > 0, ops.sum(mixed), 1.0)
+    new = mixed / total
     cdf = ops.cumsum(new)
-    per_anchor = ops.sum(sums * ops.expand_dims(cdf, 0), axis=1)
+    # The gradient of the sum over anchors of sum_k sums[a, k] cdf[k]: cdf[k] for each x in
+    # bin k; through the histogram, for this batch's share of each bin (`of_counts`, the
+    # derivative through new = mixed / sum(mixed)), 0 past the last bin.
+    sum_by_bin = ops.sum(sums, axis=0)
+    of_new = ops.flip(ops.cumsum(ops.flip(sum_by_bin, 0)), 0)
+    of_counts = weight * (of_new - ops.sum(of_new * new)) / total
+    of_counts = ops.concatenate([of_counts, ops.zeros((1,), of_counts.dtype)], axis=0)
+    (moving,) = _blocks.map_rows(gradient_block, rows, [*shared, of_counts, cdf])
+    per_anchor = ops.sum(sums * ops.expand_dims(cdf, 0), axis=1) + moving
     loss = nonfinite_to_nan(per_anchor_share(per_anchor, num_triplets), embeddings)
     finite = ops.all(ops.isfinite(embeddings))
     advanced = ops.logical_and(finite, num_triplets > 0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from deepmetric import _backend, losses
+from deepmetric import _backend, _blocks, losses
 from deepmetric.losses import dynamic_soft_margin as dsm
 from deepmetric.losses.pair_test import _assert_close, _numeric_grad, _unit, batch, torch_only
 
@@ -191,7 +191,8 @@ def test_blocks_equal_one_block(compiled, monkeypatch):
         return value, grad, ops.convert_to_numpy(dsm.dynamic_soft_margin_loss(labels, x)[1])
 
     expected = run()
-    monkeypatch.setattr(dsm, "_TRIPLET_ENTRIES", 2 * 26 * 26 + 1)
+    monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 2 * 26)
+    assert _blocks.block_size(26, 26) == 2
     got = run()
     assert float(got[0]) == pytest.approx(float(expected[0]), rel=1e-5)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-7)

@@ -6,12 +6,12 @@ number of negatives ranked before that positive. A function `name_loss(labels, e
 pytorch-metric-learning (PML) 2.9, and a thin `MetricLoss` class has PML's class name, keywords
 and defaults.
 
-Memory. PML builds the (B, B, B) tensor of similarity differences. Here the anchors run in
-blocks (`deepmetric._blocks.map_rows`): a block of b anchors builds its (b, B, B) slice, with
-b chosen so that b * B * B stays under `_TRIPLET_ENTRIES` (one anchor per step from B = 2048
-on), and under `keras.remat` the block's temporaries are recomputed in the backward pass.
-Memory grows as B^2; the work is B^3, as in PML. A batch size unknown while tracing runs as
-one block.
+Memory. PML builds the (B, B, B) tensor of similarity differences. Only the ranks of an
+anchor's positives enter the loss, so here they are computed one positive of every row at a
+time (the k-th at step k, the gradient written out: `deepmetric.mining.member_rank_terms`),
+over blocks of anchor rows (`deepmetric._blocks.map_rows`, recomputed in the backward pass
+under `keras.remat`): memory grows as B^2, the work as B^2 K for classes of K examples (PML's
+is B^3). A batch size unknown while tracing runs as one block.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ from deepmetric.losses.base import (
     number_option,
     per_anchor_share,
 )
-
-# Entries of one block's (b, B, B) slice of the triplet tensor: 2^22 floats are 16 MB.
-_TRIPLET_ENTRIES = 1 << 22
 
 PNP_VARIANTS = ("Ds", "Dq", "Iu", "Ib", "O")
 
@@ -56,6 +53,19 @@ def _pnp_rank_transform(rank, variant, b, alpha):
     if variant == "Ib":
         return (b * rank - ops.log(1.0 + b * rank)) / b**2
     return rank
+
+
+def _pnp_rank_slope(rank, variant, b, alpha):
+    """The derivative of `_pnp_rank_transform` with respect to the rank."""
+    if variant == "Ds":
+        return 1.0 / (1.0 + rank)
+    if variant == "Dq":
+        return -alpha * ops.power(1.0 + rank, -alpha - 1.0)
+    if variant == "Iu":
+        return ops.log(1.0 + rank) + 1.0
+    if variant == "Ib":
+        return rank / (1.0 + b * rank)
+    return ops.ones_like(rank)
 
 
 @export
@@ -85,7 +95,7 @@ def pnp_loss(labels, embeddings, *, b=2.0, alpha=1.0, anneal=0.01, variant="O"):
     Positive Ones is Enough", AAAI 2022, arXiv:2102.04640.
 
     The loss counts over triplets (anchor, positive, negative): memory grows as B^2 (blocks of
-    anchors, see the module), work as B^3.
+    anchors, see the module), work as B^2 K for classes of K examples.
 
     Args:
       labels: integer class labels, shape (B,) or (B, 1).
@@ -110,28 +120,38 @@ def pnp_loss(labels, embeddings, *, b=2.0, alpha=1.0, anneal=0.01, variant="O"):
     labels, embeddings, _, _ = loss_inputs(labels, embeddings)
     unit = distances_lib._l2_normalize(embeddings)
 
-    def block(index, query, query_labels, reference, reference_labels):
+    def transform(rank):
+        """f(r) of the variant and its derivative."""
+        return _pnp_rank_transform(rank, variant, b, alpha), [
+            _pnp_rank_slope(rank, variant, b, alpha)
+        ]
+
+    def block(index, query, query_labels, reference, reference_labels, ranks):
         s = ops.matmul(query, ops.transpose(reference))  # (b, B)
         positives, negatives = mining.label_masks(
             query_labels, reference_labels, anchor_index=index
         )
         has_positive = ops.any(positives, axis=1)
         terms = ops.logical_or(positives, distances_lib.is_self(index, ops.shape(s)[1]))
-        # (b, j, k): s_ik - s_ij, through PML's clipped sigmoid, summed over the negatives k.
-        difference = ops.expand_dims(s, 1) - ops.expand_dims(s, 2)
-        exponent = ops.clip(-difference / anneal, -50.0, 50.0)
-        before = ops.where(ops.expand_dims(negatives, 1), 1.0 / (1.0 + ops.exp(exponent)), 0.0)
-        rank = _pnp_rank_transform(ops.sum(before, axis=2), variant, b, alpha)
+        # One j of every row per step (the k-th of its class, itself included): its
+        # negatives before it, through PML's clipped sigmoid; O(b * B) a step.
+        total, weights = mining.member_rank_terms(
+            s,
+            terms,
+            [negatives],
+            transform,
+            mining.PositiveOrder(ranks),
+            temperature=anneal,
+            clip=50.0,
+        )
         count = ops.sum(ops.cast(terms, s.dtype), axis=1)
-        value = ops.sum(ops.where(terms, rank, 0.0), axis=1) / count
+        value = (total + ops.sum(weights * (s - ops.stop_gradient(s)), axis=1)) / count
         if variant == "Dq":
             value = 1.0 - value
         return (ops.where(has_positive, value, 0.0), ops.cast(has_positive, s.dtype))
 
-    num_rows = embeddings.shape[0]
-    max_entries = None if num_rows is None else max(num_rows, _TRIPLET_ENTRIES // num_rows)
     values, has_positive = _blocks.map_rows(
-        block, [unit, labels], [unit, labels], max_entries=max_entries
+        block, [unit, labels], [unit, labels, mining.column_ranks(labels)]
     )
     loss = per_anchor_share(values, ops.sum(has_positive))
     return nonfinite_to_nan(loss, embeddings)

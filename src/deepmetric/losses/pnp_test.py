@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from deepmetric import _backend, losses
+from deepmetric import _backend, _blocks, losses
 from deepmetric.losses import pnp
 from deepmetric.losses.pair_test import (
     _assert_close,
@@ -118,12 +118,13 @@ def test_pnp_matches_the_loop_at_the_default_temperature():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_pnp_blocks_equal_one_block(compiled, monkeypatch):
-    """26 anchors in blocks of 2 (2 * 26 * 26 entries each; the last block padded) give the
-    value and gradient of one block."""
+    """26 anchors in blocks of 2 rows (the last block padded) give the value and gradient of
+    one block."""
     labels, x = batch(1, b=26, classes=4)
     options = {"variant": "Ds", "anneal": 0.1}
     expected = _value_and_grad(pnp.pnp_loss, labels, x, options, compiled=compiled)
-    monkeypatch.setattr(pnp, "_TRIPLET_ENTRIES", 2 * 26 * 26 + 1)
+    monkeypatch.setattr(_blocks, "BLOCK_ENTRIES", 2 * 26)
+    assert _blocks.block_size(26, 26) == 2
     got = _value_and_grad(pnp.pnp_loss, labels, x, options, compiled=compiled)
     assert float(got[0]) == pytest.approx(float(expected[0]), rel=1e-5)
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-6)
