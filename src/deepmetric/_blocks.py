@@ -195,6 +195,40 @@ def anchor_rows(
     return map_rows(block, rows, shared, max_entries=_UNLIMITED if one_block else None)
 
 
+def two_pass_rows(matrix: Callable, row_stats: Callable, row_terms: Callable, rows: Sequence):
+    """Per-anchor terms that also read a statistic of every other row (the lifted losses).
+
+    `matrix(index, *block_rows, *rows)` gives a block's (b, B) matrix and masks, as a tuple
+    `m`; `row_stats(*m)` a tuple of per-row statistics; `row_terms(*m, own, every)` the
+    per-row outputs, `own` the block's statistics and `every` all B rows' (a batch compared
+    with itself). Below `BLOCK_ENTRIES` the matrix is built once for both; above, a first
+    pass of blocks gives the statistics and a second reads them whole (the gradient flows
+    through both, each block recomputed in the backward pass).
+
+    Returns:
+      (the statistics, the outputs of `row_terms`), each a tuple over all B rows.
+    """
+    if block_size(rows[0].shape[0], rows[0].shape[0]) is None:
+        m = tuple(matrix(ops.arange(ops.shape(rows[0])[0], dtype="int32"), *rows, *rows))
+        stats = tuple(row_stats(*m))
+        return stats, tuple(row_terms(*m, stats, stats))
+    count = len(rows)
+
+    def first_pass(index, *inputs):
+        return tuple(row_stats(*matrix(index, *inputs)))
+
+    stats = map_rows(first_pass, rows, rows)
+    num_stats = len(stats)
+
+    def second_pass(index, *inputs):
+        split = (count, count + num_stats, 2 * count + num_stats)
+        query, own = inputs[: split[0]], inputs[split[0] : split[1]]
+        ref, every = inputs[split[1] : split[2]], inputs[split[2] :]
+        return tuple(row_terms(*matrix(index, *query, *ref), own, every))
+
+    return stats, map_rows(second_pass, (*rows, *stats), (*rows, *stats))
+
+
 def mining_rows(miner, labels, query, reference_labels, reference, mask=None, same=True):
     """The `deepmetric.miners.BatchRows` of a batch: the miner's gaps and the label masks
     (`mask` applied, (R,) or (B, R) booleans) over blocks of the given rows (`map_rows`), for

@@ -139,32 +139,19 @@ def _lifted_pairs(d, positives, row_lse, row_has, all_lse, all_has):
 
 def _lifted_terms(labels, embeddings, margin):
     distance = distances_lib.EuclideanDistance()
-    rows, whole = (embeddings, labels), (embeddings, labels)
 
     def block(index, anchors, anchor_labels, embeddings, labels):
-        return distance.matrix(anchors, embeddings, self_index=index), mining.label_masks(
-            anchor_labels, labels, anchor_index=index
-        )
+        positives, negatives = mining.label_masks(anchor_labels, labels, anchor_index=index)
+        return distance.matrix(anchors, embeddings, self_index=index), positives, negatives
 
-    def stats(index, *args):
-        d, (_, negatives) = block(index, *args)
-        return _lifted_row_stats(d, negatives, margin)
-
-    def pairs(index, anchors, anchor_labels, row_lse, row_has, *rest):
-        d, (positives, _) = block(index, anchors, anchor_labels, *rest[:2])
-        per_anchor = _lifted_pairs(d, positives, row_lse, row_has, *rest[2:])
-        return per_anchor, ops.sum(ops.cast(positives, d.dtype), axis=1)
-
-    if _blocks.block_size(embeddings.shape[0], embeddings.shape[0]) is None:
-        # One block: the distance matrix is built once for both passes.
-        index = ops.arange(ops.shape(embeddings)[0], dtype="int32")
-        d, (positives, negatives) = block(index, *rows, *whole)
-        row_lse, row_has = _lifted_row_stats(d, negatives, margin)
-        per_anchor = _lifted_pairs(d, positives, row_lse, row_has, row_lse, row_has)
-        return per_anchor, ops.sum(ops.cast(positives, d.dtype))
-    row_lse, row_has = _blocks.map_rows(stats, rows, whole)
-    per_anchor, num_positives = _blocks.map_rows(
-        pairs, (*rows, row_lse, row_has), (*whole, row_lse, row_has)
+    _, (per_anchor, num_positives) = _blocks.two_pass_rows(
+        block,
+        lambda d, positives, negatives: _lifted_row_stats(d, negatives, margin),
+        lambda d, positives, negatives, own, every: (
+            _lifted_pairs(d, positives, *own, *every),
+            ops.sum(ops.cast(positives, d.dtype), axis=1),
+        ),
+        (embeddings, labels),
     )
     return per_anchor, ops.sum(num_positives)
 

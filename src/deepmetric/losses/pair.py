@@ -357,26 +357,12 @@ def lifted_structure_loss(labels, embeddings, *, neg_margin=1.0, pos_margin=0.0)
         hinge = 0.5 * ops.square(ops.relu(joint + d - pos_margin))
         return ops.sum(ops.where(positives, hinge, 0.0), axis=1), _count(positives, d, axis=1)
 
-    rows = (unit, labels)
-    if _blocks.block_size(unit.shape[0], unit.shape[0]) is None:
-        # One block: the (B, B) matrix is built once for both passes.
-        d, positives, negatives = block(ops.arange(ops.shape(unit)[0], dtype="int32"), *rows, *rows)
-        row_terms, has_negative = negative_terms(d, negatives)
-        per_row, num_positives = pair_terms(d, positives, row_terms, row_terms)
-    else:
-
-        def first_pass(index, *inputs):
-            d, _, negatives = block(index, *inputs)
-            return negative_terms(d, negatives)
-
-        def second_pass(index, query, query_labels, query_terms, ref, ref_labels, all_terms):
-            d, positives, _ = block(index, query, query_labels, ref, ref_labels)
-            return pair_terms(d, positives, query_terms, all_terms)
-
-        row_terms, has_negative = _blocks.map_rows(first_pass, rows, rows)
-        per_row, num_positives = _blocks.map_rows(
-            second_pass, (*rows, row_terms), (*rows, row_terms)
-        )
+    (_, has_negative), (per_row, num_positives) = _blocks.two_pass_rows(
+        block,
+        lambda d, positives, negatives: negative_terms(d, negatives),
+        lambda d, positives, negatives, own, every: pair_terms(d, positives, own[0], every[0]),
+        (unit, labels),
+    )
     per_row = ops.where(ops.any(has_negative), per_row, 0.0)
     loss = per_anchor_share(per_row, ops.sum(num_positives))
     return nonfinite_to_nan(loss, embeddings)
