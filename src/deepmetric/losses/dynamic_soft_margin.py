@@ -162,7 +162,10 @@ def dynamic_soft_margin_loss(
         inside = ops.logical_and(
             ops.greater_equal(scaled, 0.0), ops.less_equal(scaled, num_bins - 1.0)
         )
-        return x, ops.cast(low, "int32"), position - low, inside, ops.logical_and(negatives, has)
+        # The bin clipped as an integer too: a non-finite x (NaN embeddings, the loss is NaN)
+        # must not index past the bins in the gradient pass's gathers.
+        low_bin = ops.clip(ops.cast(low, "int32"), 0, num_bins - 1)
+        return x, low_bin, position - low, inside, ops.logical_and(negatives, has)
 
     def histogram_block(*args):
         """Per anchor: the histogram of its triplets' x (by bin), the sums of x by bin, and
