@@ -77,10 +77,12 @@ OPTIMIZER_SETTINGS: dict[str, list[str]] = {
 
 
 # The grid of each loss of `reality-check`: its main hyper-parameter where `deepmetric train`
-# sets it (--margin), else the learning rate (multi-similarity, SupCon and the contrastive
-# loss have no --margin). One representative per family: triplet (semi-hard mining), pair
-# weighting (multi-similarity, circle, contrastive), softmax over the batch (SupCon), proxies
-# (ArcFace, Proxy-Anchor).
+# sets it (--margin), else the learning rate (multi-similarity, SupCon, the contrastive loss
+# and the ranking losses have no --margin). One representative per family: triplet (semi-hard
+# mining), pair weighting (multi-similarity, circle, contrastive), softmax over the batch
+# (SupCon), proxies (ArcFace, Proxy-Anchor); and pytorch-metric-learning's: the margin loss,
+# NCA, and the losses that score each anchor's ranking or distances as a whole (Smooth-AP,
+# PNP, FastAP, the histogram loss).
 REALITY_CHECK_GRID: dict[str, list[list[str]]] = {
     "triplet_semihard": [["--margin", "0.1"], ["--margin", "0.2"]],
     "online_contrastive": [["--learning-rate", "0.001"], ["--learning-rate", "0.003"]],
@@ -89,6 +91,12 @@ REALITY_CHECK_GRID: dict[str, list[list[str]]] = {
     "sup_con": [["--learning-rate", "0.001"], ["--learning-rate", "0.003"]],
     "arcface": [["--margin", "0.2"], ["--margin", "0.4"]],
     "proxy_anchor": [["--margin", "0.1"], ["--margin", "0.2"]],
+    "margin": [["--margin", "0.1"], ["--margin", "0.2"]],
+    "nca": [["--learning-rate", "0.001"], ["--learning-rate", "0.003"]],
+    "smooth_ap": [["--learning-rate", "0.001"], ["--learning-rate", "0.003"]],
+    "pnp": [["--learning-rate", "0.001"], ["--learning-rate", "0.003"]],
+    "fast_ap": [["--learning-rate", "0.001"], ["--learning-rate", "0.003"]],
+    "histogram": [["--learning-rate", "0.001"], ["--learning-rate", "0.003"]],
 }
 # The split of the test classes (every seed trains on the same training classes).
 TEST_CLASSES = 0.5
